@@ -1,0 +1,1 @@
+"""detection (see README)."""

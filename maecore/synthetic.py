@@ -1,0 +1,487 @@
+"""Synthetic "shapes" world: one scene generator, three real on-disk layouts.
+
+Every scene holds 1-4 textured shapes on a textured background. Later objects
+occlude earlier ones, so each instance mask is its *visible* part. The same
+generator feeds:
+
+* ImageNet layout  ``<root>/imagenet/{train,val}/<shape>/*.jpg`` (class = the
+  shape with the largest visible area),
+* COCO layout      ``<root>/coco/{train2017,val2017}/*.jpg`` plus
+  ``<root>/coco/annotations/instances_{train,val}2017.json``,
+* ADE20K layout    ``<root>/ade/ADEChallengeData2016/{images,annotations}/
+  {training,validation}/ADE_{train,val}_%08d.{jpg,png}`` (0 = background,
+  ``i + 1`` = ``SHAPES[i]``, so ``reduce_zero_label`` applies).
+
+Shapes are rasterised with pycocotools' own polygon rasteriser, so a polygon
+written to the COCO json decodes (``annToMask``) to exactly the rendered mask.
+Everything is a pure function of the seed: same seed, byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+# The single class list; its order defines COCO category ids (index + 1) and
+# ADE labels (index + 1). ImageNet class folders use these names verbatim.
+SHAPES: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "ring",
+    "cross",
+    "hexagon",
+)
+NUM_CLASSES = len(SHAPES)
+TASKS: tuple[str, ...] = ("imagenet", "coco", "ade")
+ADE_DIRNAME = "ADEChallengeData2016"
+JPEG_QUALITY = 95
+MIN_SIDE = 16
+
+_BG_KINDS = ("gradient", "noise", "stripes")
+_FG_KINDS = ("plain", "stripes", "checker", "noise")
+# Separate RNG streams per task/split so that changing one count never
+# changes the content generated for another task or split.
+_STREAM = {"imagenet": 0, "scenes": 1}
+_SPLIT = {"train": 0, "val": 1}
+
+Size = int | tuple[int, int]
+
+
+# --------------------------------------------------------------------------
+# geometry
+# --------------------------------------------------------------------------
+
+
+def _regular(n: int, radius: float = 1.0, phase: float = 0.0) -> np.ndarray:
+    ang = phase + 2.0 * np.pi * np.arange(n) / n
+    return np.stack([radius * np.cos(ang), radius * np.sin(ang)], axis=1)
+
+
+def _unit_shape(name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """Outer polygon (and optional hole) of a shape, centred, radius ~1."""
+    if name == "circle":
+        return _regular(40), None
+    if name == "square":
+        return _regular(4, phase=np.pi / 4), None
+    if name == "triangle":
+        return _regular(3, phase=-np.pi / 2), None
+    if name == "hexagon":
+        return _regular(6), None
+    if name == "star":
+        inner = rng.uniform(0.42, 0.55)
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, inner)
+        ang = -np.pi / 2 + np.pi * np.arange(10) / 5
+        return np.stack([radii * np.cos(ang), radii * np.sin(ang)], axis=1), None
+    if name == "ring":
+        # Thick enough that the hole stays a hole at small sizes.
+        return _regular(40), _regular(40, radius=rng.uniform(0.45, 0.6))
+    if name == "cross":
+        w = rng.uniform(0.28, 0.38)
+        pts = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1),
+               (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1)]
+        return np.asarray(pts, dtype=np.float64), None
+    raise ValueError(f"unknown shape {name!r}")
+
+
+def _shoelace(p: np.ndarray) -> float:
+    x, y = p[:, 0], p[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _raster(poly: np.ndarray, h: int, w: int) -> np.ndarray:
+    rle = mask_utils.frPyObjects([poly.reshape(-1).tolist()], h, w)
+    # pycocotools' decode trips a harmless numpy-2 "copy keyword" warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)[:, :, 0].astype(bool)
+
+
+@dataclass
+class _Placed:
+    label: int
+    outer: np.ndarray  # (N, 2) image coords, rounded to 0.01 px
+    hole: np.ndarray | None
+    mask: np.ndarray  # full (unoccluded) mask
+
+
+def _place(rng: np.random.Generator, label: int, area: float, h: int, w: int) -> _Placed:
+    outer, hole = _unit_shape(SHAPES[label], rng)
+    theta = rng.uniform(0.0, 2.0 * np.pi)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    # Mild anisotropy so shapes are not perfect templates.
+    aspect = rng.uniform(0.85, 1.15)
+    stretch = np.array([math.sqrt(aspect), 1.0 / math.sqrt(aspect)])
+    outer = (outer * stretch) @ rot.T
+    hole = None if hole is None else (hole * stretch) @ rot.T
+    unit_area = _shoelace(outer) - (0.0 if hole is None else _shoelace(hole))
+    scale = math.sqrt(area / unit_area)
+    lo, hi = outer.min(axis=0), outer.max(axis=0)
+    # Keep the whole shape inside the frame (1 px margin) so polygons stay
+    # in-bounds; shrink if the requested area does not fit.
+    fit = min((w - 2) / (hi[0] - lo[0]), (h - 2) / (hi[1] - lo[1]))
+    scale = min(scale, fit)
+    lo, hi = lo * scale, hi * scale
+    cx = rng.uniform(1 - lo[0], w - 1 - hi[0])
+    cy = rng.uniform(1 - lo[1], h - 1 - hi[1])
+    centre = np.array([cx, cy])
+    outer = np.round(outer * scale + centre, 2)
+    mask = _raster(outer, h, w)
+    if hole is not None:
+        hole = np.round(hole * scale + centre, 2)
+        mask &= ~_raster(hole, h, w)
+    return _Placed(label, outer, hole, mask)
+
+
+# --------------------------------------------------------------------------
+# textures
+# --------------------------------------------------------------------------
+
+
+def _rand_color(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, size=3).astype(np.float32)
+
+
+def _coords(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Pixel centres projected on a random direction."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    a = rng.uniform(0.0, np.pi)
+    return xx * np.float32(np.cos(a)) + yy * np.float32(np.sin(a))
+
+
+def _lerp(t: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+    return c0 + t[..., None] * (c1 - c0)
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    kind = _BG_KINDS[rng.integers(len(_BG_KINDS))]
+    c0, c1 = _rand_color(rng), _rand_color(rng)
+    if kind == "gradient":
+        v = _coords(h, w, rng)
+        t = (v - v.min()) / max(float(np.ptp(v)), 1e-6)
+        img = _lerp(t, c0, c1)
+    elif kind == "stripes":
+        v = _coords(h, w, rng) / rng.uniform(4.0, 14.0)
+        img = _lerp(0.5 + 0.5 * np.sin(2 * np.pi * v), c0, c1)
+    else:  # smooth low-frequency colour noise
+        gh, gw = (int(rng.integers(2, 7)) for _ in range(2))
+        grid = rng.integers(0, 256, size=(gh, gw, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(grid).resize((w, h), Image.Resampling.BILINEAR))
+        img = img.astype(np.float32)
+    img = img + rng.normal(0.0, 6.0, size=(h, w, 1)).astype(np.float32)
+    return img
+
+
+def _foreground(rng: np.random.Generator, h: int, w: int, bg_mean: np.ndarray) -> np.ndarray:
+    # Re-draw colours too close to the background mean, so objects stay
+    # visible (the task should be hard because of clutter, not invisibility).
+    c0 = _rand_color(rng)
+    for _ in range(8):
+        if np.abs(c0 - bg_mean).sum() >= 90:
+            break
+        c0 = _rand_color(rng)
+    kind = _FG_KINDS[rng.integers(len(_FG_KINDS))]
+    if kind == "plain":
+        return np.broadcast_to(c0, (h, w, 3)).astype(np.float32)
+    c1 = np.clip(c0 + rng.choice([-1.0, 1.0]) * rng.uniform(50, 110), 0, 255).astype(np.float32)
+    if kind == "stripes":
+        v = _coords(h, w, rng) / rng.uniform(2.0, 6.0)
+        return _lerp((np.floor(v) % 2).astype(np.float32), c0, c1)
+    if kind == "checker":
+        cell = int(rng.integers(2, 6))
+        yy, xx = np.mgrid[0:h, 0:w]
+        return _lerp(((yy // cell + xx // cell) % 2).astype(np.float32), c0, c1)
+    return c0 + rng.normal(0.0, 22.0, size=(h, w, 3)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# scenes
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Scene:
+    """A rendered scene; masks/labels/polygons are in z-order (bottom first)."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    masks: list[np.ndarray]  # visible part of each instance, bool (H, W)
+    labels: list[int]  # indices into SHAPES
+    semantic: np.ndarray  # (H, W) uint8, 0 = background, label + 1 otherwise
+    # Flat polygon [x0, y0, x1, y1, ...] when the instance is fully visible and
+    # hole-free (it decodes exactly to its mask), else None (use RLE).
+    polygons: list[list[float] | None] = field(default_factory=list)
+
+    @property
+    def areas(self) -> list[int]:
+        return [int(m.sum()) for m in self.masks]
+
+    @property
+    def dominant(self) -> int:
+        """Label of the instance with the largest visible area."""
+        return self.labels[int(np.argmax(self.areas))]
+
+
+def _hw(size: Size) -> tuple[int, int]:
+    h, w = (size, size) if isinstance(size, int) else size
+    h, w = int(h), int(w)
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"image size must be at least {MIN_SIDE}x{MIN_SIDE}, got {h}x{w}")
+    return h, w
+
+
+def _min_area(h: int, w: int) -> int:
+    return max(6, int(0.003 * h * w))
+
+
+def _try_scene(rng: np.random.Generator, h: int, w: int, dominant: int | None) -> Scene:
+    n = int(rng.integers(1, 5))
+    first = int(rng.integers(NUM_CLASSES)) if dominant is None else dominant
+    labels = [first] + [int(x) for x in rng.integers(NUM_CLASSES, size=n - 1)]
+    # One clearly large object plus smaller distractors: usually an obvious
+    # winner, but occlusion and similar sizes keep it from being trivial.
+    areas = [rng.uniform(0.10, 0.22)] + list(rng.uniform(0.012, 0.05, size=n - 1))
+    objs = [_place(rng, lab, a * h * w, h, w) for lab, a in zip(labels, areas, strict=True)]
+    objs = [objs[i] for i in rng.permutation(n)]  # random z-order
+
+    # Visible = own mask minus everything drawn above it. Dropping a tiny
+    # instance can only enlarge those below it, so one pass is enough.
+    min_area = _min_area(h, w)
+    kept: list[_Placed] = []
+    covered = np.zeros((h, w), dtype=bool)
+    for o in reversed(objs):
+        if (o.mask & ~covered).sum() >= min_area:
+            kept.append(o)
+            covered |= o.mask
+    kept.reverse()
+
+    image = _background(rng, h, w)
+    bg_mean = image.reshape(-1, 3).mean(axis=0)
+    semantic = np.zeros((h, w), dtype=np.uint8)
+    for o in kept:
+        tex = _foreground(rng, h, w, bg_mean)
+        image[o.mask] = tex[o.mask]
+        semantic[o.mask] = o.label + 1
+
+    masks, polygons = [], []
+    above = np.zeros((h, w), dtype=bool)
+    for o in reversed(kept):
+        vis = o.mask & ~above
+        above |= o.mask
+        masks.append(vis)
+        whole = o.hole is None and bool(np.array_equal(vis, o.mask))
+        polygons.append(o.outer.reshape(-1).tolist() if whole else None)
+    masks.reverse()
+    polygons.reverse()
+    return Scene(
+        image=np.clip(np.rint(image), 0, 255).astype(np.uint8),
+        masks=masks,
+        labels=[o.label for o in kept],
+        semantic=semantic,
+        polygons=polygons,
+    )
+
+
+def render_scene(rng: np.random.Generator, size: Size, *, dominant: int | None = None) -> Scene:
+    """Render one scene of 1-4 shapes; ``size`` is an int or ``(H, W)``.
+
+    If ``dominant`` (an index into SHAPES) is given, scenes are redrawn from
+    ``rng`` until the largest visible instance has that class.
+    """
+    h, w = _hw(size)
+    if dominant is not None and not 0 <= dominant < NUM_CLASSES:
+        raise ValueError(f"dominant must be in [0, {NUM_CLASSES}), got {dominant}")
+    for _ in range(100):
+        scene = _try_scene(rng, h, w, dominant)
+        if scene.labels and (dominant is None or scene.dominant == dominant):
+            return scene
+    raise RuntimeError("could not render a scene with the requested dominant class")
+
+
+def _stream(seed: int, task: str, split: str, *extra: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), _STREAM[task], _SPLIT[split], *extra])
+
+
+# --------------------------------------------------------------------------
+# writers
+# --------------------------------------------------------------------------
+
+
+def _prepare(path: Path, overwrite: bool) -> Path:
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True)")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _save_jpg(img: np.ndarray, path: Path) -> None:
+    Image.fromarray(img).save(path, format="JPEG", quality=JPEG_QUALITY)
+
+
+def _check_count(name: str, n: int) -> int:
+    if int(n) != n or n < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
+    return int(n)
+
+
+def make_imagenet(
+    root: str | Path,
+    n_train_per_class: int,
+    n_val_per_class: int,
+    size: Size = 64,
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``<root>/imagenet/{train,val}/<shape>/*.jpg``; return ``<root>/imagenet``."""
+    h, w = _hw(size)
+    counts = {"train": _check_count("n_train_per_class", n_train_per_class),
+              "val": _check_count("n_val_per_class", n_val_per_class)}
+    out = _prepare(Path(root) / "imagenet", overwrite)
+    for split, n in counts.items():
+        for label, name in enumerate(SHAPES):
+            d = out / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            # One stream per class: per-class counts don't shift other classes.
+            rng = _stream(seed, "imagenet", split, label)
+            for i in range(n):
+                _save_jpg(render_scene(rng, (h, w), dominant=label).image, d / f"{name}_{i:05d}.jpg")
+    return out
+
+
+def coco_categories() -> list[dict]:
+    """COCO ``categories`` entries: ids 1..K in SHAPES order."""
+    return [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPES)]
+
+
+def _bbox(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    x0, y0 = int(xs.min()), int(ys.min())
+    return [float(x0), float(y0), float(xs.max() - x0 + 1), float(ys.max() - y0 + 1)]
+
+
+def scene_annotations(scene: Scene, image_id: int, first_ann_id: int) -> list[dict]:
+    """COCO instance annotations for a scene (visible masks; polygon or RLE)."""
+    anns = []
+    for k, (m, lab, poly) in enumerate(zip(scene.masks, scene.labels, scene.polygons, strict=True)):
+        if poly is not None:
+            segm: list | dict = [poly]
+        else:
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            segm = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        anns.append({
+            "id": first_ann_id + k,
+            "image_id": image_id,
+            "category_id": lab + 1,
+            "bbox": _bbox(m),
+            "area": float(m.sum()),
+            "segmentation": segm,
+            "iscrowd": 0,
+        })
+    return anns
+
+
+def _scenes(seed: int, split: str, n: int, hw: tuple[int, int]):
+    # COCO and ADE share this stream: image i of a split is the same scene in
+    # both layouts, which lets tests cross-check them file by file.
+    rng = _stream(seed, "scenes", split)
+    for i in range(n):
+        yield i, render_scene(rng, hw)
+
+
+def make_coco(
+    root: str | Path,
+    n_train: int,
+    n_val: int,
+    size: Size = 64,
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write the COCO 2017 instances layout under ``<root>/coco``; return it."""
+    hw = _hw(size)
+    counts = {"train": _check_count("n_train", n_train), "val": _check_count("n_val", n_val)}
+    out = _prepare(Path(root) / "coco", overwrite)
+    (out / "annotations").mkdir()
+    for split, n in counts.items():
+        img_dir = out / f"{split}2017"
+        img_dir.mkdir()
+        images, anns = [], []
+        for i, scene in _scenes(seed, split, n, hw):
+            image_id = i + 1
+            fname = f"{image_id:012d}.jpg"
+            _save_jpg(scene.image, img_dir / fname)
+            images.append({"id": image_id, "file_name": fname, "height": hw[0],
+                           "width": hw[1], "license": 1})
+            anns += scene_annotations(scene, image_id, len(anns) + 1)
+        data = {
+            "info": {"description": "maecore synthetic shapes", "version": "1.0",
+                     "year": 2024, "contributor": "maecore", "seed": int(seed)},
+            "licenses": [{"id": 1, "name": "synthetic, public domain", "url": ""}],
+            "images": images,
+            "annotations": anns,
+            "categories": coco_categories(),
+        }
+        with open(out / "annotations" / f"instances_{split}2017.json", "w") as f:
+            json.dump(data, f, sort_keys=True, separators=(",", ":"))
+    return out
+
+
+def make_ade20k(
+    root: str | Path,
+    n_train: int,
+    n_val: int,
+    size: Size = 64,
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write the ADE20K layout under ``<root>/ade/ADEChallengeData2016``; return ``<root>/ade``."""
+    hw = _hw(size)
+    counts = {"train": _check_count("n_train", n_train), "val": _check_count("n_val", n_val)}
+    out = _prepare(Path(root) / "ade", overwrite)
+    base = out / ADE_DIRNAME
+    for split, n in counts.items():
+        sub = {"train": "training", "val": "validation"}[split]
+        img_dir, ann_dir = base / "images" / sub, base / "annotations" / sub
+        img_dir.mkdir(parents=True)
+        ann_dir.mkdir(parents=True)
+        for i, scene in _scenes(seed, split, n, hw):
+            stem = f"ADE_{split}_{i + 1:08d}"
+            _save_jpg(scene.image, img_dir / f"{stem}.jpg")
+            Image.fromarray(scene.semantic).save(ann_dir / f"{stem}.png", format="PNG")
+    return out
+
+
+def make_world(
+    root: str | Path,
+    *,
+    size: Size = 64,
+    n_train: int = 40,
+    n_val: int = 10,
+    seed: int = 0,
+    tasks: tuple[str, ...] | list[str] = TASKS,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write the requested layouts under ``root``; return ``{task: path}``.
+
+    ``n_train``/``n_val`` are images per class for ImageNet and images per
+    split for COCO and ADE20K.
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
+    makers = {"imagenet": make_imagenet, "coco": make_coco, "ade": make_ade20k}
+    root = Path(root)
+    return {t: makers[t](root, n_train, n_val, size, seed, overwrite=overwrite)
+            for t in TASKS if t in tasks}

@@ -1,0 +1,1 @@
+"""MAE pretraining (He et al., CVPR 2022)."""

@@ -1,0 +1,149 @@
+"""MAE pretraining: ``python -m pretrain --data_path DIR --output_dir OUT [flags]``.
+
+Flags follow the official ``main_pretrain.py`` (``--blr``, ``--mask_ratio``, ``--norm_pix_loss``,
+``--accum_iter``, ``--warmup_epochs``, ``--resume``…).  Run under ``torchrun`` for DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maecore import distributed as du
+from maecore.cli import UserError, run_cli
+from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args
+from maecore.optim import WarmupCosine, adamw, param_groups
+from pretrain.data import build_pretrain_dataset, fixed_images
+from pretrain.evaluate import reconstruction_figure
+from pretrain.model import MODELS, build_mae
+from pretrain.recipes import RECIPES
+
+NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed", "encoder_mask_token")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("MAE pretraining", description=__doc__)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="preset defaults; flags given override")
+    p.add_argument("--model", default="mae_vit_large_patch16", choices=sorted(MODELS))
+    p.add_argument("--input_size", type=int, nargs="+", default=[224], help="H [W]")
+    p.add_argument("--patch_size", type=int, default=None, help="override the model's patch size")
+    p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--mask_type", default="random", choices=["random", "block", "grid"])
+    p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as target")
+    p.add_argument("--encoder_mask_tokens", action="store_true", help="ablation: encoder also sees mask tokens")
+    p.add_argument("--decoder_embed_dim", type=int, default=512)
+    p.add_argument("--decoder_depth", type=int, default=8)
+    p.add_argument("--decoder_num_heads", type=int, default=16)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * eff_batch / 256")
+    p.add_argument("--min_lr", type=float, default=0.0)
+    p.add_argument("--warmup_epochs", type=float, default=40)
+    p.add_argument("--data_path", required=True, help="image folder (class sub-folders optional; uses train/ if present)")
+    p.add_argument("--jpeg_draft", action="store_true", help="decode JPEGs at reduced scale (faster on big photos)")
+    p.add_argument("--vis_every", type=int, default=20, help="reconstruction figure every N epochs (0: off)")
+    p.add_argument("--vis_images", type=int, default=8)
+    add_engine_args(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = get_parser()
+    pre, _ = p.parse_known_args(argv)
+    if pre.recipe:
+        p.set_defaults(**{k: ([v] if k == "input_size" else v) for k, v in RECIPES[pre.recipe].items()})
+    args = p.parse_args(argv)
+    if len(args.input_size) > 2:
+        p.error("--input_size takes H or H W")
+    args.input_size = args.input_size[0] if len(args.input_size) == 1 else tuple(args.input_size)
+    if not 0.0 <= args.mask_ratio < 1.0:
+        p.error("--mask_ratio must be in [0, 1)")
+    return args
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_model(args: argparse.Namespace):
+    kw = dict(
+        img_size=args.input_size,
+        norm_pix_loss=args.norm_pix_loss,
+        mask_type=args.mask_type,
+        encoder_mask_tokens=args.encoder_mask_tokens,
+        decoder_embed_dim=args.decoder_embed_dim,
+        decoder_depth=args.decoder_depth,
+        decoder_num_heads=args.decoder_num_heads,
+    )
+    if args.patch_size:
+        kw["patch_size"] = args.patch_size
+    try:
+        return build_mae(args.model, **kw)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = du.init_distributed(args.device)
+    try:
+        return train(args, device)
+    finally:
+        du.cleanup()
+
+
+def train(args: argparse.Namespace, device: torch.device) -> dict:
+    seed_everything(args.seed + du.rank())
+    out = Path(args.output_dir)
+    dataset = build_pretrain_dataset(args.data_path, args.input_size, args.jpeg_draft)
+    model = build_model(args)
+
+    eff_batch = args.batch_size * args.accum_iter * du.world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    groups = param_groups(model, args.weight_decay, no_weight_decay=NO_WEIGHT_DECAY)
+    optimizer = adamw(groups, args.lr, (0.9, 0.95), device)
+    schedule = WarmupCosine(args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+
+    if du.is_main():
+        n_enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder", "mask_token")))
+        print(f"{args.model}: {n_enc / 1e6:.2f}M encoder params; {len(dataset)} images; "
+              f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {du.world_size()}; lr {args.lr:.3g}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(dump_args(args), indent=1))
+
+    vis_paths = fixed_images(args.data_path, args.vis_images) if args.vis_every else []
+
+    def step_fn(m, batch):
+        imgs, _, skipped = batch
+        loss, _, _ = m(imgs, mask_ratio=args.mask_ratio)
+        return loss, {"n_skipped": skipped.sum()}
+
+    def on_epoch_end(m, epoch):
+        if vis_paths and ((epoch + 1) % args.vis_every == 0 or epoch + 1 >= args.epochs):
+            for name in (f"recon/epoch_{epoch:04d}.png", "recon-last.png"):
+                reconstruction_figure(m, vis_paths, out / name, args.input_size, args.mask_ratio,
+                                      patch_stats=True, title=f"{args.model} epoch {epoch}")
+
+    cfg = config_from_args(args)
+    trainer = Trainer(cfg, model, optimizer, dataset, step_fn, schedule, device, args=dump_args(args),
+                      on_epoch_end=on_epoch_end)
+    summary = trainer.fit()
+    if du.is_main():
+        print(json.dumps({k: v for k, v in summary.items()}, default=str))
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Generate the synthetic shapes world (ImageNet / COCO / ADE20K layouts).
+
+Example: python tools/make_synthetic.py data/synth --size 64 --n-train 40 --n-val 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# Allow `python tools/make_synthetic.py` from a checkout without installing.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from maecore.synthetic import ADE_DIRNAME, MIN_SIDE, SHAPES, TASKS, make_world
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, no usage dump, no traceback.
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'64' -> (64, 64); '48x64' -> (48, 64) as (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError
+        hw = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (use N or HxW, e.g. 64 or 48x64)") from None
+    h, w = (hw[0], hw[0]) if len(hw) == 1 else hw
+    if min(h, w) < MIN_SIDE:
+        raise argparse.ArgumentTypeError(f"size {text!r} too small (minimum {MIN_SIDE})")
+    return h, w
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return n
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise argparse.ArgumentTypeError(f"bad --tasks {text!r} (choose from {','.join(TASKS)})")
+    return tasks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="make_synthetic.py", description=__doc__.splitlines()[0])
+    p.add_argument("root", type=Path, help="output folder (imagenet/, coco/, ade/ go inside)")
+    p.add_argument("--size", type=parse_size, default=(64, 64), help="N or HxW (default 64)")
+    p.add_argument("--n-train", type=_count, default=40,
+                   help="train images: per class for imagenet, total for coco/ade (default 40)")
+    p.add_argument("--n-val", type=_count, default=10,
+                   help="val images: per class for imagenet, total for coco/ade (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", type=_tasks, default=TASKS, help="comma list (default imagenet,coco,ade)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty ROOT (replaces task folders)")
+    return p
+
+
+def _summary(paths: dict[str, Path]) -> list[str]:
+    lines = []
+    if "imagenet" in paths:
+        p = paths["imagenet"]
+        lines.append(f"  imagenet  {p}")
+        for split in ("train", "val"):
+            per = {c: len(list((p / split / c).glob("*.jpg"))) for c in SHAPES}
+            lines.append(f"    {split:<10} {sum(per.values()):>5} images  "
+                         + " ".join(f"{c}={n}" for c, n in per.items()))
+    if "coco" in paths:
+        p = paths["coco"]
+        lines.append(f"  coco      {p}")
+        for split in ("train", "val"):
+            with open(p / "annotations" / f"instances_{split}2017.json") as f:
+                d = json.load(f)
+            per = {c["name"]: 0 for c in d["categories"]}
+            names = {c["id"]: c["name"] for c in d["categories"]}
+            for a in d["annotations"]:
+                per[names[a["category_id"]]] += 1
+            lines.append(f"    {split + '2017':<10} {len(d['images']):>5} images, "
+                         f"{len(d['annotations'])} instances  " + " ".join(f"{c}={n}" for c, n in per.items()))
+    if "ade" in paths:
+        p = paths["ade"] / ADE_DIRNAME
+        lines.append(f"  ade       {p}")
+        for sub in ("training", "validation"):
+            n = len(list((p / "images" / sub).glob("*.jpg")))
+            lines.append(f"    {sub:<10} {n:>5} images (+ label PNGs, 0=background, 1..{len(SHAPES)})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    root: Path = args.root
+    if root.exists() and not root.is_dir():
+        parser.error(f"{root} exists and is not a directory")
+    if root.is_dir() and any(root.iterdir()) and not args.force:
+        parser.error(f"{root} is not empty (use --force to overwrite)")
+    t0 = time.perf_counter()
+    try:
+        paths = make_world(root, size=args.size, n_train=args.n_train, n_val=args.n_val,
+                           seed=args.seed, tasks=args.tasks, overwrite=args.force)
+    except (ValueError, FileExistsError) as e:
+        parser.error(str(e))
+    h, w = args.size
+    print(f"synthetic world written to {root} (size {h}x{w}, seed {args.seed}, "
+          f"{time.perf_counter() - t0:.2f}s)")
+    print("\n".join(_summary(paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
