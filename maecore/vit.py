@@ -144,8 +144,24 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------------------
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` written out, as the official MAE / timm 0.3 code does.
+
+    Same numbers as SDPA up to rounding, but it materialises the (B, heads, N, N) attention matrix;
+    kept for ``tools/benchmark.py --baseline`` and for FLOP counters that do not know SDPA."""
+    attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    if bias is not None:
+        attn = attn + bias
+    return attn.softmax(dim=-1) @ v
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (fused kernels)."""
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (fused kernels).
+
+    ``fused = False`` (per instance, see :func:`set_fused_attention`) switches to the explicit
+    softmax path of the official code instead."""
+
+    fused: bool = True
 
     def __init__(
         self,
@@ -195,8 +211,22 @@ class Attention(nn.Module):
                 )
             bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
             bias = bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0).to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            x = explicit_attention(q, k, v, bias)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every :class:`Attention` in ``model`` between SDPA (``True``) and the explicit softmax
+    path (``False``); returns how many modules were switched.  Weights are untouched."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused = enabled
+            n += 1
+    return n
 
 
 def window_partition(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -349,7 +379,7 @@ class VisionTransformer(nn.Module):
             # dict under the official name, as in the released checkpoints
             self.pos_embed = nn.Parameter(table, requires_grad=pos_embed == "learned")
 
-        dpr = [float(x) for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, as timm (python: works on meta)
         windowed = set(window_block_indexes)
         self.blocks = nn.ModuleList(
             Block(

@@ -94,10 +94,11 @@ def reconstruction_figure(
     mask_ratio: float = 0.75,
     patch_stats: bool = False,
     title: str = "",
+    seed: int = 0,
 ) -> Path:
     device = next(model.parameters()).device
     imgs = load_images(paths, input_size).to(device)
-    panels = reconstruct(model, imgs, mask_ratio, patch_stats=patch_stats)
+    panels = reconstruct(model, imgs, mask_ratio, seed=seed, patch_stats=patch_stats)
     panels = {k: v.cpu() for k, v in panels.items()}
     if model.norm_pix_loss:
         title += "  [de-normalised with each target patch's mean/std]" if patch_stats else "  [normalised-pixel output, not de-normalised]"

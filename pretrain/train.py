@@ -100,6 +100,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(args: argparse.Namespace, device: torch.device) -> dict:
+    trainer = build_trainer(args, device)
+    summary = trainer.fit()
+    if du.is_main():
+        print(json.dumps(summary, default=str))
+    return summary
+
+
+def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
     dataset = build_pretrain_dataset(args.data_path, args.input_size, args.jpeg_draft)
@@ -133,12 +141,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
                                       patch_stats=True, title=f"{args.model} epoch {epoch}")
 
     cfg = config_from_args(args)
-    trainer = Trainer(cfg, model, optimizer, dataset, step_fn, schedule, device, args=dump_args(args),
-                      on_epoch_end=on_epoch_end)
-    summary = trainer.fit()
-    if du.is_main():
-        print(json.dumps({k: v for k, v in summary.items()}, default=str))
-    return summary
+    return Trainer(cfg, model, optimizer, dataset, step_fn, schedule, device, args=dump_args(args), on_epoch_end=on_epoch_end)
 
 
 def cli(argv: list[str] | None = None) -> None:
