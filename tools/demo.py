@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         ctx.results = prev.get("results", {})
         ctx.commands = [tuple(c) for c in prev.get("commands", []) if c[0] in names[: names.index(args.from_stage)]]
     t0 = time.time()
-    for name, fn in STAGES[names.index(args.from_stage) :]:
+    for _, fn in STAGES[names.index(args.from_stage) :]:
         fn(ctx)
         saved.write_text(json.dumps({"results": ctx.results, "commands": ctx.commands}, indent=1))
     print(f"\ndone in {time.time() - t0:.0f} s: {out / 'report.md'}")
