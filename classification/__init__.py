@@ -1,1 +1,2 @@
-"""classification (see README)."""
+"""Image classification transfer of MAE encoders: end-to-end fine-tuning, linear probing and
+partial fine-tuning (``python -m classification --protocol {finetune,linprobe,partial}``)."""

@@ -1,0 +1,3 @@
+from classification.train import cli
+
+cli()

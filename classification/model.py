@@ -1,0 +1,222 @@
+"""ViT classifiers for the three transfer protocols of the MAE paper.
+
+:class:`VisionTransformerClassifier` *is* the shared encoder (flat official keys) plus ``fc_norm`` and
+``head``, exactly as the official ``models_vit``: with global pooling the encoder's final ``norm`` is
+replaced by a new ``fc_norm`` after the average; with the cls token the final ``norm`` is kept.
+
+Protocol helpers:
+
+* :func:`setup_linear_probe` freezes the encoder and puts ``BatchNorm1d(affine=False)`` + Linear on
+  top (paper App. A.1);
+* :func:`setup_partial_finetune` freezes all but the last K blocks (K = 0.5: the MLP sub-block of the
+  last block only; paper §4.3).
+
+Frozen parts run under ``no_grad`` and stay in eval mode (no drop path, BN statistics untouched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from maecore.cli import UserError
+from maecore.convert import ConversionReport, load_backbone
+from maecore.vit import VisionTransformer, vit_kwargs
+
+# builder name -> (size, patch)
+MODELS: dict[str, tuple[str, int]] = {
+    "vit_tiny_patch16": ("tiny", 16),
+    "vit_small_patch16": ("small", 16),
+    "vit_base_patch16": ("base", 16),
+    "vit_large_patch16": ("large", 16),
+    "vit_huge_patch14": ("huge", 14),
+}
+
+
+class VisionTransformerClassifier(VisionTransformer):
+    """ViT + (``fc_norm``) + linear ``head``.
+
+    Args:
+        num_classes: outputs of ``head``.
+        global_pool: average the patch tokens (default, as the official fine-tuning) instead of taking
+            the cls token.
+        fc_norm: a new LayerNorm after the pooling, replacing the encoder's final ``norm`` (official
+            fine-tuning with global pooling).  ``None`` means "= global_pool".  ``False`` with global
+            pooling averages tokens *after* the pretrained ``norm`` — what a linear probe wants, since a
+            frozen, never-trained ``fc_norm`` would sit in front of its head otherwise.
+        head_init_std: trunc-normal std of the head weights (2e-5 fine-tuning, 0.01 linear probe).
+        other kwargs: :class:`~maecore.vit.VisionTransformer` (``drop_path_rate``, ``img_size``…).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        global_pool: bool = True,
+        fc_norm: bool | None = None,
+        head_init_std: float = 2e-5,
+        **kwargs,
+    ) -> None:
+        use_fc_norm = global_pool if fc_norm is None else fc_norm
+        kwargs.setdefault("pos_embed", "learned")  # fine-tuning learns the (sin-cos initialised) table
+        kwargs["class_token"] = True  # MAE encoders always have one (pooling may ignore it)
+        kwargs["final_norm"] = not use_fc_norm
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.head_init_std = head_init_std
+        self.fc_norm = nn.LayerNorm(self.embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.head = nn.Linear(self.embed_dim, num_classes)
+        # partial fine-tuning: number of leading blocks (and whether the stem) that run frozen
+        self.frozen_blocks = 0
+        self.frozen_stem = False
+        self.reset_head()
+
+    def reset_head(self, std: float | None = None) -> None:
+        """New head (trunc-normal weights, zero bias) and ``fc_norm`` — done after loading a backbone,
+        as the official code does."""
+        std = self.head_init_std if std is None else std
+        lin = self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
+        nn.init.trunc_normal_(lin.weight, std=std)
+        nn.init.zeros_(lin.bias)
+        if isinstance(self.fc_norm, nn.LayerNorm):
+            self.fc_norm.reset_parameters()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    # ---- forward ----------------------------------------------------------------------------
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the blocks -> one feature vector per image (before ``head``)."""
+        if self.global_pool:
+            return self.fc_norm(self.norm(x[:, self.num_prefix_tokens :]).mean(dim=1))
+        return self.fc_norm(self.norm(x)[:, 0])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Images (B, C, H, W) -> pooled features (B, D)."""
+        k = self.frozen_blocks
+        # frozen stem + leading blocks: no autograd graph at all (eval already runs under no_grad)
+        with torch.no_grad() if self.frozen_stem else contextlib.nullcontext():
+            x, grid, prefix_pos = self.embed(x)
+            x = self.add_prefix(x, prefix_pos)
+            for blk in self.blocks[:k]:
+                x = blk(x, grid, self.num_prefix_tokens)
+        npre = self.num_prefix_tokens
+        for blk in self.blocks[k:]:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, grid, npre, use_reentrant=False)
+            else:
+                x = blk(x, grid, npre)
+        return self.pool(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Logits from images (B, C, H, W), or from cached pooled features (B, D) (linear probe)."""
+        if x.ndim == 2:
+            return self.head(x)
+        return self.head(self.forward_features(x))
+
+    # ---- frozen parts -----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> VisionTransformerClassifier:
+        super().train(mode)
+        # frozen parts are a fixed feature extractor: no drop path, no BN/statistics updates
+        for m in self.frozen_modules():
+            m.eval()
+        return self
+
+    def frozen_modules(self) -> list[nn.Module]:
+        mods: list[nn.Module] = []
+        if self.frozen_stem:
+            mods.append(self.patch_embed)
+        mods += list(self.blocks[: self.frozen_blocks])
+        if self.frozen_blocks < self.depth:
+            last = self.blocks[self.frozen_blocks]
+            if not any(p.requires_grad for p in last.parameters()):
+                mods.append(last)
+            elif not any(p.requires_grad for p in last.attn.parameters()):  # K = 0.5: attention frozen
+                mods += [last.norm1, last.attn, last.ls1, last.drop_path1]
+        return mods
+
+
+def build_classifier(
+    model: str,
+    num_classes: int,
+    img_size: int | Sequence[int] = 224,
+    patch_size: int | None = None,
+    depth: int | None = None,
+    **kwargs,
+) -> VisionTransformerClassifier:
+    """``vit_{tiny,small,base,large}_patch16`` / ``vit_huge_patch14`` with optional patch/depth override."""
+    if model not in MODELS:
+        raise UserError(f"unknown --model {model!r}; choose from {', '.join(MODELS)}")
+    kw = vit_kwargs(MODELS[model][0])
+    if patch_size:
+        kw["patch_size"] = patch_size
+    if depth:
+        kw["depth"] = depth
+    kw.update(kwargs)
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if size[0] % kw["patch_size"] or size[1] % kw["patch_size"]:
+        raise UserError(f"--input_size {size} is not a multiple of the patch size {kw['patch_size']}")
+    return VisionTransformerClassifier(num_classes=num_classes, img_size=size, **kw)
+
+
+def load_pretrained(model: VisionTransformerClassifier, path: str, verbose: bool = False) -> ConversionReport:
+    """Pretrained MAE encoder (ours or official, any input size) into ``model``; then a fresh head
+    and ``fc_norm``, as the official fine-tuning does after ``load_state_dict``."""
+    report = load_backbone(model, path, verbose=verbose)
+    model.reset_head()
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Protocols
+# --------------------------------------------------------------------------------------------------
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def setup_linear_probe(model: VisionTransformerClassifier, head_init_std: float = 0.01) -> None:
+    """Frozen encoder; head = ``BatchNorm1d(affine=False, eps=1e-6)`` + Linear (official linprobe).
+
+    The BN whitens the features (MAE features are not normalised the way a linear classifier
+    trained with LARS wants); without affine parameters it stays a linear map at test time."""
+    freeze(model)
+    lin = model.head if isinstance(model.head, nn.Linear) else model.head[-1]
+    model.head = nn.Sequential(nn.BatchNorm1d(lin.in_features, affine=False, eps=1e-6), lin)
+    for p in lin.parameters():
+        p.requires_grad_(True)
+    model.frozen_stem = True
+    model.frozen_blocks = model.depth
+    model.reset_head(head_init_std)
+    model.train(model.training)
+
+
+def setup_partial_finetune(model: VisionTransformerClassifier, tune_blocks: float) -> int:
+    """Tune the last ``tune_blocks`` blocks, the final norm (``norm``/``fc_norm``) and the head;
+    ``0.5`` tunes the MLP sub-block (``norm2`` + ``mlp``) of the last block only.  Returns the
+    number of tuned parameters."""
+    depth = model.depth
+    if tune_blocks < 0 or tune_blocks > depth or (tune_blocks != int(tune_blocks) and tune_blocks != 0.5):
+        raise UserError(f"--tune_blocks must be 0.5 or an integer in [0, {depth}], got {tune_blocks}")
+    if tune_blocks >= depth:  # full fine-tuning
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    freeze(model)
+    tuned: list[nn.Module] = [model.norm, model.fc_norm, model.head]
+    if tune_blocks == 0.5:
+        last = model.blocks[depth - 1]
+        tuned += [last.norm2, last.mlp, last.ls2]
+        n_frozen = depth - 1
+    else:
+        n_frozen = depth - int(tune_blocks)
+        tuned += list(model.blocks[n_frozen:])
+    for m in tuned:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    model.frozen_stem = True
+    model.frozen_blocks = n_frozen
+    model.train(model.training)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
