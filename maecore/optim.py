@@ -45,11 +45,13 @@ def param_groups(
 
 
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused on CUDA (one kernel for all parameters), foreach on CPU."""
+    """AdamW with the fused kernel (one pass over all parameters) on CUDA and on CPU, where it is
+    3-6x faster than foreach or the for-loop (tools/benchmark.py); foreach where fused is missing."""
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    if device.type == "cuda":
+    try:
         return torch.optim.AdamW(clean, lr=lr, betas=betas, fused=True)
-    return torch.optim.AdamW(clean, lr=lr, betas=betas, foreach=True)
+    except (RuntimeError, ValueError):  # a torch or device without the fused kernel
+        return torch.optim.AdamW(clean, lr=lr, betas=betas, foreach=True)
 
 
 @dataclass
