@@ -1,1 +1,1 @@
-"""segmentation (see README)."""
+"""ADE20K semantic segmentation: UperNet on the MAE ViT (model, data, train, evaluate, recipes)."""

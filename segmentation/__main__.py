@@ -1,0 +1,3 @@
+from segmentation.train import cli
+
+cli()

@@ -1,0 +1,237 @@
+"""ADE20K UperNet training / evaluation: ``python -m segmentation --data_path DIR --output_dir OUT [flags]``.
+
+``--recipe base`` (the default: the MAE paper's ViT-B setting), ``large`` or ``demo`` (synthetic world).
+``--finetune MAE_CKPT`` loads pretrained encoder weights (ours or an official release); ``--eval --resume
+CKPT`` only evaluates a trained checkpoint.  Iterations are the unit of the schedule (``--max_iters``,
+``--warmup_iters``, ``--eval_iters``); the engine's epochs are derived from them.  Run under ``torchrun``
+for DDP (SyncBatchNorm is switched on there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maecore import distributed as du
+from maecore.checkpoint import load_file, unwrap_state_dict
+from maecore.cli import UserError, run_cli
+from maecore.convert import load_backbone
+from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
+from maecore.optim import WarmupPoly, adamw, param_groups
+from maecore.vit import ARCHS
+from segmentation.data import build_train_dataset, build_val_dataset
+from segmentation.evaluate import MS_SCALES, evaluate_segmentation, format_results
+from segmentation.model import UperNetViT, build_segmentor, maybe_sync_batchnorm
+from segmentation.recipes import RECIPES
+
+NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "relative_position_bias_table")
+# what defines the network: taken from a checkpoint's args when evaluating it
+ARCH_KEYS = ("model", "patch_size", "embed_dim", "depth", "num_heads", "crop_size", "num_classes",
+             "channels", "aux_channels", "out_indices")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("ADE20K UperNet on the MAE ViT", description=__doc__)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="base", help="preset defaults; flags given override")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=sorted(ARCHS), help="ViT size")
+    m.add_argument("--patch_size", type=int, default=None)
+    m.add_argument("--embed_dim", type=int, default=None, help="override the size's width (small test models)")
+    m.add_argument("--depth", type=int, default=None)
+    m.add_argument("--num_heads", type=int, default=None)
+    m.add_argument("--out_indices", type=int, nargs=4, default=None, help="blocks feeding the 4 levels")
+    m.add_argument("--channels", type=int, help="UperNet channels")
+    m.add_argument("--aux_channels", type=int, help="auxiliary FCN head channels")
+    m.add_argument("--aux_weight", type=float, help="auxiliary loss weight (0: no auxiliary head)")
+    m.add_argument("--drop_path", type=float)
+    m.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (memory)")
+    m.add_argument("--finetune", default="", help="pretrained MAE checkpoint for the backbone")
+    d = p.add_argument_group("data")
+    d.add_argument("--data_path", required=True, help="folder holding ADEChallengeData2016 (or that folder)")
+    d.add_argument("--num_classes", type=int)
+    d.add_argument("--no_reduce_zero_label", action="store_true", help="labels are already 0..K-1 (255 = ignore)")
+    d.add_argument("--crop_size", type=int, help="training crop = sliding window")
+    d.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="rescale bound before the ratio")
+    d.add_argument("--ratio_range", type=float, nargs=2, metavar=("LO", "HI"))
+    d.add_argument("--cat_max_ratio", type=float)
+    d.add_argument("--no_photometric", action="store_true")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float)
+    o.add_argument("--min_lr", type=float, default=0.0)
+    o.add_argument("--weight_decay", type=float)
+    o.add_argument("--layer_decay", type=float)
+    o.add_argument("--warmup_iters", type=int)
+    o.add_argument("--max_iters", type=int, help="optimizer steps in total (sets the engine's epochs)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", "--eval_only", "--eval-only", dest="eval", action="store_true",
+                   help="only evaluate the checkpoint given by --resume")
+    e.add_argument("--eval_iters", type=int, help="evaluate about every N iterations (rounded to epochs)")
+    e.add_argument("--stride", type=int, default=None, help="sliding-window stride (default 2/3 of the crop)")
+    e.add_argument("--aug_test", action="store_true", help="multi-scale (0.5-1.75) + flip")
+    e.add_argument("--num_vis", type=int, default=4, help="colourised predictions written per evaluation")
+    e.add_argument("--eval_max_images", type=int, default=0, help="evaluate on the first N val images only")
+    add_engine_args(p)
+    p.set_defaults(**RECIPES["base"])
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = get_parser()
+    pre, _ = p.parse_known_args(argv)
+    p.set_defaults(**RECIPES[pre.recipe])
+    args = p.parse_args(argv)
+    if args.crop_size % (args.patch_size or ARCHS[args.model][3]):
+        p.error(f"--crop_size {args.crop_size} is not a multiple of the patch size")
+    if not 0 < args.cat_max_ratio <= 1:
+        p.error("--cat_max_ratio must be in (0, 1]")
+    if not 1 <= args.num_classes <= 254:
+        p.error("--num_classes must be in 1..254 (labels are 8-bit, 255 = ignore)")
+    if args.max_iters <= 0 or args.warmup_iters < 0:
+        p.error("--max_iters must be positive and --warmup_iters non-negative")
+    return args
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_model(args: argparse.Namespace) -> UperNetViT:
+    try:
+        return build_segmentor(
+            args.model, args.num_classes, args.crop_size, args.patch_size, args.drop_path, args.channels,
+            args.aux_channels, args.aux_weight, args.out_indices, args.embed_dim, args.depth, args.num_heads,
+            grad_checkpointing=args.grad_checkpointing,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def window_of(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    w = (args.crop_size, args.crop_size)
+    return w, ((args.stride, args.stride) if args.stride else None)
+
+
+def run_eval(args: argparse.Namespace, model: torch.nn.Module, dataset, device: torch.device,
+             vis_dir: Path | None) -> dict:
+    window, stride = window_of(args)
+    return evaluate_segmentation(
+        model, dataset, window, stride,
+        scales=MS_SCALES if args.aug_test else (1.0,), flip=args.aug_test,
+        device=device, amp=resolve_amp(args.amp, device), num_workers=min(args.num_workers, 4),
+        vis_dir=vis_dir, num_vis=args.num_vis, max_images=args.eval_max_images,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = du.init_distributed(args.device)
+    try:
+        return evaluate_checkpoint(args, device) if args.eval else train(args, device)
+    finally:
+        du.cleanup()
+
+
+def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> dict:
+    if not args.resume or args.resume == "auto":
+        raise UserError("--eval needs --resume CHECKPOINT (a trained segmentation checkpoint)")
+    ckpt = load_file(args.resume)
+    saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    for k in ARCH_KEYS:  # the network is the one the checkpoint was trained as
+        if k in saved and saved[k] is not None:
+            setattr(args, k, saved[k])
+    model = build_model(args)
+    missing, unexpected = model.load_state_dict(unwrap_state_dict(ckpt), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{args.resume}: not a checkpoint of this segmentation model "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device)
+    val = build_val_dataset(args)
+    out = Path(args.output_dir)
+    res = run_eval(args, model, val, device, out / "vis" if du.is_main() else None)
+    if du.is_main():
+        print(format_results(res))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def schedule_in_epochs(args: argparse.Namespace, n_train: int) -> tuple[int, float, int]:
+    """(epochs, optimizer steps per epoch, eval_every in epochs) from the iteration-based flags."""
+    per_rank = math.ceil(n_train / du.world_size())
+    steps_per_epoch = (per_rank // args.batch_size) / args.accum_iter
+    if steps_per_epoch < 1:
+        raise UserError(f"{n_train} training images give no full optimizer step per epoch "
+                        f"(batch {args.batch_size} x accum {args.accum_iter} x {du.world_size()} processes)")
+    epochs = math.ceil(args.max_iters / steps_per_epoch)
+    eval_every = max(1, round(args.eval_iters / steps_per_epoch)) if args.eval_iters else epochs
+    return epochs, steps_per_epoch, eval_every
+
+
+def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
+    seed_everything(args.seed + du.rank())
+    out = Path(args.output_dir)
+    dataset = build_train_dataset(args)
+    val = build_val_dataset(args)
+    model = build_model(args)
+    if args.finetune:
+        report = load_backbone(model.backbone, args.finetune)
+        if du.is_main():
+            print(f"loaded {len(report.converted)} backbone tensors from {args.finetune} "
+                  f"({len(report.added)} new at their neutral init, {len(report.dropped)} dropped)")
+    model = maybe_sync_batchnorm(model, device)
+
+    depth = model.backbone.depth
+    groups = param_groups(model, args.weight_decay, args.layer_decay, layer_id=model.layer_id,
+                          num_layers=depth + 1, no_weight_decay=NO_WEIGHT_DECAY)
+    optimizer = adamw(groups, args.lr, (0.9, 0.999), device)
+    args.epochs, spe, args.eval_every = schedule_in_epochs(args, len(dataset))
+    # the engine's clock is fractional epochs: 1500 / 160k iterations become epochs at this batch
+    schedule = WarmupPoly(args.lr, args.warmup_iters / spe, args.max_iters / spe, power=1.0, min_lr=args.min_lr)
+
+    if du.is_main():
+        n_bb = sum(p.numel() for p in model.backbone.parameters())
+        n_all = sum(p.numel() for p in model.parameters())
+        eff = args.batch_size * args.accum_iter * du.world_size()
+        print(f"UperNet ViT-{args.model}: {n_bb / 1e6:.2f}M backbone / {n_all / 1e6:.2f}M total params; "
+              f"{len(dataset)} train / {len(val)} val images; eff. batch {eff}; {args.max_iters} iterations "
+              f"= {args.epochs} epochs of {spe:g} steps; lr {args.lr:g}, layer decay {args.layer_decay}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(dump_args(args), indent=1))
+
+    def step_fn(m, batch):
+        img, label, skipped, n_oor = batch
+        loss, logs = m(img, label)
+        return loss, {**logs, "n_skipped": skipped.sum(), "n_label_oor": n_oor.sum()}
+
+    def evaluate(m, epoch):
+        res = run_eval(args, m, val, device, out / "vis" if du.is_main() else None)
+        if du.is_main():
+            print(f"epoch {epoch}: " + format_results(res).splitlines()[0])
+        return res
+
+    cfg = config_from_args(args, max_steps=args.max_iters, best_key="mIoU")
+    return Trainer(cfg, model, optimizer, dataset, step_fn, schedule, device, args=dump_args(args), evaluate=evaluate)
+
+
+def train(args: argparse.Namespace, device: torch.device) -> dict:
+    trainer = build_trainer(args, device)
+    summary = trainer.fit()
+    if du.is_main():
+        print(json.dumps({k: v for k, v in summary.items() if k != "IoU_per_class"}, default=str))
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    cli()
