@@ -128,7 +128,7 @@ def _place(rng: np.random.Generator, label: int, area: float, h: int, w: int) ->
     lo, hi = outer.min(axis=0), outer.max(axis=0)
     # Keep the whole shape inside the frame (1 px margin) so polygons stay
     # in-bounds; shrink if the requested area does not fit.
-    fit = min((w - 2) / (hi[0] - lo[0]), (h - 2) / (hi[1] - lo[1]))
+    fit = 0.999 * min((w - 2) / (hi[0] - lo[0]), (h - 2) / (hi[1] - lo[1]))  # margin for rounding
     scale = min(scale, fit)
     lo, hi = lo * scale, hi * scale
     cx = rng.uniform(1 - lo[0], w - 1 - hi[0])
@@ -242,13 +242,15 @@ def _min_area(h: int, w: int) -> int:
     return max(6, int(0.003 * h * w))
 
 
-def _try_scene(rng: np.random.Generator, h: int, w: int, dominant: int | None) -> Scene:
+def _try_scene(
+    rng: np.random.Generator, h: int, w: int, dominant: int | None, main_area: tuple[float, float] = (0.10, 0.22)
+) -> Scene:
     n = int(rng.integers(1, 5))
     first = int(rng.integers(NUM_CLASSES)) if dominant is None else dominant
     labels = [first] + [int(x) for x in rng.integers(NUM_CLASSES, size=n - 1)]
     # One clearly large object plus smaller distractors: usually an obvious
     # winner, but occlusion and similar sizes keep it from being trivial.
-    areas = [rng.uniform(0.10, 0.22)] + list(rng.uniform(0.012, 0.05, size=n - 1))
+    areas = [rng.uniform(*main_area)] + list(rng.uniform(0.012, 0.05, size=n - 1))
     objs = [_place(rng, lab, a * h * w, h, w) for lab, a in zip(labels, areas, strict=True)]
     objs = [objs[i] for i in rng.permutation(n)]  # random z-order
 
@@ -290,17 +292,24 @@ def _try_scene(rng: np.random.Generator, h: int, w: int, dominant: int | None) -
     )
 
 
-def render_scene(rng: np.random.Generator, size: Size, *, dominant: int | None = None) -> Scene:
+def render_scene(
+    rng: np.random.Generator,
+    size: Size,
+    *,
+    dominant: int | None = None,
+    main_area: tuple[float, float] = (0.10, 0.22),
+) -> Scene:
     """Render one scene of 1-4 shapes; ``size`` is an int or ``(H, W)``.
 
     If ``dominant`` (an index into SHAPES) is given, scenes are redrawn from
-    ``rng`` until the largest visible instance has that class.
+    ``rng`` until the largest visible instance has that class.  ``main_area`` is
+    the range of the first (largest) object's area as a fraction of the image.
     """
     h, w = _hw(size)
     if dominant is not None and not 0 <= dominant < NUM_CLASSES:
         raise ValueError(f"dominant must be in [0, {NUM_CLASSES}), got {dominant}")
     for _ in range(100):
-        scene = _try_scene(rng, h, w, dominant)
+        scene = _try_scene(rng, h, w, dominant, main_area)
         if scene.labels and (dominant is None or scene.dominant == dominant):
             return scene
     raise RuntimeError("could not render a scene with the requested dominant class")
@@ -334,6 +343,10 @@ def _check_count(name: str, n: int) -> int:
     return int(n)
 
 
+# ImageNet photos are object-centric: the labelled object fills a good part of the frame.
+IMAGENET_MAIN_AREA = (0.22, 0.40)
+
+
 def make_imagenet(
     root: str | Path,
     n_train_per_class: int,
@@ -355,7 +368,8 @@ def make_imagenet(
             # One stream per class: per-class counts don't shift other classes.
             rng = _stream(seed, "imagenet", split, label)
             for i in range(n):
-                _save_jpg(render_scene(rng, (h, w), dominant=label).image, d / f"{name}_{i:05d}.jpg")
+                scene = render_scene(rng, (h, w), dominant=label, main_area=IMAGENET_MAIN_AREA)
+                _save_jpg(scene.image, d / f"{name}_{i:05d}.jpg")
     return out
 
 
