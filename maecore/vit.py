@@ -329,6 +329,10 @@ class VisionTransformer(nn.Module):
         rel_pos: ``"decomposed"`` (ViTDet ``rel_pos_h/w``) or ``"bias"`` (BEiT tables); both zero-init.
         init_values: layer scale init (``ls1.gamma``/``ls2.gamma``), None for no layer scale.
         out_indices: blocks whose outputs ``forward_features`` returns as (B, C, H, W) maps.
+        rel_pos_grid: patch grid the *global* blocks' relative-position tables are sized for
+            (default: the position table's grid).  ViTDet keeps the absolute table at the
+            pretraining grid (224/16 = 14) but sizes ``rel_pos_h/w`` for the detection input
+            (1024/16 = 64), so its checkpoints load by shape.
     """
 
     def __init__(
@@ -352,6 +356,7 @@ class VisionTransformer(nn.Module):
         rel_pos: RelPos = None,
         out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool = False,
+        rel_pos_grid: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.img_size = to_2tuple(img_size)
@@ -391,7 +396,7 @@ class VisionTransformer(nn.Module):
                 init_values=init_values,
                 window_size=window_size if i in windowed else 0,
                 rel_pos=rel_pos,
-                rel_pos_grid=self.grid_size,
+                rel_pos_grid=to_2tuple(rel_pos_grid) if rel_pos_grid is not None else self.grid_size,
             )
             for i in range(depth)
         )

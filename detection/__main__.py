@@ -1,0 +1,3 @@
+from detection.train import cli
+
+cli()

@@ -1,0 +1,196 @@
+"""COCO evaluation of a Mask R-CNN: predictions in original image coordinates, COCOeval bbox + segm,
+a COCO result json, and an overlay figure of predictions on a few val images.
+
+Under ``torchrun`` every rank predicts its shard of the val images; the per-image results are
+gathered once (keyed by image id, so padding duplicates of the sampler count once) and rank 0 runs
+COCOeval; the metrics are then shared with every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader, Subset
+
+from maecore import distributed as du
+from maecore.engine import autocast, to_device
+
+from .data import CocoInstances, collate
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: list[torch.Tensor], targets: list[dict], amp: str = "none") -> list[dict]:
+    """Detections mapped back to each original image: boxes (xyxy), labels, scores, masks (N,1,H,W) probs.
+
+    The images are LSJ test views (long side resized, padded); the content size is handed to the
+    RPN and box head, so proposals and boxes are clipped to the real image and not to the padding,
+    and torchvision's postprocess rescales boxes and pastes masks at the original size."""
+    model = getattr(model, "module", model)
+    image_list, _ = model.transform(images)
+    image_list.image_sizes = [tuple(int(v) for v in t["content_size"]) for t in targets]
+    orig = [tuple(int(v) for v in t["orig_size"]) for t in targets]
+    with autocast(image_list.tensors.device, amp):
+        feats = model.backbone(image_list.tensors)
+    feats = {k: v.float() for k, v in feats.items()}
+    proposals, _ = model.rpn(image_list, feats)
+    dets, _ = model.roi_heads(feats, proposals, image_list.image_sizes)
+    return model.transform.postprocess(dets, image_list.image_sizes, orig)
+
+
+def to_coco_results(det: dict, image_id: int, cat_ids: Sequence[int], mask_thresh: float = 0.5) -> list[dict]:
+    """One image's detections as COCO result entries (bbox xywh, compressed-RLE segmentation)."""
+    boxes = det["boxes"].float().cpu().numpy()
+    scores = det["scores"].float().cpu().numpy()
+    labels = det["labels"].cpu().numpy()
+    masks = (det["masks"][:, 0] > mask_thresh).cpu().numpy().astype(np.uint8) if "masks" in det else None
+    out = []
+    for i in range(len(scores)):
+        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        r = {"image_id": int(image_id), "category_id": int(cat_ids[int(labels[i]) - 1]),
+             "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(float(scores[i]), 5)}
+        if masks is not None:
+            rle = mask_utils.encode(np.asfortranarray(masks[i]))
+            r["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        out.append(r)
+    return out
+
+
+def run_cocoeval(coco_gt, results: list[dict], img_ids: Sequence[int], iou_type: str) -> dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl in percent (detectron2's scale) for ``bbox`` or ``segm``."""
+    if not results:
+        log.warning("no detections: %s AP is 0", iou_type)
+        return {k: 0.0 for k in STAT_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+    ev = COCOeval(coco_gt, coco_dt, iou_type)
+    ev.params.imgIds = sorted(img_ids)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    if du.is_main():
+        print(f"COCOeval {iou_type}:\n{buf.getvalue().rstrip()}")
+    # -1 marks "no ground truth in this size range"; report it as nan rather than a fake -100
+    return {k: (float(v) * 100 if v >= 0 else float("nan")) for k, v in zip(STAT_NAMES, ev.stats[:6])}
+
+
+def merge_shards(parts: Sequence[dict[int, list[dict]]]) -> dict[int, list[dict]]:
+    """Per-image results of all ranks, one entry per image id (a sampler that pads its shards would
+    otherwise count an image twice)."""
+    merged: dict[int, list[dict]] = {}
+    for part in parts:
+        for img_id, res in part.items():
+            merged.setdefault(int(img_id), res)
+    return merged
+
+
+def evaluate_coco(
+    model: nn.Module,
+    dataset: CocoInstances,
+    device: torch.device,
+    output_dir: str | Path | None = None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    amp: str = "none",
+    max_images: int = 0,
+    vis_images: int = 4,
+    vis_name: str = "predictions.png",
+) -> dict[str, float]:
+    """Predict on ``dataset`` (this rank's shard), gather per-image results, run COCOeval bbox and
+    segm on rank 0, write ``coco_instances_results.json`` / ``metrics.json`` / the overlay figure,
+    and return ``{"bbox/AP": …, "segm/AP50": …}`` on every rank."""
+    was_training = model.training
+    model.eval()
+    n = min(len(dataset), max_images) if max_images else len(dataset)
+    shard = list(range(du.rank(), n, du.world_size()))
+    loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    per_image: dict[int, list[dict]] = {}
+    for images, targets in loader:
+        outs = predict(model, to_device(images, device), targets, amp)
+        for det, t in zip(outs, targets):
+            per_image[int(t["image_id"])] = to_coco_results(det, int(t["image_id"]), dataset.cat_ids)
+    model.train(was_training)
+
+    gathered = du.all_gather_object(per_image)
+    metrics: dict[str, float] = {}
+    if du.is_main():
+        merged = merge_shards(gathered)
+        results = [r for img in sorted(merged) for r in merged[img]]
+        img_ids = sorted(merged)
+        for iou_type in ("bbox", "segm"):
+            for k, v in run_cocoeval(dataset.coco, results, img_ids, iou_type).items():
+                metrics[f"{iou_type}/{k}"] = v
+        metrics["n_images"] = float(len(img_ids))
+        metrics["n_detections"] = float(len(results))
+        if output_dir is not None:
+            out = Path(output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "coco_instances_results.json").write_text(json.dumps(results))
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            if vis_images:
+                overlay_figure(dataset, merged, out / vis_name, vis_images)
+    return du.all_gather_object(metrics)[0]
+
+
+def overlay_figure(dataset: CocoInstances, per_image: dict[int, list[dict]], path: str | Path, n: int = 4,
+                   score_thresh: float = 0.5) -> Path:
+    """Predicted masks, boxes, class names and scores drawn over the first ``n`` evaluated images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = [i for i in dataset.ids if i in per_image][:n]
+    names = {c: dataset.coco.cats[c].get("name", str(c)) for c in dataset.cat_ids}
+    cols = max(len(ids), 1)
+    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.4), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, img_id in zip(axes[0], ids):
+        info = dataset.coco.imgs[img_id]
+        from maecore.data import load_rgb
+
+        img = np.asarray(load_rgb(dataset.img_dir / info["file_name"]), dtype=np.float32) / 255
+        ranked = sorted(per_image[img_id], key=lambda d: -d["score"])
+        dets = [d for d in ranked if d["score"] >= score_thresh]
+        shown = f"{len(dets)} dets >= {score_thresh}"
+        if not dets:  # an early or weak model: still show what it ranks highest
+            dets, shown = ranked[:3], f"top {min(3, len(ranked))} (none >= {score_thresh})"
+        for k, d in enumerate(dets):
+            color = np.array(cmap(k % 10)[:3], dtype=np.float32)
+            if "segmentation" in d:
+                m = mask_utils.decode(d["segmentation"]).astype(bool)
+                if m.shape == img.shape[:2]:
+                    img[m] = 0.55 * img[m] + 0.45 * color
+        ax.imshow(img)
+        for k, d in enumerate(dets):
+            x, y, w, h = d["bbox"]
+            color = cmap(k % 10)
+            ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=1.2))
+            ax.text(x, y, f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}", fontsize=6,
+                    color="white", bbox=dict(facecolor=color, alpha=0.7, pad=0.5, linewidth=0))
+        ax.set_title(f"image {img_id}: {shown}", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["STAT_NAMES", "evaluate_coco", "merge_shards", "overlay_figure", "predict", "run_cocoeval", "to_coco_results"]

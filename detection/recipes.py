@@ -1,0 +1,45 @@
+"""Named detection recipes.
+
+``vitdet_{b,l,h}`` are ViTDet's COCO Mask R-CNN recipes (Li et al. 2022, detectron2
+``projects/ViTDet``): LSJ at 1024, AdamW lr 1e-4 (0.9, 0.999), wd 0.1, layer decay 0.7/0.8/0.9,
+drop path 0.1/0.4/0.5, 100 epochs (184,375 iterations at batch 64; H: 75 epochs), 250-iteration
+warm-up, x0.1 at 88.9 % and 96.3 %.  Batch 64 = ``batch_size`` x ``accum_iter`` x 8 GPUs here.
+``vitfpn_{b,l}`` swap in the MAE paper's ViT-FPN backbone on the same schedule.
+``demo`` trains a ViT-tiny/8 detector on the 64-px synthetic COCO world (LSJ at 64) in CPU minutes; its trunk
+matches ``pretrain``'s ``demo`` (ViT-tiny/8 at 64 px), so ``--finetune`` takes that MAE checkpoint as is.
+"""
+
+from __future__ import annotations
+
+_VITDET = dict(
+    backbone="vitdet", image_size=1024, pretrain_img_size=224, window_size=14, lr=1e-4, weight_decay=0.1,
+    warmup_iters=250, milestones=[0.889, 0.963], epochs=100, out_channels=256, num_workers=8,
+    keep_every=10, eval_every=10, log_every=20, best_key="bbox/AP",
+)
+
+RECIPES: dict[str, dict] = {
+    "vitdet_b": dict(_VITDET, arch="base", layer_decay=0.7, drop_path=0.1, batch_size=2, accum_iter=4),
+    "vitdet_l": dict(_VITDET, arch="large", layer_decay=0.8, drop_path=0.4, batch_size=1, accum_iter=8,
+                     grad_checkpointing=True),
+    # ViTDet-H: patch 16 (the MAE-H/14 patch kernel is resized to 16 when converting), 75 epochs
+    "vitdet_h": dict(_VITDET, arch="huge", patch_size=16, layer_decay=0.9, drop_path=0.5, epochs=75, batch_size=1,
+                     accum_iter=8, grad_checkpointing=True),
+    "vitfpn_b": dict(_VITDET, backbone="vitfpn", arch="base", layer_decay=0.7, drop_path=0.1, batch_size=2, accum_iter=4),
+    "vitfpn_l": dict(_VITDET, backbone="vitfpn", arch="large", layer_decay=0.8, drop_path=0.4, batch_size=1,
+                     accum_iter=8, grad_checkpointing=True),
+    # CPU minutes on the synthetic world (maecore.synthetic, 64 px): ViT-tiny/8 at 64 px (8x8 tokens, 4x4
+    # windows, global attention in the last block of each quarter; /16 gives 4x4 tokens, too coarse for
+    # the masks), pyramid strides 2-32, a 64-channel pyramid and heads,
+    # small RPN / RoI samples; a higher lr and short warm-up since it starts from scratch; LSJ scale 0.5-2
+    # (at a 64-px target, 0.1 would leave 6-px images with objects of a pixel or two).
+    "demo": dict(
+        backbone="vitdet", arch="tiny", patch_size=8, image_size=64, pretrain_img_size=64, window_size=4,
+        out_channels=64, fc_dim=256, anchor_sizes=[8, 16, 32, 64, 128], rpn_batch_size_per_image=64,
+        box_batch_size_per_image=32, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,
+        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150, detections_per_img=30,
+        lr=4e-4, weight_decay=0.1, layer_decay=0.9, drop_path=0.0, warmup_iters=20, milestones=[0.889, 0.963],
+        lsj_scale=[0.5, 2.0],
+        epochs=3, batch_size=4, accum_iter=1, num_workers=1, log_every=20, keep_every=0, eval_every=1,
+        vis_images=4, best_key="bbox/AP",
+    ),
+}

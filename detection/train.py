@@ -1,0 +1,218 @@
+"""Mask R-CNN on COCO with a ViT backbone: ``python -m detection --recipe vitdet_b --data_path COCO
+--finetune mae_pretrain_vit_base.pth --output_dir OUT``; ``--eval`` (alias ``--eval-only``) evaluates a checkpoint.
+
+``--data_path`` is a COCO 2017 root (``train2017/``, ``val2017/``, ``annotations/instances_*2017.json``);
+``--train_json``/``--val_json``/``--train_images``/``--val_images`` point at any other COCO-format set.
+Run under ``torchrun`` for DDP (evaluation is sharded and gathered once per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maecore import distributed as du
+from maecore.checkpoint import load_file, unwrap_state_dict
+from maecore.cli import UserError, run_cli
+from maecore.convert import load_backbone
+from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
+from maecore.optim import WarmupStep, adamw, param_groups
+from maecore.vit import ARCHS
+
+from .data import build_datasets, collate
+from .evaluate import evaluate_coco
+from .model import NO_WEIGHT_DECAY, build_detector, layer_id_fn
+from .recipes import RECIPES
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("python -m detection", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="preset defaults; flags given override")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="vitdet", choices=["vitdet", "vitfpn"])
+    g.add_argument("--arch", "--model", dest="arch", default="base", choices=sorted(ARCHS), help="ViT size")
+    g.add_argument("--patch_size", type=int, default=None)
+    g.add_argument("--embed_dim", type=int, default=None, help="override the size's width (small test models)")
+    g.add_argument("--depth", type=int, default=None)
+    g.add_argument("--num_heads", type=int, default=None)
+    g.add_argument("--pretrain_img_size", type=int, default=224, help="grid of the absolute position table")
+    g.add_argument("--window_size", type=int, default=14, help="window attention size (0: all global)")
+    g.add_argument("--global_blocks", type=int, nargs="*", default=None, help="default: last block of each quarter")
+    g.add_argument("--drop_path", type=float, default=0.1)
+    g.add_argument("--out_channels", type=int, default=256, help="pyramid and head width")
+    g.add_argument("--fc_dim", type=int, default=1024, help="box head fc width")
+    g.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing in the trunk")
+    g.add_argument("--anchor_sizes", type=int, nargs=5, default=[32, 64, 128, 256, 512])
+    g.add_argument("--rpn_batch_size_per_image", type=int, default=256)
+    g.add_argument("--rpn_pre_nms_top_n_train", type=int, default=2000)
+    g.add_argument("--rpn_post_nms_top_n_train", type=int, default=1000)
+    g.add_argument("--rpn_pre_nms_top_n_test", type=int, default=1000)
+    g.add_argument("--rpn_post_nms_top_n_test", type=int, default=1000)
+    g.add_argument("--box_batch_size_per_image", type=int, default=512)
+    g.add_argument("--detections_per_img", type=int, default=100)
+    g.add_argument("--score_thresh", type=float, default=0.05, help="minimum detection score kept at test time")
+    g.add_argument("--finetune", default="", help="MAE checkpoint (ours or official) for the trunk")
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", default=None, help="COCO root with train2017/ val2017/ annotations/")
+    g.add_argument("--train_json", default=None)
+    g.add_argument("--train_images", default=None)
+    g.add_argument("--val_json", default=None)
+    g.add_argument("--val_images", default=None)
+    g.add_argument("--image_size", type=int, default=1024, help="LSJ target (train crop and test pad) size")
+    g.add_argument("--lsj_scale", type=float, nargs=2, default=[0.1, 2.0], help="LSJ scale range")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-4, help="absolute lr (ViTDet: 1e-4 at batch 64)")
+    g.add_argument("--weight_decay", type=float, default=0.1)
+    g.add_argument("--layer_decay", type=float, default=0.7)
+    g.add_argument("--warmup_iters", type=int, default=250, help="linear warm-up, in optimizer steps")
+    g.add_argument("--milestones", type=float, nargs="*", default=[0.889, 0.963], help="x0.1 steps, fractions of --epochs")
+    g.add_argument("--best_key", default="bbox/AP", help="eval metric whose best checkpoint is kept")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", "--eval-only", "--eval_only", dest="eval", action="store_true",
+                   help="evaluate --resume (or --finetune'd) weights and exit")
+    g.add_argument("--eval_batch_size", type=int, default=1)
+    g.add_argument("--max_eval_images", type=int, default=0, help="evaluate the first N val images only (0: all)")
+    g.add_argument("--vis_images", type=int, default=4, help="val images in the overlay figure (0: none)")
+    add_engine_args(p)
+    p.set_defaults(epochs=100, batch_size=2, num_workers=4)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = get_parser()
+    pre, _ = p.parse_known_args(argv)
+    if pre.recipe:
+        p.set_defaults(**RECIPES[pre.recipe])
+    args = p.parse_args(argv)
+    if not 0 < args.lsj_scale[0] <= args.lsj_scale[1]:
+        p.error("--lsj_scale needs 0 < min <= max")
+    if not 0 < args.layer_decay <= 1:
+        p.error("--layer_decay must be in (0, 1]")
+    if args.eval and not (args.resume or args.finetune):
+        p.error("--eval needs --resume CHECKPOINT (or --finetune for trunk-only weights)")
+    return args
+
+
+def build_model(args: argparse.Namespace, num_classes: int):
+    try:
+        model = build_detector(
+            num_classes, backbone=args.backbone, arch=args.arch, image_size=args.image_size,
+            pretrain_img_size=args.pretrain_img_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+            depth=args.depth, num_heads=args.num_heads, window_size=args.window_size, global_blocks=args.global_blocks,
+            drop_path_rate=args.drop_path, out_channels=args.out_channels, fc_dim=args.fc_dim, grad_checkpointing=args.grad_checkpointing,
+            anchor_sizes=args.anchor_sizes, rpn_batch_size_per_image=args.rpn_batch_size_per_image,
+            rpn_pre_nms_top_n_train=args.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=args.rpn_post_nms_top_n_train,
+            rpn_pre_nms_top_n_test=args.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=args.rpn_post_nms_top_n_test,
+            box_batch_size_per_image=args.box_batch_size_per_image, detections_per_img=args.detections_per_img,
+            box_score_thresh=args.score_thresh,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    ps = model.backbone.net.patch_size
+    if args.image_size % ps or args.image_size % 32:
+        raise UserError(f"--image_size {args.image_size} must be a multiple of 32 and of the patch size {ps}")
+    if args.finetune:
+        report = load_backbone(model.backbone.net, args.finetune)
+        if du.is_main():
+            print(f"loaded {len(report.converted)} trunk tensors from {args.finetune} "
+                  f"({len(report.dropped)} dropped, {len(report.added)} new)")
+    return model
+
+
+def build_optimizer(model, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.999); no weight decay on norms, biases, pos-embed, rel-pos; ViTDet layer decay."""
+    depth = model.backbone.net.depth
+    groups = param_groups(model, args.weight_decay, layer_decay=args.layer_decay, layer_id=layer_id_fn(model),
+                          num_layers=depth + 1, no_weight_decay=NO_WEIGHT_DECAY)
+    return adamw(groups, args.lr, (0.9, 0.999), device)
+
+
+def step_schedule(args: argparse.Namespace, iters_per_epoch: int) -> WarmupStep:
+    """The ViTDet schedule in fractional epochs: the warm-up given in optimizer steps is converted
+    with the run's steps per epoch, the milestones are fractions of ``--epochs``."""
+    steps_per_epoch = max(iters_per_epoch // args.accum_iter, 1)
+    return WarmupStep(args.lr, warmup=args.warmup_iters / steps_per_epoch,
+                      milestones=tuple(m * args.epochs for m in args.milestones), gamma=0.1, warmup_factor=0.001)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = du.init_distributed(args.device)
+    try:
+        return run(args, device)
+    finally:
+        du.cleanup()
+
+
+def run(args: argparse.Namespace, device: torch.device) -> dict:
+    seed_everything(args.seed + du.rank())
+    out = Path(args.output_dir)
+    train_set, val_set = build_datasets(args.data_path, args.image_size, args.train_json, args.train_images,
+                                        args.val_json, args.val_images, tuple(args.lsj_scale), need_train=not args.eval)
+    if du.is_main():
+        for ds in (train_set, val_set):
+            if ds is not None:
+                print(ds.summary())
+    model = build_model(args, len(val_set.cat_ids))
+    amp = resolve_amp(args.amp, device)
+
+    def evaluate(m, epoch: int) -> dict:
+        return evaluate_coco(m, val_set, device, out, args.eval_batch_size, min(args.num_workers, 2), amp,
+                             args.max_eval_images, args.vis_images, vis_name="predictions.png")
+
+    if args.eval:
+        if args.resume:
+            state = unwrap_state_dict(load_file(args.resume))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise UserError(f"{args.resume}: not a detector checkpoint for these flags "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model.to(device)
+        metrics = evaluate(model, 0)
+        if du.is_main():
+            print(json.dumps(metrics))
+        return metrics
+
+    assert train_set is not None
+    optimizer = build_optimizer(model, args, device)
+    ipe = -(-len(train_set) // du.world_size()) // args.batch_size
+    schedule = step_schedule(args, max(ipe, 1))
+    if du.is_main():
+        n = sum(p.numel() for p in model.parameters())
+        eff = args.batch_size * args.accum_iter * du.world_size()
+        print(f"{args.backbone} ViT-{args.arch}: {n / 1e6:.2f}M params; eff. batch {eff}; lr {args.lr:.3g}; "
+              f"{ipe // args.accum_iter} steps/epoch; warm-up {schedule.warmup:.3f} ep; milestones {schedule.milestones}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(dump_args(args), indent=1))
+
+    def step_fn(m, batch):
+        images, targets = batch
+        losses = m(images, targets)
+        return sum(losses.values()), losses
+
+    cfg = config_from_args(args)
+    trainer = Trainer(cfg, model, optimizer, train_set, step_fn, schedule, device, args=dump_args(args),
+                      collate_fn=collate, evaluate=evaluate)
+    summary = trainer.fit()
+    if du.is_main():
+        print(json.dumps(summary, default=str))
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,119 @@
+"""detection end to end: a few training iterations on the synthetic COCO world, COCOeval bbox + segm,
+``--eval`` on the checkpoint, predictions in original coordinates, the ViTDet schedule, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from argparse import Namespace
+
+import pytest
+import torch
+
+from detection.data import LSJ, CocoInstances
+from detection.evaluate import STAT_NAMES, merge_shards, predict, run_cocoeval, to_coco_results
+from detection.model import build_detector
+from detection.train import cli, main, step_schedule
+
+SMALL = ["--arch", "tiny", "--embed_dim", "64", "--depth", "4", "--num_heads", "2", "--patch_size", "16",
+         "--image_size", "64", "--pretrain_img_size", "64", "--window_size", "2", "--global_blocks", "1", "3",
+         "--out_channels", "32", "--fc_dim", "64", "--anchor_sizes", "8", "16", "32", "64", "128",
+         "--rpn_batch_size_per_image", "32", "--box_batch_size_per_image", "16", "--rpn_pre_nms_top_n_train", "100",
+         "--rpn_post_nms_top_n_train", "50", "--rpn_pre_nms_top_n_test", "100", "--rpn_post_nms_top_n_test", "50",
+         "--detections_per_img", "20", "--score_thresh", "0.0", "--num_workers", "0", "--no_progress",
+         "--amp", "none", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def coco64(tmp_path_factory):
+    from maecore.synthetic import make_world
+
+    root = tmp_path_factory.mktemp("detworld")
+    return make_world(root, size=64, n_train=8, n_val=3, seed=2, tasks=("coco",))["coco"]
+
+
+def test_train_a_few_steps_then_cocoeval_and_eval_only(coco64, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = main(["--data_path", str(coco64), "--output_dir", str(out), *SMALL, "--epochs", "1", "--batch_size", "2",
+                    "--max_steps", "3", "--log_every", "1", "--keep_every", "1", "--vis_images", "2", "--lr", "2e-4",
+                    "--warmup_iters", "2"])
+    assert summary["steps"] == 3
+    for t in ("bbox", "segm"):
+        for k in STAT_NAMES:
+            v = summary[f"{t}/{k}"]
+            assert math.isnan(v) or 0.0 <= v <= 100.0
+    assert summary["n_images"] == 3 and summary["n_detections"] > 0  # COCOeval really ran on detections
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train = [r for r in logs if r["type"] == "train"]
+    assert len(train) == 3 and {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(train[0])
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert train[0]["lr"] < train[-1]["lr"]  # warm-up
+    results = json.loads((out / "coco_instances_results.json").read_text())
+    assert len(results) == summary["n_detections"] and {"bbox", "segmentation", "score", "category_id"} <= set(results[0])
+    assert (out / "predictions.png").stat().st_size > 1000
+    assert "COCOeval segm" in capsys.readouterr().out
+
+    # --eval on the saved checkpoint reproduces the numbers
+    again = main(["--data_path", str(coco64), "--output_dir", str(tmp_path / "ev"), *SMALL, "--eval",
+                  "--resume", str(out / "checkpoint-last.pth"), "--vis_images", "0"])
+    for k in ("bbox/AP", "segm/AP", "n_detections"):
+        assert again[k] == pytest.approx(summary[k], nan_ok=True)
+
+
+def test_cocoeval_gives_100_for_ground_truth_as_predictions(coco64):
+    ds = CocoInstances(coco64 / "val2017", coco64 / "annotations" / "instances_val2017.json", train=True)
+    results = []
+    for i in range(len(ds)):
+        _, t = ds[i]
+        n = len(t["labels"])
+        det = {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(n), "masks": t["masks"][:, None].float()}
+        results += to_coco_results(det, t["image_id"], ds.cat_ids)
+    for iou_type in ("bbox", "segm"):
+        m = run_cocoeval(ds.coco, results, ds.ids, iou_type)
+        assert m["AP"] == pytest.approx(100.0) and m["AP50"] == pytest.approx(100.0)
+    # a wrong class everywhere scores zero
+    for r in results:
+        r["category_id"] = ds.cat_ids[(ds.cat_ids.index(r["category_id"]) + 1) % len(ds.cat_ids)]
+    assert run_cocoeval(ds.coco, results, ds.ids, "bbox")["AP"] == pytest.approx(0.0)
+
+
+def test_distributed_results_count_once_per_image():
+    a = {1: [{"image_id": 1, "score": 0.9}], 3: [{"image_id": 3, "score": 0.8}]}
+    b = {2: [{"image_id": 2, "score": 0.7}], 1: [{"image_id": 1, "score": 0.9}]}  # rank 1 padded with image 1
+    merged = merge_shards([a, b])
+    assert sorted(merged) == [1, 2, 3] and sum(len(v) for v in merged.values()) == 3
+
+
+def test_predictions_come_back_in_original_image_coordinates():
+    torch.manual_seed(0)
+    m = build_detector(3, arch="tiny", embed_dim=64, depth=2, num_heads=2, patch_size=16, image_size=64, pretrain_img_size=64,
+                       window_size=0, out_channels=32, fc_dim=64, box_score_thresh=0.0, anchor_sizes=(8, 16, 32, 64, 128)).eval()
+    img = torch.rand(3, 50, 80)
+    view, meta = LSJ(64, train=False)(img, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_id": 5})
+    (det,) = predict(m, [view], [meta])
+    assert len(det["boxes"]) > 0
+    assert det["masks"].shape[1:] == (1, 50, 80)
+    b = det["boxes"]
+    # clipped to the real image (40x64 in the view, i.e. 50x80 here), never to the padding (64x64 -> 80x80)
+    assert float(b[:, 0::2].max()) <= 80 + 1e-3 and float(b[:, 1::2].max()) <= 50 + 1e-3
+    assert float(b[:, 1::2].max()) > 40  # and scaled back up (x 1.25) from the 40-px content
+
+
+def test_vitdet_schedule_in_epochs():
+    args = Namespace(lr=1e-4, warmup_iters=250, milestones=[0.889, 0.963], epochs=100, accum_iter=1)
+    sched = step_schedule(args, iters_per_epoch=1844)  # 118k images / 64
+    assert sched.warmup == pytest.approx(250 / 1844)
+    assert sched.milestones == pytest.approx((88.9, 96.3))
+    assert sched(0.0) == pytest.approx(1e-7) and sched(50.0) == pytest.approx(1e-4)
+    assert sched(90.0) == pytest.approx(1e-5) and sched(97.0) == pytest.approx(1e-6)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["--data_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o"), *SMALL])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data directory not found") and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        cli(["--data_path", str(tmp_path), "--eval"])
+    assert e.value.code == 2
