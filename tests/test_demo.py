@@ -1,0 +1,44 @@
+"""The main job (tools/demo.py) end to end at the smallest size, and its failure / resume path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = [sys.executable, str(ROOT / "tools" / "demo.py")]
+
+
+def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for row in ("linear probe", "partial fine-tune, last MLP", "fine-tune", "detection (box AP)", "detection (mask AP)",
+                "segmentation (mIoU)"):
+        assert f"| {row} |" in report
+    for f in ("pretrain/checkpoint-last.pth", "pretrain_loss.png", "reconstruction.png", "converted/detection.pth",
+              "converted/segmentation.pth", "converted/classification.pth", "detection/mae/predictions.png"):
+        assert (out / f).exists(), f
+    assert "python -m pretrain" in report and "python tools/convert.py" in report and "python -m detection" in report
+    rows = json.loads((out / "results.json").read_text())["results"]["rows"]
+    assert {k.split("|")[1] for k in rows} == {"mae", "random"}
+    assert all(r["value"] is not None for r in rows.values())
+
+    # a stage that fails names itself, keeps what came before, and the run resumes from it
+    ckpt = (out / "pretrain" / "checkpoint-last.pth").read_bytes()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"segmentation": ["--recipe", "demo", "--crop_size", "-5"]}))
+    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "segmentation", "--config", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage 'segmentation' failed") and "--from-stage segmentation" in last
+    assert "Traceback" not in p.stderr
+    assert (out / "pretrain" / "checkpoint-last.pth").read_bytes() == ckpt
+    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "report"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| linear probe |" in (out / "report.md").read_text()
