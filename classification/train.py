@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from timm.data import Mixup
@@ -131,19 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device = du.init_distributed(args.device)
-    try:
-        return run(args, device)
-    finally:
-        du.cleanup()
+    return du.launch(run, parse_args(argv))
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> tuple[VisionTransformerClassifier, int]:
@@ -208,7 +195,7 @@ def resolve_classes(args: argparse.Namespace, found: list[str]) -> int:
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
-    seed_everything(args.seed + du.rank())
+    du.seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
     amp = resolve_amp(args.amp, device)
     if args.eval:

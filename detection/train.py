@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from maecore import distributed as du
@@ -140,23 +138,12 @@ def step_schedule(args: argparse.Namespace, iters_per_epoch: int) -> WarmupStep:
                       milestones=tuple(m * args.epochs for m in args.milestones), gamma=0.1, warmup_factor=0.001)
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device = du.init_distributed(args.device)
-    try:
-        return run(args, device)
-    finally:
-        du.cleanup()
+    return du.launch(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
-    seed_everything(args.seed + du.rank())
+    du.seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
     train_set, val_set = build_datasets(args.data_path, args.image_size, args.train_json, args.train_images,
                                         args.val_json, args.val_images, tuple(args.lsj_scale), need_train=not args.eval)

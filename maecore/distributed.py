@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -74,3 +78,19 @@ def all_gather_object(obj):
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (callers add the rank, so ranks draw different masks/augs)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def launch(run: Callable[[Any, torch.device], Any], args: Any) -> Any:
+    """Start the process group (under torchrun), call ``run(args, device)``, always tear down."""
+    device = init_distributed(args.device)
+    try:
+        return run(args, device)
+    finally:
+        cleanup()

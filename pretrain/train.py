@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from maecore import distributed as du
@@ -66,12 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 def build_model(args: argparse.Namespace):
     kw = dict(
         img_size=args.input_size,
@@ -91,12 +83,7 @@ def build_model(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device = du.init_distributed(args.device)
-    try:
-        return train(args, device)
-    finally:
-        du.cleanup()
+    return du.launch(train, parse_args(argv))
 
 
 def train(args: argparse.Namespace, device: torch.device) -> dict:
@@ -108,7 +95,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
-    seed_everything(args.seed + du.rank())
+    du.seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
     dataset = build_pretrain_dataset(args.data_path, args.input_size, args.jpeg_draft)
     model = build_model(args)

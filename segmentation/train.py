@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from maecore import distributed as du
@@ -97,12 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 def build_model(args: argparse.Namespace) -> UperNetViT:
     try:
         return build_segmentor(
@@ -132,11 +124,7 @@ def run_eval(args: argparse.Namespace, model: torch.nn.Module, dataset, device: 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = du.init_distributed(args.device)
-    try:
-        return evaluate_checkpoint(args, device) if args.eval else train(args, device)
-    finally:
-        du.cleanup()
+    return du.launch(evaluate_checkpoint if args.eval else train, args)
 
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> dict:
@@ -176,7 +164,7 @@ def schedule_in_epochs(args: argparse.Namespace, n_train: int) -> tuple[int, flo
 
 
 def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
-    seed_everything(args.seed + du.rank())
+    du.seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
     dataset = build_train_dataset(args)
     val = build_val_dataset(args)

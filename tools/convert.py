@@ -20,30 +20,10 @@ from pathlib import Path
 # Allow `python tools/convert.py` from a checkout without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from maecore.cli import run_cli  # noqa: E402
+from maecore.cli import OneLineParser, run_cli, size_type  # noqa: E402
 from maecore.convert import SOURCES, TARGETS, convert, infer_arch, load_source, write_converted  # noqa: E402
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line, no usage dump, no traceback.
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'224' -> (224, 224); '512x1024' -> (512, 1024) as (H, W)."""
-    parts = text.lower().split("x")
-    try:
-        if len(parts) not in (1, 2):
-            raise ValueError
-        hw = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (use N or HxW, e.g. 224 or 512x1024)") from None
-    h, w = (hw[0], hw[0]) if len(hw) == 1 else hw
-    if min(h, w) <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
-    return h, w
+parse_size = size_type(1)
 
 
 def _positive(text: str) -> int:
@@ -57,7 +37,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="convert.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="convert.py", description=__doc__.splitlines()[0])
     p.add_argument("src", help="checkpoint file (.pth/.bin/.pkl/.safetensors) or HF model directory")
     p.add_argument("-o", "--output", required=True, help="destination file (a directory for --to hf)")
     p.add_argument("--to", required=True, choices=TARGETS, help="target format")

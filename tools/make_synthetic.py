@@ -15,29 +15,10 @@ from pathlib import Path
 # Allow `python tools/make_synthetic.py` from a checkout without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from maecore.synthetic import ADE_DIRNAME, MIN_SIDE, SHAPES, TASKS, make_world
+from maecore.cli import OneLineParser, size_type  # noqa: E402
+from maecore.synthetic import ADE_DIRNAME, MIN_SIDE, SHAPES, TASKS, make_world  # noqa: E402
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line, no usage dump, no traceback.
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'64' -> (64, 64); '48x64' -> (48, 64) as (H, W)."""
-    parts = text.lower().split("x")
-    try:
-        if len(parts) not in (1, 2):
-            raise ValueError
-        hw = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (use N or HxW, e.g. 64 or 48x64)") from None
-    h, w = (hw[0], hw[0]) if len(hw) == 1 else hw
-    if min(h, w) < MIN_SIDE:
-        raise argparse.ArgumentTypeError(f"size {text!r} too small (minimum {MIN_SIDE})")
-    return h, w
+parse_size = size_type(MIN_SIDE)
 
 
 def _count(text: str) -> int:
@@ -59,7 +40,7 @@ def _tasks(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="make_synthetic.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="make_synthetic.py", description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path, help="output folder (imagenet/, coco/, ade/ go inside)")
     p.add_argument("--size", type=parse_size, default=(64, 64), help="N or HxW (default 64)")
     p.add_argument("--n-train", type=_count, default=40,
