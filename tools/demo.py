@@ -171,10 +171,10 @@ def _init_args(ctx: Context, task: str, init: str) -> list[str]:
     return ["--finetune", str(ctx.out / "converted" / f"{task}.pth")] if init == "mae" else []
 
 
-def _classify(ctx: Context, stage: str, name: str, extra: list[str]) -> None:
+def _classify(ctx: Context, stage: str, name: str, slug: str, extra: list[str]) -> None:
     rows = ctx.results.setdefault("rows", {})
     for init in ctx.cfg["inits"]:
-        out = ctx.out / stage / f"{name}-{init}"
+        out = ctx.out / stage / f"{slug}-{init}"
         res = ctx.run(stage, "-m classification", ["--data_path", str(ctx.world / "imagenet"), "--output_dir", str(out),
                                                    *COMMON, *extra, *_init_args(ctx, "classification", init)])
         rows[f"{name}|{init}"] = {"metric": "top-1", "value": res.get("acc1"), "wall_s": res["wall_s"],
@@ -182,17 +182,17 @@ def _classify(ctx: Context, stage: str, name: str, extra: list[str]) -> None:
 
 
 def stage_linprobe(ctx: Context) -> None:
-    _classify(ctx, "linprobe", "linear probe", ctx.cfg["linprobe"])
+    _classify(ctx, "linprobe", "linear probe", "linprobe", ctx.cfg["linprobe"])
 
 
 def stage_partial(ctx: Context) -> None:
     for k in ctx.cfg["partial_blocks"]:
         label = "partial fine-tune, last MLP" if k == 0.5 else f"partial fine-tune, {k:g} block(s)"
-        _classify(ctx, "partial", label, [*ctx.cfg["partial"], "--tune_blocks", str(k)])
+        _classify(ctx, "partial", label, f"tune{k:g}", [*ctx.cfg["partial"], "--tune_blocks", str(k)])
 
 
 def stage_finetune(ctx: Context) -> None:
-    _classify(ctx, "finetune", "fine-tune", ctx.cfg["finetune"])
+    _classify(ctx, "finetune", "fine-tune", "finetune", ctx.cfg["finetune"])
 
 
 def stage_detection(ctx: Context) -> None:
