@@ -133,7 +133,7 @@ def test_ddp_two_processes_gloo(tiny_world, tmp_path):
     worker.write_text(DDP_WORKER)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(worker), *TINY, "--data_path", str(tiny_world["imagenet"]), "--output_dir", str(out), "--epochs", "1",
            "--num_workers", "0", "--batch_size", "4", "--save_every_steps", "3"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
