@@ -262,6 +262,9 @@ def stage_report(ctx: Context) -> None:
     pre = ctx.results.get("pretrain", {})
     rows = ctx.results.get("rows", {})
     table = results_table(rows, ctx.cfg["inits"])
+    train_dir = ctx.world / "imagenet" / "train"
+    n_cls = sum(1 for d in train_dir.iterdir() if d.is_dir()) if train_dir.is_dir() else 0
+    chance = f" Chance level: {100 / n_cls:.1f} % top-1 ({n_cls} classes)." if n_cls else ""
     figs = []
     for title, rel in [("detection predictions (MAE init)", "detection/mae/predictions.png"),
                        ("segmentation predictions (MAE init)", "segmentation/mae/vis")]:
@@ -277,7 +280,7 @@ def stage_report(ctx: Context) -> None:
         f"Pretraining: loss {pre.get('first_loss', float('nan')):.4f} -> {pre.get('last_loss', float('nan')):.4f} over "
         f"{pre.get('steps', '?')} steps ({pre.get('wall_s', 0):.0f} s). Transfer, each from the converted MAE "
         "checkpoint and from random initialisation with the same budget (final-epoch numbers, val split; "
-        "AP and mIoU in %):",
+        f"AP and mIoU in %).{chance}",
         "",
         *table,
         "",
