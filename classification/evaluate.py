@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from maecore import distributed as du
 from maecore.engine import autocast, to_device
+from maecore.figures import save_figure
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
@@ -180,9 +181,4 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], path: str 
     ax.set_ylabel("true")
     acc = 100.0 * cm.diag().sum().item() / max(cm.sum().item(), 1)
     ax.set_title(f"{title}  top-1 {acc:.2f}% ({int(cm.sum().item())} images)".strip())
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

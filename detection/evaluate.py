@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from maecore import distributed as du
 from maecore.engine import autocast, to_device
+from maecore.figures import save_figure
 
 from .data import CocoInstances, collate
 
@@ -185,12 +186,7 @@ def overlay_figure(dataset: CocoInstances, per_image: dict[int, list[dict]], pat
                     color="white", bbox=dict(facecolor=color, alpha=0.7, pad=0.5, linewidth=0))
         ax.set_title(f"image {img_id}: {shown}", fontsize=7)
         ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 __all__ = ["STAT_NAMES", "evaluate_coco", "merge_shards", "overlay_figure", "predict", "run_cocoeval", "to_coco_results"]

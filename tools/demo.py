@@ -223,6 +223,7 @@ def loss_curve(run_dir: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     from maecore.engine import read_log
+    from maecore.figures import save_figure
 
     log = read_log(run_dir, "train")
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
@@ -231,9 +232,7 @@ def loss_curve(run_dir: Path, png: Path) -> None:
     ax.set_ylabel("MAE loss (masked patches)")
     ax.set_title("pretraining loss")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def _fmt(v: float | None) -> str:
