@@ -9,13 +9,17 @@
 Flags follow the official scripts (``--finetune``, ``--blr``, ``--layer_decay``, ``--drop_path``,
 ``--cls_token``, ``--mixup``, ``--cutmix``, ``--smoothing``, ``--reprob``, ``--aa``, ``--eval
 --resume CKPT``…).  ``--data_path`` holds ``train/`` and ``val/`` class folders.  Run under
-``torchrun`` for DDP; evaluation counts each image once.
+``torchrun`` for DDP; evaluation counts each image once.  ``--eval --resume CKPT`` on a checkpoint of
+ours takes the model flags (``MODEL_KEYS``) from it unless given on the command line; a file without
+saved args (an official release, a converted file) needs ``--model`` etc.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Collection
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,13 +47,16 @@ from classification.model import (
 )
 from classification.recipes import PROTOCOL_DEFAULTS, RECIPES
 from maecore import distributed as du
-from maecore.checkpoint import load_file, unwrap_state_dict
-from maecore.cli import UserError, run_cli
+from maecore.checkpoint import checkpoint_args, load_file, unwrap_state_dict
+from maecore.cli import UserError, fill_from_checkpoint, given_flags, run_cli
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.optim import WarmupCosine, adamw, param_groups
 from maecore.vit import load_encoder_state
 
 PROTOCOLS = ("finetune", "linprobe", "partial")
+# what builds the network and its eval view: ``--eval --resume CKPT`` takes these from the checkpoint's saved
+# args unless given on the command line (the protocol and the head follow from the weights themselves)
+MODEL_KEYS = ("model", "patch_size", "depth", "input_size", "global_pool", "nb_classes", "crop_pct")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -130,7 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return du.launch(run, parse_args(argv))
+    args = parse_args(argv)
+    return du.launch(partial(run, given=given_flags(get_parser(), argv)), args)
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> tuple[VisionTransformerClassifier, int]:
@@ -194,12 +202,14 @@ def resolve_classes(args: argparse.Namespace, found: list[str]) -> int:
     return n
 
 
-def run(args: argparse.Namespace, device: torch.device) -> dict:
+def run(args: argparse.Namespace, device: torch.device, given: Collection[str] = ()) -> dict:
+    """Train, or with ``--eval`` evaluate; ``given``: the flags written on the command line (they win over
+    the model flags an evaluated checkpoint carries)."""
     du.seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
     amp = resolve_amp(args.amp, device)
     if args.eval:
-        return run_eval(args, device, amp)
+        return run_eval(args, device, amp, given)
 
     if args.protocol == "linprobe":
         train_tf = eval_transform(args.input_size, args.crop_pct) if args.cache_features else linprobe_transform(args.input_size)
@@ -288,13 +298,18 @@ def write_confusion(confusion: torch.Tensor, classes: list[str], out: Path, titl
     (out / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "counts": confusion.tolist()}))
 
 
-def run_eval(args: argparse.Namespace, device: torch.device, amp: str) -> dict:
-    """``--eval --resume CKPT``: top-1/top-5 of a fine-tuned checkpoint (ours or official) on val/."""
+def run_eval(args: argparse.Namespace, device: torch.device, amp: str, given: Collection[str] = ()) -> dict:
+    """``--eval --resume CKPT``: top-1/top-5 of a fine-tuned checkpoint (ours or official) on val/; the model
+    flags saved in a checkpoint of ours are used unless in ``given`` (written on the command line)."""
     if not args.resume or args.resume == "auto":
         raise UserError("--eval needs --resume PATH (the checkpoint to evaluate)")
     ckpt = load_file(args.resume)
     state = unwrap_state_dict(ckpt)
-    saved_classes = (ckpt.get("args") or {}).get("classes") if isinstance(ckpt, dict) else None
+    saved = checkpoint_args(ckpt) or {}
+    del ckpt
+    fill_from_checkpoint(get_parser(), args, saved, MODEL_KEYS, given, source=args.resume,
+                         log=print if du.is_main() else None)
+    saved_classes = saved.get("classes")
     has_train = (Path(args.data_path) / "train").is_dir()
     _, val_ds, classes = build_datasets(args.data_path, None, eval_transform(args.input_size, args.crop_pct),
                                         need_train=has_train and not saved_classes, classes=saved_classes)

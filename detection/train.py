@@ -1,5 +1,7 @@
 """Mask R-CNN on COCO with a ViT backbone: ``python -m detection --recipe vitdet_b --data_path COCO
---finetune mae_pretrain_vit_base.pth --output_dir OUT``; ``--eval`` (alias ``--eval-only``) evaluates a checkpoint.
+--finetune mae_pretrain_vit_base.pth --output_dir OUT``; ``--eval`` (alias ``--eval-only``) evaluates a checkpoint:
+``python -m detection --eval --resume OUT/checkpoint-best.pth --data_path COCO --output_dir EVAL`` builds the
+detector from the model flags saved in the checkpoint (``MODEL_KEYS``; a flag given on the command line wins).
 
 ``--data_path`` is a COCO 2017 root (``train2017/``, ``val2017/``, ``annotations/instances_*2017.json``);
 ``--train_json``/``--val_json``/``--train_images``/``--val_images`` point at any other COCO-format set.
@@ -10,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Collection
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from maecore import distributed as du
-from maecore.checkpoint import load_file, unwrap_state_dict
-from maecore.cli import UserError, run_cli
+from maecore.checkpoint import checkpoint_args, load_file, unwrap_state_dict
+from maecore.cli import UserError, fill_from_checkpoint, given_flags, run_cli
 from maecore.convert import load_backbone
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.optim import WarmupStep, adamw, param_groups
@@ -26,6 +30,12 @@ from .data import build_datasets, collate
 from .evaluate import evaluate_coco
 from .model import NO_WEIGHT_DECAY, build_detector, layer_id_fn
 from .recipes import RECIPES
+
+# what builds the network (its shape and its test-time settings): ``--eval --resume CKPT`` takes these from
+# the checkpoint's saved args unless given on the command line; training-only, data and output flags stay
+MODEL_KEYS = ("backbone", "arch", "patch_size", "embed_dim", "depth", "num_heads", "pretrain_img_size", "window_size",
+              "global_blocks", "out_channels", "fc_dim", "anchor_sizes", "image_size", "rpn_pre_nms_top_n_test",
+              "rpn_post_nms_top_n_test", "detections_per_img", "score_thresh")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -139,12 +149,20 @@ def step_schedule(args: argparse.Namespace, iters_per_epoch: int) -> WarmupStep:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return du.launch(run, parse_args(argv))
+    args = parse_args(argv)
+    return du.launch(partial(run, given=given_flags(get_parser(), argv)), args)
 
 
-def run(args: argparse.Namespace, device: torch.device) -> dict:
+def run(args: argparse.Namespace, device: torch.device, given: Collection[str] = ()) -> dict:
+    """Train, or with ``--eval`` evaluate; ``given``: the flags written on the command line (they win over
+    the model flags an evaluated checkpoint carries)."""
     du.seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
+    ckpt = None
+    if args.eval and args.resume:
+        ckpt = load_file(args.resume)
+        fill_from_checkpoint(get_parser(), args, checkpoint_args(ckpt), MODEL_KEYS, given, source=args.resume,
+                             log=print if du.is_main() else None)
     train_set, val_set = build_datasets(args.data_path, args.image_size, args.train_json, args.train_images,
                                         args.val_json, args.val_images, tuple(args.lsj_scale), need_train=not args.eval)
     if du.is_main():
@@ -159,8 +177,9 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
                              args.max_eval_images, args.vis_images, vis_name="predictions.png")
 
     if args.eval:
-        if args.resume:
-            state = unwrap_state_dict(load_file(args.resume))
+        if ckpt is not None:
+            state = unwrap_state_dict(ckpt)
+            del ckpt
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise UserError(f"{args.resume}: not a detector checkpoint for these flags "

@@ -70,6 +70,13 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     raise UserError("no state dict found in checkpoint (expected a 'model' or 'state_dict' entry of tensors)")
 
 
+def checkpoint_args(obj: Any) -> dict[str, Any] | None:
+    """The run's args a training checkpoint of this toolkit stores (``Trainer.state_dict()['args']``), or
+    ``None`` for a file without them (a converted or officially released checkpoint, a bare state dict)."""
+    args = obj.get("args") if isinstance(obj, dict) else None
+    return args if isinstance(args, dict) else None
+
+
 # ---- RNG state, so a resumed run continues the same random stream -------------------------------
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()

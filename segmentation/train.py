@@ -2,9 +2,11 @@
 
 ``--recipe base`` (the default: the MAE paper's ViT-B setting), ``large`` or ``demo`` (synthetic world).
 ``--finetune MAE_CKPT`` loads pretrained encoder weights (ours or an official release); ``--eval --resume
-CKPT`` only evaluates a trained checkpoint.  Iterations are the unit of the schedule (``--max_iters``,
-``--warmup_iters``, ``--eval_iters``); the engine's epochs are derived from them.  Run under ``torchrun``
-for DDP (SyncBatchNorm is switched on there).
+CKPT`` only evaluates a trained checkpoint, built from the model flags saved in it (``ARCH_KEYS``; a flag
+given on the command line wins), so ``--data_path`` and ``--output_dir`` are all it needs.  Iterations are
+the unit of the schedule (``--max_iters``, ``--warmup_iters``, ``--eval_iters``); the engine's epochs are
+derived from them.  Run under ``torchrun`` for DDP (SyncBatchNorm is switched on there; evaluation sums one
+confusion matrix over the ranks, each image counted once).
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Collection
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from maecore import distributed as du
-from maecore.checkpoint import load_file, unwrap_state_dict
-from maecore.cli import UserError, run_cli
+from maecore.checkpoint import checkpoint_args, load_file, unwrap_state_dict
+from maecore.cli import UserError, fill_from_checkpoint, given_flags, run_cli
 from maecore.convert import load_backbone
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.optim import WarmupPoly, adamw, param_groups
@@ -29,9 +33,9 @@ from segmentation.model import UperNetViT, build_segmentor, maybe_sync_batchnorm
 from segmentation.recipes import RECIPES
 
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "relative_position_bias_table")
-# what defines the network: taken from a checkpoint's args when evaluating it
+# what defines the network: taken from a checkpoint's args when evaluating it (unless given on the command line)
 ARCH_KEYS = ("model", "patch_size", "embed_dim", "depth", "num_heads", "crop_size", "num_classes",
-             "channels", "aux_channels", "out_indices")
+             "channels", "aux_channels", "aux_weight", "out_indices")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -84,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pre, _ = p.parse_known_args(argv)
     p.set_defaults(**RECIPES[pre.recipe])
     args = p.parse_args(argv)
-    if args.crop_size % (args.patch_size or ARCHS[args.model][3]):
-        p.error(f"--crop_size {args.crop_size} is not a multiple of the patch size")
+    if msg := check_crop(args):
+        p.error(msg)
     if not 0 < args.cat_max_ratio <= 1:
         p.error("--cat_max_ratio must be in (0, 1]")
     if not 1 <= args.num_classes <= 254:
@@ -93,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_iters <= 0 or args.warmup_iters < 0:
         p.error("--max_iters must be positive and --warmup_iters non-negative")
     return args
+
+
+def check_crop(args: argparse.Namespace) -> str | None:
+    """What is wrong with the crop size for the patch size, if anything."""
+    if args.crop_size % (args.patch_size or ARCHS[args.model][3]):
+        return f"--crop_size {args.crop_size} is not a multiple of the patch size"
+    return None
 
 
 def build_model(args: argparse.Namespace) -> UperNetViT:
@@ -124,19 +135,24 @@ def run_eval(args: argparse.Namespace, model: torch.nn.Module, dataset, device: 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    return du.launch(evaluate_checkpoint if args.eval else train, args)
+    if args.eval:
+        return du.launch(partial(evaluate_checkpoint, given=given_flags(get_parser(), argv)), args)
+    return du.launch(train, args)
 
 
-def evaluate_checkpoint(args: argparse.Namespace, device: torch.device) -> dict:
+def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, given: Collection[str] = ()) -> dict:
+    """``--eval --resume CKPT``: the network is the one the checkpoint was trained as (its saved ``ARCH_KEYS``),
+    except for the flags in ``given`` (written on the command line)."""
     if not args.resume or args.resume == "auto":
         raise UserError("--eval needs --resume CHECKPOINT (a trained segmentation checkpoint)")
     ckpt = load_file(args.resume)
-    saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-    for k in ARCH_KEYS:  # the network is the one the checkpoint was trained as
-        if k in saved and saved[k] is not None:
-            setattr(args, k, saved[k])
+    fill_from_checkpoint(get_parser(), args, checkpoint_args(ckpt), ARCH_KEYS, given, source=args.resume,
+                         log=print if du.is_main() else None)
+    if msg := check_crop(args):
+        raise UserError(msg)
     model = build_model(args)
     missing, unexpected = model.load_state_dict(unwrap_state_dict(ckpt), strict=False)
+    del ckpt
     if missing or unexpected:
         raise UserError(f"{args.resume}: not a checkpoint of this segmentation model "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -163,6 +179,14 @@ def schedule_in_epochs(args: argparse.Namespace, n_train: int) -> tuple[int, flo
     return epochs, steps_per_epoch, eval_every
 
 
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.999), BEiT layer decay over the blocks (neck and heads at scale 1), no weight decay
+    on norms, biases, pos-embed and relative-position tables."""
+    groups = param_groups(model, args.weight_decay, args.layer_decay, layer_id=model.layer_id,
+                          num_layers=model.backbone.depth + 1, no_weight_decay=NO_WEIGHT_DECAY)
+    return adamw(groups, args.lr, (0.9, 0.999), device)
+
+
 def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     du.seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
@@ -176,10 +200,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
                   f"({len(report.added)} new at their neutral init, {len(report.dropped)} dropped)")
     model = maybe_sync_batchnorm(model, device)
 
-    depth = model.backbone.depth
-    groups = param_groups(model, args.weight_decay, args.layer_decay, layer_id=model.layer_id,
-                          num_layers=depth + 1, no_weight_decay=NO_WEIGHT_DECAY)
-    optimizer = adamw(groups, args.lr, (0.9, 0.999), device)
+    optimizer = build_optimizer(model, args, device)
     args.epochs, spe, args.eval_every = schedule_in_epochs(args, len(dataset))
     # the engine's clock is fractional epochs: 1500 / 160k iterations become epochs at this batch
     schedule = WarmupPoly(args.lr, args.warmup_iters / spe, args.max_iters / spe, power=1.0, min_lr=args.min_lr)

@@ -71,7 +71,7 @@ def test_saved_activation_estimate_sees_attention_matrix():
 
 def test_benchmark_all_sections_json(tmp_path):
     out = tmp_path / "bench.json"
-    res = bench.main([*TINY, "--bench", "pretrain", "mask_tokens", "data", "finetune", "--baseline",
+    res = bench.main([*TINY, "--bench", "pretrain", "mask_tokens", "data", "--baseline",
                       "--data_images", "4", "--photo_sizes", "96x64", "--num_workers", "0", "--jpeg_draft",
                       "--data_batch_size", "2", "--data_batches", "1", "--json", str(out)])
     saved = json.loads(out.read_text())
@@ -104,14 +104,38 @@ def test_benchmark_all_sections_json(tmp_path):
     assert {(r["dataset"], r["jpeg_draft"]) for r in d["runs"]} == {
         ("synthetic", False), ("synthetic", True), ("photos", False), ("photos", True)}
     assert all(r["img_per_s"] > 0 and r["vs_model"] > 0 for r in d["runs"])
-    assert saved["finetune"]["status"] in ("ok", "not available")
     assert res["pretrain"]["model"] == "mae_vit_tiny_patch16"
+
+
+def test_task_steps_json(tmp_path, monkeypatch):
+    """Each task's real model + optimizer, built through its package, runs one timed step at a tiny
+    size (ViT-tiny/16, 64 px) and reports the documented fields."""
+    out = tmp_path / "tasks.json"
+    bench.main(["--bench", "finetune", "detection", "segmentation", "--task_arch", "tiny", "--task_input_size", "64",
+                "--batch_size", "2", "--warmup", "1", "--windows", "1", "--steps", "1", "--threads", "1", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    recipes = {"finetune": "finetune_vit_base", "detection": "vitdet_b", "segmentation": "base"}
+    for name, module in bench.TASK_BENCHMARKS.items():
+        t = saved[name]
+        assert t["status"] == "ok" and t["module"] == module, t
+        for k in ("img_per_s", "step_s", "step_s_windows", "amp", "arch", "input_size", "patch_size", "batch_size", "recipe"):
+            assert k in t, (name, k)
+        assert (t["arch"], t["input_size"], t["patch_size"], t["batch_size"]) == ("tiny", 64, 16, 2)
+        assert t["amp"] == "none" and len(t["step_s_windows"]) == 1 and t["img_per_s"] > 0
+        assert t["recipe"] == recipes[name]
+    # a package without the hook is reported, not an error
+    monkeypatch.setitem(bench.TASK_BENCHMARKS, "finetune", "classification.no_such_benchmark")
+    res = bench.main(["--bench", "finetune", "--warmup", "0", "--windows", "1"])
+    assert res["finetune"] == {"status": "not available", "module": "classification.no_such_benchmark"}
 
 
 def test_cli_bad_input_one_line_error(tmp_path, capsys):
     for argv, msg in [(["--bench", "data", "--data_path", str(tmp_path / "missing")], "--data_path is not a directory"),
                       (["--bench", "data", "--photo_sizes", "big"], "photo size must look like 500x375"),
-                      (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)")]:
+                      (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)"),
+                      (["--bench", "segmentation", "--task_arch", "tiny", "--task_input_size", "60"],
+                       "--bench segmentation: --crop_size 60 is not a multiple of the patch size"),
+                      (["--bench", "detection", "--task_input_size", "0"], "--task_input_size must be >= 1")]:
         with pytest.raises(SystemExit) as e:
             bench.cli(argv)
         assert e.value.code == 2

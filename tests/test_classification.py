@@ -244,8 +244,10 @@ def test_finetune_cli_and_eval(world: Path, mae_ckpt: Path, tmp_path: Path) -> N
     args = json.loads((out / "args.json").read_text())
     assert args["mixup"] == 0.8 and args["cutmix"] == 1.0 and args["aa"] == "rand-m9-mstd0.5-inc1" and args["layer_decay"] == 0.75
     assert "acc1_ema" in read_log(out, "eval")[-1]
-    # --eval on the last checkpoint gives the same numbers, which an image-by-image count confirms
-    res = main(common(world, tmp_path / "ev", "--eval", "--resume", str(out / "checkpoint-last.pth")))
+    # --eval on the last checkpoint gives the same numbers, which an image-by-image count confirms; the model
+    # flags (ViT-tiny/8, depth 2, 32 px) come from the checkpoint, only data/output flags are given
+    res = main(["--data_path", str(world), "--output_dir", str(tmp_path / "ev"), "--batch_size", "8", "--num_workers", "0",
+                "--eval", "--resume", str(out / "checkpoint-last.pth")])
     assert res["acc1"] == pytest.approx(summary["acc1"]) and res["loss"] == pytest.approx(summary["loss"], rel=1e-5)
     model = build_classifier("vit_tiny_patch16", 7, img_size=SIZE, patch_size=8, depth=2)
     model.load_state_dict(load_file(out / "checkpoint-last.pth")["model"])

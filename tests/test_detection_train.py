@@ -60,6 +60,32 @@ def test_train_a_few_steps_then_cocoeval_and_eval_only(coco64, tmp_path, capsys)
         assert again[k] == pytest.approx(summary[k], nan_ok=True)
 
 
+def test_eval_takes_model_flags_from_checkpoint_and_torchrun_gives_the_same_metrics(coco64, tmp_path, run_module):
+    """``--eval --resume`` with only data/output flags builds the trained detector from the checkpoint's args;
+    one process and two (torchrun, gloo) give identical COCOeval numbers and results, each of the 3 val images
+    (an odd number: the ranks' shards differ in size) counted once."""
+    out = tmp_path / "run"
+    main(["--data_path", str(coco64), "--output_dir", str(out), *SMALL, "--epochs", "1", "--batch_size", "2",
+          "--max_steps", "2", "--warmup_iters", "1", "--max_eval_images", "1", "--vis_images", "0"])
+    base = ["--eval", "--resume", out / "checkpoint-last.pth", "--data_path", coco64, "--num_workers", "0", "--no_progress"]
+    one = run_module("detection", [*base, "--output_dir", tmp_path / "ev1", "--vis_images", "0"])
+    two = run_module("detection", [*base, "--output_dir", tmp_path / "ev2"], nproc=2)
+    for p in (one, two):
+        lines = [x for x in p.stdout.splitlines() if x.startswith("model flags from")]
+        assert len(lines) == 1, p.stdout  # printed once, by rank 0
+        assert "embed_dim=64" in lines[0] and "global_blocks=1 3" in lines[0] and "score_thresh=0.0" in lines[0]
+        assert "output_dir" not in lines[0] and "data_path" not in lines[0]
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ev1", "ev2"))
+    assert m1["n_images"] == m2["n_images"] == 3 and m1["n_detections"] == m2["n_detections"] > 0
+    keys = [f"{t}/{k}" for t in ("bbox", "segm") for k in STAT_NAMES]
+    assert set(keys) <= set(m1) and set(keys) <= set(m2)
+    for k in keys:
+        assert (math.isnan(m1[k]) and math.isnan(m2[k])) or abs(m1[k] - m2[k]) <= 1e-9, (k, m1[k], m2[k])
+    r1, r2 = (json.loads((tmp_path / d / "coco_instances_results.json").read_text()) for d in ("ev1", "ev2"))
+    assert r1 == r2 and len({r["image_id"] for r in r2}) == 3  # every image's detections, none twice
+    assert (tmp_path / "ev2" / "predictions.png").is_file()
+
+
 def test_cocoeval_gives_100_for_ground_truth_as_predictions(coco64):
     ds = CocoInstances(coco64 / "val2017", coco64 / "annotations" / "instances_val2017.json", train=True)
     results = []
@@ -117,3 +143,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli(["--data_path", str(tmp_path), "--eval"])
     assert e.value.code == 2
+    capsys.readouterr()
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit) as e:
+        cli(["--data_path", str(tmp_path), "--eval", "--resume", str(bad), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "bad.pth" in err and len(err.splitlines()) == 1

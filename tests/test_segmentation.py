@@ -216,6 +216,30 @@ def test_train_then_eval_checkpoint(world, tmp_path, capsys):
     assert "mIoU" in capsys.readouterr().out
 
 
+def test_eval_takes_model_flags_from_checkpoint_and_torchrun_gives_the_same_metrics(world, tmp_path, run_module):
+    """``--eval --resume`` with only data/output flags (the default recipe is ViT-B, crop 512, 150 classes)
+    builds the trained network from the checkpoint's args; one process and two (torchrun, gloo) sum the
+    same confusion matrix, each of the 3 val images (an odd number) counted once."""
+    out = tmp_path / "run"
+    main(["--recipe", "demo", "--data_path", str(world), "--output_dir", str(out), "--model", "tiny", "--embed_dim", "64",
+          "--depth", "4", "--num_heads", "2", "--patch_size", "8", "--crop_size", "32", "--channels", "16",
+          "--aux_channels", "8", "--num_workers", "0", "--no_progress", "--batch_size", "4", "--max_iters", "2",
+          "--warmup_iters", "0", "--num_vis", "0", "--eval_max_images", "1"])
+    base = ["--eval", "--resume", out / "checkpoint-last.pth", "--data_path", world, "--num_workers", "0", "--no_progress"]
+    one = run_module("segmentation", [*base, "--output_dir", tmp_path / "ev1"])
+    two = run_module("segmentation", [*base, "--output_dir", tmp_path / "ev2"], nproc=2)
+    for p in (one, two):
+        lines = [x for x in p.stdout.splitlines() if x.startswith("model flags from")]
+        assert len(lines) == 1, p.stdout  # printed once, by rank 0
+        assert "depth=4" in lines[0] and "crop_size=32" in lines[0] and "num_classes=7" in lines[0]
+    r1, r2 = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("ev1", "ev2"))
+    assert r1["n_images"] == r2["n_images"] == 3 and r1["n_skipped"] == r2["n_skipped"] == 0
+    for k in ("mIoU", "mAcc", "aAcc", "IoU_per_class", "n_label_oor"):
+        assert r1[k] == r2[k], k
+    assert 0 < r1["aAcc"] <= 100 and len(r1["IoU_per_class"]) == 7
+    assert len(list((tmp_path / "ev2" / "vis").glob("*.png"))) == 2  # rank 0's shard: images 0 and 2
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli(["--recipe", "demo", "--data_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])

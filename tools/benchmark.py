@@ -7,6 +7,8 @@ Examples (see docs/benchmarks.md for measured numbers):
     python tools/benchmark.py --model mae_vit_base_patch16 --batch_size 8 --baseline --json runs/bench.json
     python tools/benchmark.py --bench mask_tokens --mt_model mae_vit_large_patch16 --mt_batch_size 2
     python tools/benchmark.py --bench data --num_workers 0 1 2 --jpeg_draft
+    python tools/benchmark.py --bench finetune detection segmentation --batch_size 2
+    python tools/benchmark.py --bench finetune detection segmentation --task_arch tiny --task_input_size 64 --batch_size 2
 
 Timing protocol: warm-up steps are excluded; each variant runs ``--windows`` timed windows of
 ``--steps`` steps, windows of competing variants are interleaved (A B B A A B ...) so that drift of
@@ -20,6 +22,7 @@ import argparse
 import contextlib
 import copy
 import importlib
+import io
 import json
 import math
 import os
@@ -42,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from maecore.cli import UserError, run_cli  # noqa: E402
 from maecore.engine import autocast, resolve_amp  # noqa: E402
 from maecore.optim import adamw, param_groups  # noqa: E402
-from maecore.vit import set_fused_attention  # noqa: E402
+from maecore.vit import ARCHS, set_fused_attention  # noqa: E402
 from pretrain.model import MODELS, MaskedAutoencoderViT, build_mae  # noqa: E402
 
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed", "encoder_mask_token")
@@ -62,11 +65,14 @@ GPU_PEAK_TFLOPS: list[tuple[str, float]] = [
 
 # Task step benchmarks (fine-tune / detection / segmentation) plug in here.  A task package adds a
 # module ``<pkg>/benchmark.py`` with
-#     def benchmark_step(device: torch.device, batch_size: int, amp: str, compile: bool)
+#     def benchmark_step(device: torch.device, batch_size: int, amp: str, compile: bool,
+#                        arch: str | None, input_size: int | None, patch_size: int | None)
 #         -> tuple[Callable[[], torch.Tensor], int]
-# returning a closure that runs ONE full training step (forward, backward, optimizer) on a fixed
-# synthetic batch and returns the loss, plus the number of images per step.  The harness below
-# times it with the same warm-up / window / median protocol as pretraining.
+# building the task's real model + optimizer through the package's own builders (None sizes: its
+# recipe's) and returning a closure that runs ONE full training step (forward, backward, optimizer)
+# on a fixed synthetic batch and returns the loss (no host sync), plus the number of images per
+# step; an ``info`` dict on the closure (arch, input_size, patch_size, recipe...) goes into the
+# JSON.  The harness below times it with the same warm-up / window / median protocol as pretraining.
 TASK_BENCHMARKS: dict[str, str] = {
     "finetune": "classification.benchmark",
     "detection": "detection.benchmark",
@@ -551,10 +557,25 @@ def task_bench(name: str, args: argparse.Namespace, device: torch.device) -> dic
             return {"status": "not available", "module": modname}
         raise
     amp = resolve_amp(args.amp, device)
-    step, images = mod.benchmark_step(device, args.batch_size, amp, args.compile)
-    v = Variant(name, step, images)
+    size = {"arch": args.task_arch, "input_size": args.task_input_size, "patch_size": args.task_patch_size}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        # the packages' builders print run-time notes ("no --finetune checkpoint": expected here) and
+        # their parsers report a bad size as usage + exit: keep the table clean, make that one line
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            step, images = mod.benchmark_step(device, args.batch_size, amp, args.compile, **size)
+    except SystemExit as e:
+        lines = err.getvalue().strip().splitlines() or [f"exit status {e.code}"]
+        msg = lines[-1].split("error: ", 1)[-1]
+        raise UserError(f"--bench {name}: {msg} (check --task_input_size / --task_patch_size)") from None
+    except UserError as e:
+        raise UserError(f"--bench {name}: {e}") from None
+    if err.getvalue():
+        sys.stderr.write(err.getvalue())  # warnings are not chatter
+    info = {"arch": args.task_arch, "input_size": args.task_input_size, **getattr(step, "info", {})}
+    v = Variant(name, step, images, {"amp": amp, "batch_size": images, "compile": args.compile, **info})
     run_windows([v], device, args.warmup, args.windows, args.steps)
-    return {"status": "ok", "module": modname, "amp": amp, **summary(v)}
+    return {"status": "ok", "module": modname, **summary(v)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -639,10 +660,17 @@ def print_table(res: dict[str, Any]) -> None:
         for r in d["runs"]:
             print(f"{r['dataset']:<10} {r['image_size']:>10} {r['jpeg_draft']!s:>6} {r['num_workers']:>7} "
                   f"{r['img_per_s']:>9.1f} {fmt(r['vs_model']):>9}")
-    for name in TASK_BENCHMARKS:
-        if name in res:
+    tasks = [name for name in TASK_BENCHMARKS if name in res]
+    if tasks:
+        print("\n## task training steps (forward, backward, optimizer) on a fixed synthetic batch")
+        print(f"{'task':<13} {'arch':>6} {'size':>5} {'patch':>5} {'batch':>5} {'amp':>5} {'img/s':>9} {'step s':>8}  recipe")
+        for name in tasks:
             t = res[name]
-            print(f"\n## {name}: {t['status']}" + (f", {t['img_per_s']:.2f} img/s" if t["status"] == "ok" else ""))
+            if t["status"] != "ok":
+                print(f"{name:<13} {t['status']} ({t['module']})")
+                continue
+            print(f"{name:<13} {fmt(t['arch']):>6} {fmt(t['input_size']):>5} {fmt(t.get('patch_size')):>5} {t['batch_size']:>5} "
+                  f"{t['amp']:>5} {t['img_per_s']:>9.2f} {t['step_s']:>8.3f}  {fmt(t.get('recipe'))}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -687,12 +715,21 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--jpeg_draft", action="store_true", help="also run with JPEG draft-mode decoding")
     g.add_argument("--data_batch_size", type=int, default=32)
     g.add_argument("--data_batches", type=int, default=8)
+    g = p.add_argument_group("task steps (finetune, detection, segmentation; also take --batch_size, --amp, --compile)")
+    g.add_argument("--task_arch", default=None, choices=sorted(ARCHS),
+                   help="ViT size of the task models (default: the recipes' base)")
+    g.add_argument("--task_input_size", type=int, default=None,
+                   help="input side: fine-tune image, detection LSJ size, segmentation crop (default: 224 / 1024 / 512)")
+    g.add_argument("--task_patch_size", type=int, default=None, help="override the ViT patch size (default: the size's)")
     return p
 
 
 def check_args(args: argparse.Namespace) -> None:
     for k in ("batch_size", "input_size", "mt_batch_size", "data_images", "data_batch_size", "data_batches"):
         if getattr(args, k) < 1:
+            raise UserError(f"--{k} must be >= 1")
+    for k in ("task_input_size", "task_patch_size"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{k} must be >= 1")
     if not 0.0 <= args.mask_ratio < 1.0:
         raise UserError("--mask_ratio must be in [0, 1)")

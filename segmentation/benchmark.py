@@ -1,0 +1,82 @@
+"""UperNet step throughput for ``tools/benchmark.py --bench segmentation``.
+
+The model comes from ``segmentation.train`` with its ADE20K recipe (``base`` by default: ViT-B/16,
+512 crop, UperNet 768 channels + auxiliary FCN head, drop path 0.1) and the optimizer is the one
+``segmentation.train.build_optimizer`` makes (layer-decay AdamW), so the timed step is the one
+``python -m segmentation`` runs, minus the data loader: a fixed batch of crops and label maps
+(with ignored pixels) already on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from maecore.engine import autocast
+from segmentation.data import IGNORE_INDEX
+from segmentation.model import maybe_sync_batchnorm
+from segmentation.train import build_model, build_optimizer, parse_args
+
+
+def synthetic_batch(batch_size: int, size: int, num_classes: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised-image-like crops and (B, H, W) int64 label maps: blocky regions of random classes
+    with about 10 % ignored (255) pixels, as ADE20K's unlabelled 0 becomes after ``reduce_zero_label``."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, size, size, generator=g)
+    cell = max(size // 16, 1)
+    coarse = torch.randint(0, num_classes, (batch_size, -(-size // cell), -(-size // cell)), generator=g)
+    labels = coarse.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, :size, :size].contiguous()
+    labels[torch.rand(labels.shape, generator=g) < 0.1] = IGNORE_INDEX
+    return images.to(device), labels.to(device)
+
+
+def benchmark_step(
+    device: torch.device,
+    batch_size: int,
+    amp: str,
+    compile: bool,
+    arch: str | None = None,
+    input_size: int | None = None,
+    patch_size: int | None = None,
+) -> tuple[Callable[[], torch.Tensor], int]:
+    """One UperNet training step with a ViT-``arch`` backbone (default: the ``base`` recipe, ViT-B/16
+    on 512 crops) on ``batch_size`` crops; returns the step closure (its ``info`` dict says what was
+    built) and the images per step."""
+    arch = arch or "base"
+    recipe = "large" if arch == "large" else "base"  # other sizes borrow ViT-B's heads and hyper-parameters
+    argv = ["--recipe", recipe, "--model", arch, "--batch_size", str(batch_size), "--data_path", "unused"]
+    if input_size is not None:
+        argv += ["--crop_size", str(input_size)]
+    if patch_size is not None:
+        argv += ["--patch_size", str(patch_size)]
+    args = parse_args(argv)
+
+    model = maybe_sync_batchnorm(build_model(args), device)
+    model.to(device).train()
+    optimizer = build_optimizer(model, args, device)  # the one python -m segmentation uses
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # as the engine: fp16 needs loss scaling
+    runner = torch.compile(model) if compile else model
+    images, labels = synthetic_batch(batch_size, args.crop_size, args.num_classes, device)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            loss, _ = runner(images, labels)  # decode + 0.4 x auxiliary cross-entropy, as train.step_fn
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return loss
+
+    step.info = {  # type: ignore[attr-defined]  (a function attribute the harness reads)
+        "arch": arch,
+        "input_size": args.crop_size,
+        "patch_size": model.backbone.patch_size,
+        "recipe": recipe,
+        "num_classes": args.num_classes,
+    }
+    return step, batch_size
