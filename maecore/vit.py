@@ -369,6 +369,8 @@ class VisionTransformer(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.num_prefix_tokens = 1 if class_token else 0
         self.out_indices = tuple(out_indices) if out_indices is not None else None
+        if self.out_indices is not None and not all(0 <= i < depth for i in self.out_indices):
+            raise ValueError(f"out_indices {list(self.out_indices)} must be blocks 0..{depth - 1}")
         self.grad_checkpointing = grad_checkpointing
         self.pos_embed_type = pos_embed
 
@@ -464,7 +466,7 @@ class VisionTransformer(nn.Module):
         self, x: torch.Tensor, grid: tuple[int, int], out_indices: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """All blocks; returns the last tokens and the (B, C, H, W) maps of ``out_indices`` blocks."""
-        feats = []
+        maps: dict[int, torch.Tensor] = {}
         npre = self.num_prefix_tokens
         taps = set(out_indices or ())
         for i, blk in enumerate(self.blocks):
@@ -474,8 +476,9 @@ class VisionTransformer(nn.Module):
                 x = blk(x, grid, npre)
             if i in taps:
                 t = x[:, npre:]
-                feats.append(t.transpose(1, 2).reshape(t.shape[0], -1, grid[0], grid[1]))
-        return x, feats
+                maps[i] = t.transpose(1, 2).reshape(t.shape[0], -1, grid[0], grid[1])
+        # in the order asked, a block listed twice twice (a shallow encoder still feeds a 4-level neck)
+        return x, [maps[i] for i in (out_indices or ())]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Tokens after the final norm (B, prefix+HW, D); with ``out_indices`` the list of block maps."""

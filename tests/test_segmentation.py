@@ -247,3 +247,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli(["--recipe", "demo", "--data_path", str(tmp_path), "--eval", "--output_dir", str(tmp_path / "o")])
     assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_shallow_backbone_feeds_four_levels():
+    # depth 2: the default taps repeat a block (0, 1, 1, 1) rather than starve the 4-level neck
+    from segmentation.model import build_segmentor, default_out_indices
+
+    assert default_out_indices(2) == (0, 1, 1, 1)
+    model = build_segmentor("tiny", num_classes=5, crop_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                            channels=16, aux_channels=8).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 32, 32))
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    assert logits.shape[-2:] == (32, 32)
+    with pytest.raises(ValueError, match="out_indices"):
+        build_segmentor("tiny", num_classes=5, crop_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                        out_indices=(0, 1, 2, 3))

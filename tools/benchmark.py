@@ -5,7 +5,7 @@ tokens (paper Table 1c / 2), data pipeline vs model step rate, and task step hoo
 Examples (see docs/benchmarks.md for measured numbers):
 
     python tools/benchmark.py --model mae_vit_base_patch16 --batch_size 8 --baseline --json runs/bench.json
-    python tools/benchmark.py --bench mask_tokens --mt_model mae_vit_large_patch16 --mt_batch_size 2
+    python tools/benchmark.py --bench mask_tokens --mt_model mae_vit_large_patch16 --mt_batch_size 8
     python tools/benchmark.py --bench data --num_workers 0 1 2 --jpeg_draft
     python tools/benchmark.py --bench finetune detection segmentation --batch_size 2
     python tools/benchmark.py --bench finetune detection segmentation --task_arch tiny --task_input_size 64 --batch_size 2
