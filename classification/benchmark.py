@@ -15,7 +15,7 @@ import torch
 from classification.model import MODELS
 from classification.recipes import RECIPES
 from classification.train import build_criterion, build_model, build_optimizer, parse_args
-from maecore.engine import autocast
+from maecore.engine import train_step
 
 NUM_CLASSES = 1000  # ImageNet-1k head
 
@@ -61,29 +61,20 @@ def benchmark_step(
     model.to(device).train()
     optimizer = build_optimizer(args, model, device)
     criterion, mixup_fn = build_criterion(args, NUM_CLASSES)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # as the engine: fp16 needs loss scaling
     runner = torch.compile(model) if compile else model
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, args.input_size, args.input_size, generator=g).to(device)
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g).to(device)
 
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
+    def loss_fn() -> torch.Tensor:
         # Mixup/CutMix write into the batch in place: a copy stands in for the loader's fresh batch
         x, target = images.clone(), labels
-        with autocast(device, amp):
-            if mixup_fn is not None:
-                x, target = mixup_fn(x, target)
-            loss = criterion(runner(x).float(), target)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        return loss
+        if mixup_fn is not None:
+            x, target = mixup_fn(x, target)
+        return criterion(runner(x).float(), target)
+
+    step = train_step(loss_fn, optimizer, device, amp)
 
     step.info = {  # type: ignore[attr-defined]  (a function attribute the harness reads)
         "arch": arch,

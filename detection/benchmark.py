@@ -15,7 +15,7 @@ import torch
 
 from detection.data import masks_to_boxes
 from detection.train import build_model, build_optimizer, parse_args
-from maecore.engine import autocast
+from maecore.engine import train_step
 
 NUM_CLASSES = 80  # COCO
 INSTANCES = 8  # COCO train2017 averages ~7.3 instances per image
@@ -71,23 +71,14 @@ def benchmark_step(
     model = build_model(args, NUM_CLASSES)
     model.to(device).train()
     optimizer = build_optimizer(model, args, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # as the engine: fp16 needs loss scaling
     runner = torch.compile(model) if compile else model
     # the model copies targets and normalises into new tensors: the fixed batch is never modified
     images, targets = synthetic_targets(batch_size, args.image_size, device)
 
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
-            loss = sum(runner(images, targets).values())  # RPN + box + mask losses, as train.step_fn
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        return loss
+    def loss_fn() -> torch.Tensor:
+        return sum(runner(images, targets).values())  # RPN + box + mask losses, as train.step_fn
+
+    step = train_step(loss_fn, optimizer, device, amp)
 
     step.info = {  # type: ignore[attr-defined]  (a function attribute the harness reads)
         "arch": arch,

@@ -27,13 +27,14 @@ RECIPES: dict[str, dict] = {
     "vitfpn_b": dict(_VITDET, backbone="vitfpn", arch="base", layer_decay=0.7, drop_path=0.1, batch_size=2, accum_iter=4),
     "vitfpn_l": dict(_VITDET, backbone="vitfpn", arch="large", layer_decay=0.8, drop_path=0.4, batch_size=1,
                      accum_iter=8, grad_checkpointing=True),
-    # CPU minutes on the synthetic world (maecore.synthetic, 64 px): ViT-tiny/8 at 64 px (8x8 tokens, 4x4
-    # windows, global attention in the last block of each quarter; /16 gives 4x4 tokens, too coarse for
+    # CPU minutes on the synthetic world (maecore.synthetic, 64 px): ViT-tiny/8, 4 blocks (pretrain's demo) at
+    # 64 px (8x8 tokens, 4x4 windows in blocks 0 and 2, global attention in 1 and 3; /16 gives 4x4 tokens, too coarse for
     # the masks), pyramid strides 2-32, a 64-channel pyramid and heads,
     # small RPN / RoI samples; a higher lr and short warm-up since it starts from scratch; LSJ scale 0.5-2
     # (at a 64-px target, 0.1 would leave 6-px images with objects of a pixel or two).
     "demo": dict(
-        backbone="vitdet", arch="tiny", patch_size=8, image_size=64, pretrain_img_size=64, window_size=4,
+        backbone="vitdet", arch="tiny", patch_size=8, depth=4, global_blocks=[1, 3], image_size=64, pretrain_img_size=64,
+        window_size=4,
         out_channels=64, fc_dim=256, anchor_sizes=[8, 16, 32, 64, 128], rpn_batch_size_per_image=64,
         box_batch_size_per_image=32, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,
         rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150, detections_per_img=30,

@@ -78,6 +78,29 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, device: torch.device,
+               amp: str) -> Callable[[], torch.Tensor]:
+    """A closure running one plain training step (zero_grad, ``loss_fn()`` under autocast, backward,
+    optimizer step; a GradScaler for fp16, as the Trainer) and returning the loss without a host sync:
+    what ``tools/benchmark.py`` times for the task packages."""
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            loss = loss_fn()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return loss
+
+    return step
+
+
 def to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)

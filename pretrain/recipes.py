@@ -9,9 +9,11 @@ RECIPES: dict[str, dict] = {
         model="mae_vit_large_patch16", input_size=224, blr=1.5e-4, weight_decay=0.05, warmup_epochs=40,
         epochs=800, batch_size=64, accum_iter=1, mask_ratio=0.75, norm_pix_loss=True,
     ),
-    # ViT-tiny on 64-px synthetic scenes, 8-px patches (64 tokens, 16 visible), a light decoder
+    # ViT-tiny width on 64-px synthetic scenes, 8-px patches (64 tokens, 16 visible), a light decoder;
+    # 4 blocks instead of 12: on a CPU budget, 3x the steps beat depth (the linear probe plateaus by ~500
+    # steps either way, and the shallow encoder makes every downstream stage 3x cheaper too)
     "demo": dict(
-        model="mae_vit_tiny_patch16", patch_size=8, input_size=64, decoder_embed_dim=128, decoder_depth=2,
+        model="mae_vit_tiny_patch16", patch_size=8, depth=4, input_size=64, decoder_embed_dim=128, decoder_depth=2,
         decoder_num_heads=4, blr=1.5e-3, weight_decay=0.05, warmup_epochs=2, epochs=20, batch_size=64,
         mask_ratio=0.75, norm_pix_loss=True, num_workers=1, log_every=5, keep_every=0, vis_every=5,
     ),

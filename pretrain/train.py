@@ -30,6 +30,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mae_vit_large_patch16", choices=sorted(MODELS))
     p.add_argument("--input_size", type=int, nargs="+", default=[224], help="H [W]")
     p.add_argument("--patch_size", type=int, default=None, help="override the model's patch size")
+    p.add_argument("--embed_dim", type=int, default=None, help="override the encoder width (small models)")
+    p.add_argument("--depth", type=int, default=None, help="override the encoder depth")
+    p.add_argument("--num_heads", type=int, default=None, help="override the encoder's attention heads")
     p.add_argument("--mask_ratio", type=float, default=0.75)
     p.add_argument("--mask_type", default="random", choices=["random", "block", "grid"])
     p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as target")
@@ -74,8 +77,9 @@ def build_model(args: argparse.Namespace):
         decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_num_heads,
     )
-    if args.patch_size:
-        kw["patch_size"] = args.patch_size
+    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        if getattr(args, key):
+            kw[key] = getattr(args, key)
     try:
         return build_mae(args.model, **kw)
     except ValueError as e:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from maecore.engine import autocast
+from maecore.engine import train_step
 from segmentation.data import IGNORE_INDEX
 from segmentation.model import maybe_sync_batchnorm
 from segmentation.train import build_model, build_optimizer, parse_args
@@ -55,22 +55,13 @@ def benchmark_step(
     model = maybe_sync_batchnorm(build_model(args), device)
     model.to(device).train()
     optimizer = build_optimizer(model, args, device)  # the one python -m segmentation uses
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # as the engine: fp16 needs loss scaling
     runner = torch.compile(model) if compile else model
     images, labels = synthetic_batch(batch_size, args.crop_size, args.num_classes, device)
 
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
-            loss, _ = runner(images, labels)  # decode + 0.4 x auxiliary cross-entropy, as train.step_fn
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        return loss
+    def loss_fn() -> torch.Tensor:
+        return runner(images, labels)[0]  # decode + 0.4 x auxiliary cross-entropy, as train.step_fn
+
+    step = train_step(loss_fn, optimizer, device, amp)
 
     step.info = {  # type: ignore[attr-defined]  (a function attribute the harness reads)
         "arch": arch,

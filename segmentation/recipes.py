@@ -30,7 +30,7 @@ RECIPES: dict[str, dict] = {
     ),
     # a 4-block, 96-wide ViT/8 on 64-px crops of 64-px synthetic scenes (8x8 tokens), trained from scratch:
     # no layer decay or drop path (nothing pretrained to protect), lr 5e-4.  To fine-tune the pretraining
-    # demo's checkpoint instead: --finetune CKPT --embed_dim 192 --depth 12 --num_heads 3 --layer_decay 0.65.
+    # demo's checkpoint instead: --finetune CKPT --embed_dim 192 --num_heads 3 --layer_decay 0.65.
     "demo": dict(
         model="tiny", embed_dim=96, depth=4, num_heads=3, patch_size=8, crop_size=64, scale=[256, 64],
         ratio_range=[0.75, 1.5], cat_max_ratio=0.75, num_classes=7, channels=32, aux_channels=16, aux_weight=0.4,

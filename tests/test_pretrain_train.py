@@ -169,3 +169,13 @@ def test_visualize_tool(tiny_world, tmp_path):
     assert w > 4 * 32 and h > 3 * 32
     p = subprocess.run([*tool, str(enc), *imgs, "-o", str(tmp_path / "x.png")], capture_output=True, text=True, env=env)
     assert p.returncode == 2 and "encoder-only" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_size_overrides_build_a_smaller_encoder():
+    # --embed_dim/--depth/--num_heads shrink a named model (the demo's 4-block ViT-tiny), as in the task CLIs
+    from pretrain.train import build_model, parse_args
+
+    args = parse_args(["--data_path", "unused", "--recipe", "demo", "--embed_dim", "48", "--depth", "2", "--num_heads", "2"])
+    model = build_model(args)
+    assert (len(model.blocks), model.embed_dim, model.blocks[0].attn.num_heads) == (2, 48, 2)
+    assert model.patch_size == 8 and len(model.decoder_blocks) == args.decoder_depth

@@ -35,16 +35,18 @@ from maecore.cli import UserError, run_cli  # noqa: E402
 # appended to its recipe's command line; "inits" says which initialisations to compare.
 PRESETS: dict[str, dict] = {
     "demo": {
-        "world": {"size": 64, "n_train": 100, "n_val": 20, "seed": 0},
+        # coco/ade: n_train/n_val images per split; imagenet: imagenet_n_train/_n_val images per class (the
+        # probe needs labelled examples more than pretraining needs epochs)
+        "world": {"size": 64, "n_train": 100, "n_val": 20, "imagenet_n_train": 400, "imagenet_n_val": 100, "seed": 0},
         "data_root": None,  # None: generate the synthetic world under <output>/world
         "inits": ["mae", "random"],
-        "pretrain": ["--recipe", "demo", "--epochs", "30"],
+        "pretrain": ["--recipe", "demo", "--epochs", "20"],
         "linprobe": ["--recipe", "demo_linprobe", "--cache_features", "--epochs", "30"],
-        "partial": ["--recipe", "demo_partial", "--epochs", "6"],
+        "partial": ["--recipe", "demo_partial", "--epochs", "3"],
         "partial_blocks": [0.5, 1.0],
-        "finetune": ["--recipe", "demo", "--epochs", "6"],
-        "detection": ["--recipe", "demo", "--epochs", "4"],
-        "segmentation": ["--recipe", "demo", "--embed_dim", "192", "--depth", "12", "--num_heads", "3",
+        "finetune": ["--recipe", "demo", "--epochs", "3"],
+        "detection": ["--recipe", "demo", "--epochs", "8"],
+        "segmentation": ["--recipe", "demo", "--embed_dim", "192", "--num_heads", "3",
                          "--max_iters", "300", "--eval_iters", "300", "--warmup_iters", "30"],
         "segmentation_mae": ["--layer_decay", "0.65"],
     },
@@ -61,7 +63,7 @@ PRESETS: dict[str, dict] = {
         "finetune": ["--recipe", "demo", "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--max_steps", "1"],
         "detection": ["--recipe", "demo", "--epochs", "1", "--batch_size", "2", "--num_workers", "0", "--max_steps", "1",
                       "--max_eval_images", "2", "--vis_images", "1"],
-        "segmentation": ["--recipe", "demo", "--embed_dim", "192", "--depth", "12", "--num_heads", "3", "--max_iters", "1",
+        "segmentation": ["--recipe", "demo", "--embed_dim", "192", "--num_heads", "3", "--max_iters", "1",
                          "--eval_iters", "1", "--warmup_iters", "1", "--batch_size", "2", "--num_workers", "0",
                          "--num_vis", "1"],
         "segmentation_mae": [],
@@ -135,8 +137,14 @@ def stage_data(ctx: Context) -> None:
         print(f"[data] using {ctx.world}")
         return
     w = ctx.cfg["world"]
-    ctx.run("data", "tools/make_synthetic.py", [str(ctx.world), "--size", str(w["size"]), "--n-train", str(w["n_train"]),
-                                                "--n-val", str(w["n_val"]), "--seed", str(w["seed"]), "--force"])
+    common = [str(ctx.world), "--size", str(w["size"]), "--seed", str(w["seed"]), "--force"]
+    if "imagenet_n_train" in w:  # the classification split gets its own (per-class) counts
+        ctx.run("data", "tools/make_synthetic.py", [*common, "--tasks", "imagenet", "--n-train", str(w["imagenet_n_train"]),
+                                                    "--n-val", str(w.get("imagenet_n_val", w["n_val"]))])
+        ctx.run("data", "tools/make_synthetic.py", [*common, "--tasks", "coco,ade", "--n-train", str(w["n_train"]),
+                                                    "--n-val", str(w["n_val"])])
+    else:
+        ctx.run("data", "tools/make_synthetic.py", [*common, "--n-train", str(w["n_train"]), "--n-val", str(w["n_val"])])
 
 
 def stage_pretrain(ctx: Context) -> None:
