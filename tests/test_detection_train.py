@@ -61,12 +61,17 @@ def test_train_a_few_steps_then_cocoeval_and_eval_only(coco64, tmp_path, capsys)
 
 
 def test_eval_takes_model_flags_from_checkpoint_and_torchrun_gives_the_same_metrics(coco64, tmp_path, run_module):
-    """``--eval --resume`` with only data/output flags builds the trained detector from the checkpoint's args;
+    """Trained under torchrun (DDP, 2 processes); ``--eval --resume`` with only data/output flags builds the
+    trained detector from the checkpoint's args;
     one process and two (torchrun, gloo) give identical COCOeval numbers and results, each of the 3 val images
     (an odd number: the ranks' shards differ in size) counted once."""
     out = tmp_path / "run"
-    main(["--data_path", str(coco64), "--output_dir", str(out), *SMALL, "--epochs", "1", "--batch_size", "2",
-          "--max_steps", "2", "--warmup_iters", "1", "--max_eval_images", "1", "--vis_images", "0"])
+    # DDP training too: 2 gloo processes, 1 image each per step
+    run_module("detection", ["--data_path", coco64, "--output_dir", out, *SMALL, "--epochs", "1", "--batch_size", "1",
+                             "--max_steps", "2", "--warmup_iters", "1", "--log_every", "1", "--max_eval_images", "1",
+                             "--vis_images", "0"], nproc=2)
+    train = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [r["step"] for r in train][-1] == 2 and all(math.isfinite(r["loss"]) for r in train)
     base = ["--eval", "--resume", out / "checkpoint-last.pth", "--data_path", coco64, "--num_workers", "0", "--no_progress"]
     one = run_module("detection", [*base, "--output_dir", tmp_path / "ev1", "--vis_images", "0"])
     two = run_module("detection", [*base, "--output_dir", tmp_path / "ev2"], nproc=2)
