@@ -7,6 +7,15 @@ real CLI (``python -m segmentation``), evaluates with the real sliding-window ev
 ``--eval_iters`` iterations, and prints the mIoU curve next to two chance baselines computed on the same
 validation labels with the same metric code: uniform random class per pixel, and the most frequent class
 everywhere.  The model is the demo recipe's 4-block ViT (96 wide, patch 8) from scratch (~0.35 s per step on one busy core).
+
+From the demo's MAE checkpoint (``make demo`` first), the run measured on 2026-11-23 (2 cores, 1362 s):
+
+    python tools/study_segmentation.py --output runs/study_seg_mae --iters 8000 --eval_iters 1000 --layer_decay 0.65 \
+        --extra --embed_dim 192 --num_heads 3 --finetune runs/demo/converted/segmentation.pth
+
+mIoU every 1000 iterations on the 24 val images: 9.4, 13.0, 8.3, 16.1, 13.2, 15.7, 17.9, 20.0 (mAcc 32.4)
+against 7.3 for uniform chance (3.6 majority class); the final checkpoint scores 18.8 mIoU / 29.4 mAcc
+on 200 held-out images (``python -m segmentation --eval --resume …`` on ``--n_val 200`` of the world).
 """
 
 from __future__ import annotations
