@@ -127,6 +127,17 @@ class RunLogger:
             except ImportError:  # tensorboard is a dependency, but logging must never kill a run
                 self.tb = None
 
+    def set_aside(self) -> Path | None:
+        """A fresh (not resumed) run in a folder that already has a ``log.jsonl``: move the old log to
+        ``log.N.jsonl`` (nothing is lost) so that readers of the new one see this run only."""
+        if not (self.enabled and self.path.exists() and self.path.stat().st_size):
+            return None
+        n = 1
+        while (old := self.path.with_name(f"log.{n}.jsonl")).exists():
+            n += 1
+        self.path.rename(old)
+        return old
+
     def log(self, kind: str, step: int, **values: Any) -> None:
         if not self.enabled:
             return
@@ -304,8 +315,9 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        if cfg.resume:
-            self.resume()
+        resumed = self.resume() if cfg.resume else False
+        if not resumed and (old := self.logger.set_aside()) is not None:
+            print(f"{self.logger.path} was from an earlier run: moved to {old.name}")
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         last_eval: dict[str, Any] = {}
         t_start = time.time()

@@ -179,3 +179,17 @@ def test_size_overrides_build_a_smaller_encoder():
     model = build_model(args)
     assert (len(model.blocks), model.embed_dim, model.blocks[0].attn.num_heads) == (2, 48, 2)
     assert model.patch_size == 8 and len(model.decoder_blocks) == args.decoder_depth
+
+
+def test_fresh_run_in_a_used_folder_sets_the_old_log_aside(tiny_world, tmp_path):
+    # readers of log.jsonl (studies, the demo report) must see this run only; the old log is kept
+    from pretrain.train import main
+
+    out = tmp_path / "out"
+    args = [*TINY, "--data_path", str(tiny_world["imagenet"]), "--output_dir", str(out), "--epochs", "1",
+            "--num_workers", "0", "--max_steps", "2", "--device", "cpu"]
+    main(args)
+    first = (out / "log.jsonl").read_text()
+    main(args)
+    assert (out / "log.1.jsonl").read_text() == first
+    assert [r["step"] for r in read_log(out, "train")] == [1, 2]
