@@ -15,8 +15,9 @@ From the demo's MAE checkpoint (``make demo`` first), the run measured on 2026-1
 
 mIoU every 1000 iterations on the 24 val images: 9.4, 13.0, 8.3, 16.1, 13.2, 15.7, 17.9, 20.0 (mAcc 32.4)
 against 7.3 for uniform chance (3.6 majority class); the final checkpoint scores 18.8 mIoU / 29.4 mAcc
-(from random init, same budget: 10.2 on the 24, 11.3 mIoU / 20.4 mAcc on the 200)
-on 200 val images (the same 24 plus 176 more: ``python -m segmentation --eval --resume …`` on a world made with ``n_val=200``).
+on 200 val images (the same 24 plus 176 more: ``python -m segmentation --eval --resume …`` on a world made
+with ``n_val=200``).  From random init at the same budget (no ``--finetune``, no layer decay): 10.2 on the
+24 images, 11.3 mIoU / 20.4 mAcc on the 200.
 """
 
 from __future__ import annotations
