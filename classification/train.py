@@ -47,8 +47,8 @@ from classification.model import (
 )
 from classification.recipes import PROTOCOL_DEFAULTS, RECIPES
 from maecore import distributed as du
-from maecore.checkpoint import checkpoint_args, load_file, unwrap_state_dict
-from maecore.cli import UserError, fill_from_checkpoint, given_flags, run_cli
+from maecore.checkpoint import checkpoint_args, load_for_eval, unwrap_state_dict
+from maecore.cli import UserError, given_flags, run_cli
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.optim import WarmupCosine, adamw, param_groups
 from maecore.vit import load_encoder_state
@@ -303,13 +303,10 @@ def run_eval(args: argparse.Namespace, device: torch.device, amp: str, given: Co
     flags saved in a checkpoint of ours are used unless in ``given`` (written on the command line)."""
     if not args.resume or args.resume == "auto":
         raise UserError("--eval needs --resume PATH (the checkpoint to evaluate)")
-    ckpt = load_file(args.resume)
+    ckpt = load_for_eval(args.resume, args, get_parser(), MODEL_KEYS, given)
     state = unwrap_state_dict(ckpt)
-    saved = checkpoint_args(ckpt) or {}
+    saved_classes = (checkpoint_args(ckpt) or {}).get("classes")
     del ckpt
-    fill_from_checkpoint(get_parser(), args, saved, MODEL_KEYS, given, source=args.resume,
-                         log=print if du.is_main() else None)
-    saved_classes = saved.get("classes")
     has_train = (Path(args.data_path) / "train").is_dir()
     _, val_ds, classes = build_datasets(args.data_path, None, eval_transform(args.input_size, args.crop_pct),
                                         need_train=has_train and not saved_classes, classes=saved_classes)

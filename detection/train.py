@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from maecore import distributed as du
-from maecore.checkpoint import checkpoint_args, load_file, unwrap_state_dict
-from maecore.cli import UserError, fill_from_checkpoint, given_flags, run_cli
+from maecore.checkpoint import load_for_eval, unwrap_state_dict
+from maecore.cli import UserError, given_flags, run_cli
 from maecore.convert import load_backbone
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.optim import WarmupStep, adamw, param_groups
@@ -160,9 +160,7 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
     out = Path(args.output_dir)
     ckpt = None
     if args.eval and args.resume:
-        ckpt = load_file(args.resume)
-        fill_from_checkpoint(get_parser(), args, checkpoint_args(ckpt), MODEL_KEYS, given, source=args.resume,
-                             log=print if du.is_main() else None)
+        ckpt = load_for_eval(args.resume, args, get_parser(), MODEL_KEYS, given)
     train_set, val_set = build_datasets(args.data_path, args.image_size, args.train_json, args.train_images,
                                         args.val_json, args.val_images, tuple(args.lsj_scale), need_train=not args.eval)
     if du.is_main():

@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import random
 import tempfile
 import zipfile
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from maecore.cli import UserError
+from maecore import distributed as du
+from maecore.cli import UserError, fill_from_checkpoint
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -75,6 +78,16 @@ def checkpoint_args(obj: Any) -> dict[str, Any] | None:
     ``None`` for a file without them (a converted or officially released checkpoint, a bare state dict)."""
     args = obj.get("args") if isinstance(obj, dict) else None
     return args if isinstance(args, dict) else None
+
+
+def load_for_eval(path: str | os.PathLike, args: argparse.Namespace, parser: argparse.ArgumentParser, keys: Sequence[str],
+                  given: Collection[str] = ()) -> Any:
+    """``--eval --resume PATH``: load the checkpoint and set the model flags ``keys`` on ``args`` from the
+    args saved in it, except those written on the command line (``given``); rank 0 says which it took."""
+    ckpt = load_file(path)
+    fill_from_checkpoint(parser, args, checkpoint_args(ckpt), keys, given, source=str(path),
+                         log=print if du.is_main() else None)
+    return ckpt
 
 
 # ---- RNG state, so a resumed run continues the same random stream -------------------------------

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from maecore import distributed as du
-from maecore.checkpoint import checkpoint_args, load_file, unwrap_state_dict
-from maecore.cli import UserError, fill_from_checkpoint, given_flags, run_cli
+from maecore.checkpoint import load_for_eval, unwrap_state_dict
+from maecore.cli import UserError, given_flags, run_cli
 from maecore.convert import load_backbone
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.optim import WarmupPoly, adamw, param_groups
@@ -145,9 +145,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, given: C
     except for the flags in ``given`` (written on the command line)."""
     if not args.resume or args.resume == "auto":
         raise UserError("--eval needs --resume CHECKPOINT (a trained segmentation checkpoint)")
-    ckpt = load_file(args.resume)
-    fill_from_checkpoint(get_parser(), args, checkpoint_args(ckpt), ARCH_KEYS, given, source=args.resume,
-                         log=print if du.is_main() else None)
+    ckpt = load_for_eval(args.resume, args, get_parser(), ARCH_KEYS, given)
     if msg := check_crop(args):
         raise UserError(msg)
     model = build_model(args)

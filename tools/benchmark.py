@@ -641,17 +641,15 @@ def print_table(res: dict[str, Any]) -> None:
             print(f"speed-up vs baseline: {p['speedup_vs_baseline']:.2f}x (median of per-window ratios)")
     if "mask_tokens" in res:
         m = res["mask_tokens"]
-        a = m["macs_analytic"]
         print(f"\n## encoder with vs without mask tokens: {m['model']}, batch {m['batch_size']}, decoder depth {m['decoder_depth']}")
         print(f"fwd+bwd s: with {m['with_mask_tokens']['step_s']:.3f}, without {m['without_mask_tokens']['step_s']:.3f} "
               f"-> {m['speedup_fwd_bwd']:.2f}x; with AdamW step: {fmt(m['speedup_step'])}x "
               f"(paper Table 2: {fmt(m['paper_table2_speedup'], 1)}x)")
-        print(f"GMACs/img analytic: with {a['with_mask_tokens']['total'] / 1e9:.2f}, without "
-              f"{a['without_mask_tokens']['total'] / 1e9:.2f} -> {a['ratio']:.2f}x (encoder {a['encoder_ratio']:.2f}x)")
-        if "macs_fvcore" in m:
-            f = m["macs_fvcore"]
-            print(f"GMACs/img fvcore:   with {f['with_mask_tokens']['total'] / 1e9:.2f}, without "
-                  f"{f['without_mask_tokens']['total'] / 1e9:.2f} -> {f['ratio']:.2f}x (encoder {f['encoder_ratio']:.2f}x)")
+        for label, key in (("analytic:", "macs_analytic"), ("fvcore:", "macs_fvcore")):
+            if key in m:
+                c = m[key]
+                print(f"GMACs/img {label:<9} with {c['with_mask_tokens']['total'] / 1e9:.2f}, without "
+                      f"{c['without_mask_tokens']['total'] / 1e9:.2f} -> {c['ratio']:.2f}x (encoder {c['encoder_ratio']:.2f}x)")
     if "data" in res:
         d = res["data"]
         print(f"\n## data pipeline: decode + RandomResizedCrop({d['input_size']}) + flip + normalise; "
