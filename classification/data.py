@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from classification.evaluate import eval_loader  # noqa: F401  (re-exported: the loaders live with the evaluation)
-from maecore.cli import UserError
 from maecore.data import ImageFiles, check_dir
+from maecore.errors import UserError
 from maecore.vit import to_2tuple
 
 __all__ = ["FeatureDataset", "build_datasets", "eval_loader", "eval_transform", "finetune_transform", "linprobe_transform"]

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from maecore.cli import UserError
 from maecore.convert import ConversionReport, load_backbone
+from maecore.errors import UserError
 from maecore.vit import VisionTransformer, vit_kwargs
 
 # builder name -> (size, patch)

@@ -48,8 +48,9 @@ from classification.model import (
 from classification.recipes import PROTOCOL_DEFAULTS, RECIPES
 from maecore import distributed as du
 from maecore.checkpoint import checkpoint_args, load_for_eval, unwrap_state_dict
-from maecore.cli import UserError, given_flags, run_cli
+from maecore.cli import given_flags, run_cli
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
+from maecore.errors import UserError
 from maecore.optim import WarmupCosine, adamw, param_groups
 from maecore.vit import load_encoder_state
 

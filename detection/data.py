@@ -28,8 +28,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from maecore.cli import UserError
 from maecore.data import MAX_SUBSTITUTES, load_rgb
+from maecore.errors import UserError
 
 from .model import IMAGENET_MEAN
 

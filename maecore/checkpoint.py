@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from maecore import distributed as du
-from maecore.cli import UserError, fill_from_checkpoint
+from maecore.cli import fill_from_checkpoint
+from maecore.errors import UserError
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -8,9 +8,7 @@ import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NoReturn
 
-
-class UserError(Exception):
-    """A problem with the user's input (path, file, flag) or with the run that the user must fix."""
+from maecore.errors import UserError  # noqa: F401  (re-exported: ``from maecore.cli import UserError`` keeps working)
 
 
 def fail(msg: str) -> NoReturn:

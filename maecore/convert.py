@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from maecore.checkpoint import load_file, save_atomic, unwrap_state_dict
-from maecore.cli import UserError
+from maecore.errors import UserError
 from maecore.vit import ARCHS, VisionTransformer, adapt_pos_embed, resample_pos_embed
 
 TRUNK_FORMAT = "maecore-trunk"

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from maecore.cli import UserError
+from maecore.errors import UserError
 
 log = logging.getLogger(__name__)
 

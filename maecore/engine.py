@@ -28,14 +28,11 @@ from tqdm import tqdm
 
 from maecore import distributed as du
 from maecore.checkpoint import load_file, rng_state, save_atomic, set_rng_state
-from maecore.cli import UserError
 from maecore.data import ResumableSampler, SeededDataset
+from maecore.errors import NonFiniteError, UserError
 from maecore.optim import set_lr
 
-
-class NonFiniteLossError(UserError):
-    """Training produced a NaN/inf loss."""
-
+NonFiniteLossError = NonFiniteError  # the older name
 
 @dataclass
 class EngineConfig:
@@ -308,7 +305,7 @@ class Trainer:
         flag = du.all_reduce_sum(self._nonfinite.float())
         if flag.item() > 0:
             where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
-            raise NonFiniteLossError(
+            raise NonFiniteError(
                 f"loss is not finite (NaN/inf) by step {self.step} (epoch {self.epoch}); stopped, {where}"
             )
 
@@ -479,6 +476,7 @@ def dump_args(args: Any) -> dict[str, Any]:
 
 __all__ = [
     "EngineConfig",
+    "NonFiniteError",
     "NonFiniteLossError",
     "Trainer",
     "add_engine_args",

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from maecore.cli import UserError
+from maecore.errors import UserError
 from maecore.vit import Block, VisionTransformer, get_2d_sincos_pos_embed, resample_pos_embed, vit_kwargs
 
 MaskType = Literal["random", "block", "grid"]

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from maecore import distributed as du
-from maecore.cli import UserError, run_cli
+from maecore.cli import run_cli
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args
+from maecore.errors import UserError
 from maecore.optim import WarmupCosine, adamw, param_groups
 from pretrain.data import build_pretrain_dataset, fixed_images
 from pretrain.evaluate import reconstruction_figure

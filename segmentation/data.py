@@ -24,8 +24,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 
-from maecore.cli import UserError
 from maecore.data import IMG_EXTENSIONS, MAX_SUBSTITUTES, check_dir, load_rgb
+from maecore.errors import UserError
 
 log = logging.getLogger(__name__)
 

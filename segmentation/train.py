@@ -22,9 +22,10 @@ import torch
 
 from maecore import distributed as du
 from maecore.checkpoint import load_for_eval, unwrap_state_dict
-from maecore.cli import UserError, given_flags, run_cli
+from maecore.cli import given_flags, run_cli
 from maecore.convert import load_backbone
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
+from maecore.errors import UserError
 from maecore.optim import WarmupPoly, adamw, param_groups
 from maecore.vit import ARCHS
 from segmentation.data import build_train_dataset, build_val_dataset

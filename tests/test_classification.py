@@ -155,7 +155,7 @@ def test_partial_finetune_trains_exactly_the_last_blocks(k: float, global_pool: 
 
 
 def test_partial_rejects_bad_k() -> None:
-    from maecore.cli import UserError
+    from maecore.errors import UserError
 
     for k in (-1, 0.25, 4, 1.5):
         with pytest.raises(UserError, match="tune_blocks"):

@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from maecore.checkpoint import checkpoint_args
-from maecore.cli import UserError, fill_from_checkpoint, given_flags
+from maecore.cli import fill_from_checkpoint, given_flags
+from maecore.errors import UserError
 
 KEYS = ("arch", "embed_dim", "depth", "global_blocks", "anchor_sizes", "score_thresh", "global_pool", "image_size")
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from maecore.cli import UserError
 from maecore.convert import convert, load_backbone, load_source, read_state
+from maecore.errors import UserError
 from maecore.vit import VisionTransformer
 from pretrain.model import MaskedAutoencoderViT
 

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from maecore.cli import UserError
 from maecore.data import ImageFiles, ResumableSampler
+from maecore.errors import UserError
 
 
 def test_image_folder_with_and_without_class_folders(tiny_world, tmp_path):

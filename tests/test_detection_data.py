@@ -11,7 +11,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from detection.data import LSJ, CocoInstances, ann_to_mask, build_datasets, collate, load_coco, masks_to_boxes
-from maecore.cli import UserError
+from maecore.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from maecore.cli import UserError
+from maecore.errors import UserError
 from maecore.vit import get_2d_sincos_pos_embed
 from pretrain.model import (
     MaskedAutoencoderViT,

@@ -42,8 +42,9 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from maecore.cli import UserError, run_cli  # noqa: E402
+from maecore.cli import run_cli  # noqa: E402
 from maecore.engine import autocast, resolve_amp  # noqa: E402
+from maecore.errors import UserError  # noqa: E402
 from maecore.optim import adamw, param_groups  # noqa: E402
 from maecore.vit import ARCHS, set_fused_attention  # noqa: E402
 from pretrain.model import MODELS, MaskedAutoencoderViT, build_mae  # noqa: E402

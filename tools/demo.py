@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from maecore.cli import UserError, run_cli  # noqa: E402
+from maecore.cli import run_cli  # noqa: E402
+from maecore.errors import UserError  # noqa: E402
 
 # The demo: a ViT-tiny/8 on the 64-px synthetic world, every stage in CPU minutes.  Each task's list is
 # appended to its recipe's command line; "inits" says which initialisations to compare.

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maecore.checkpoint import load_file, unwrap_state_dict  # noqa: E402
-from maecore.cli import UserError, run_cli  # noqa: E402
+from maecore.cli import run_cli  # noqa: E402
+from maecore.errors import UserError  # noqa: E402
 from pretrain.evaluate import reconstruction_figure  # noqa: E402
 from pretrain.model import MaskedAutoencoderViT, infer_config, is_decoder_key, load_mae_state  # noqa: E402
 
