@@ -75,27 +75,68 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, device: torch.device,
-               amp: str) -> Callable[[], torch.Tensor]:
-    """A closure running one plain training step (zero_grad, ``loss_fn()`` under autocast, backward,
-    optimizer step; a GradScaler for fp16, as the Trainer) and returning the loss without a host sync:
-    what ``tools/benchmark.py`` times for the task packages."""
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
-            loss = loss_fn()
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
+
+class TrainStep:
+    """The one training step of the toolkit: forward under autocast, backward (scaled for fp16 and for
+    gradient accumulation, without DDP's all-reduce on non-boundary micro-batches), then the optimizer
+    update (unscale, clip, step, zero_grad).  :class:`Trainer` runs it in its loop; the benchmarks time
+    the very same object (``step(batch)``), so what is measured is what trains.
+
+    ``runner`` is what the forward calls (the DDP wrapper, a compiled module, or ``model`` itself);
+    ``model`` is the bare module (its parameters are clipped).  No host sync happens here: the loss comes
+    back as a device tensor and a non-finite loss only sets ``self.nonfinite`` on the device.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn, device: torch.device,
+                 amp: str = "none", accum_iter: int = 1, clip_grad: float | None = None,
+                 runner: nn.Module | None = None, ddp: DistributedDataParallel | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.step_fn = step_fn
+        self.device = device
+        self.amp = amp
+        self.accum_iter = accum_iter
+        self.clip_grad = clip_grad
+        self.runner = runner if runner is not None else model
+        self.ddp = ddp
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def backward(self, batch: Any, sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one micro-batch; ``sync=False`` skips DDP's gradient all-reduce (not an
+        accumulation boundary).  Returns the (unscaled) loss and the step function's logs."""
+        with contextlib.nullcontext() if (sync or self.ddp is None) else self.ddp.no_sync():
+            with autocast(self.device, self.amp):
+                loss, logs = self.step_fn(self.runner, batch)
+            self.nonfinite |= ~torch.isfinite(loss.detach())
+            scaled = loss / self.accum_iter
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss, logs
+
+    def update(self) -> None:
+        """The optimizer step at an accumulation boundary."""
+        opt = self.optimizer
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
         else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        return loss
+            opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    return step
+    def __call__(self, batch: Any) -> torch.Tensor:
+        """One whole optimizer step on ``batch`` (``accum_iter`` micro-batches of the same batch): what the
+        benchmarks time.  Returns the last loss, on the device."""
+        for _ in range(self.accum_iter - 1):
+            self.backward(batch, sync=False)
+        loss, _ = self.backward(batch, sync=True)
+        self.update()
+        return loss
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -161,9 +202,6 @@ def read_log(path: str | Path, kind: str | None = None) -> list[dict]:
     return [r for r in recs if kind is None or r["type"] == kind]
 
 
-StepFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
 class Trainer:
     """Runs ``cfg.epochs`` epochs of ``step_fn`` over ``dataset`` with ``optimizer`` and ``schedule``.
 
@@ -201,7 +239,6 @@ class Trainer:
         self.extra_state = extra_state or {}
         self.out = Path(cfg.output_dir)
         self.amp = resolve_amp(cfg.amp, device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.logger = RunLogger(self.out, du.is_main())
 
         if len(dataset) < cfg.batch_size * du.world_size():  # type: ignore[arg-type]
@@ -236,6 +273,9 @@ class Trainer:
             )
         runner = self.ddp or self.model
         self.runner = torch.compile(runner) if cfg.compile else runner
+        self.train_step = TrainStep(self.model, optimizer, step_fn, device, self.amp, cfg.accum_iter, cfg.clip_grad,
+                                    runner=self.runner, ddp=self.ddp)
+        self.scaler = self.train_step.scaler
 
         self.epoch = 0
         self.iter_in_epoch = 0
@@ -302,7 +342,7 @@ class Trainer:
     # ---- non-finite guard ---------------------------------------------------------------------
     def check_finite(self) -> None:
         """One host sync: did any rank see a non-finite loss since the last check?"""
-        flag = du.all_reduce_sum(self._nonfinite.float())
+        flag = du.all_reduce_sum(self.train_step.nonfinite.float())
         if flag.item() > 0:
             where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
             raise NonFiniteError(
@@ -315,7 +355,6 @@ class Trainer:
         resumed = self.resume() if cfg.resume else False
         if not resumed and (old := self.logger.set_aside()) is not None:
             print(f"{self.logger.path} was from an earlier run: moved to {old.name}")
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         last_eval: dict[str, Any] = {}
         t_start = time.time()
         try:
@@ -379,13 +418,7 @@ class Trainer:
                 lr = self.schedule(self.epoch + it / self.iters_per_epoch)
                 set_lr(opt, lr)
             batch = to_device(batch, self.device)
-            sync = self.ddp is None or boundary
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():  # type: ignore[union-attr]
-                with autocast(self.device, self.amp):
-                    loss, logs = self.step_fn(model, batch)
-                self._nonfinite |= ~torch.isfinite(loss.detach())
-                scaled = loss / cfg.accum_iter
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss, logs = self.train_step.backward(batch, sync=boundary)
             for k, v in {"loss": loss, **logs}.items():
                 v = v.detach().float()
                 sums[k] = sums[k] + v if k in sums else v
@@ -394,16 +427,7 @@ class Trainer:
             bar.update(1)
             if not boundary:
                 continue
-            if self.scaler is not None:
-                self.scaler.unscale_(opt)
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            if self.scaler is not None:
-                self.scaler.step(opt)
-                self.scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            self.train_step.update()
             self.step += 1
             if self.after_step is not None:
                 self.after_step(self.model, self.step)
@@ -478,6 +502,7 @@ __all__ = [
     "EngineConfig",
     "NonFiniteError",
     "NonFiniteLossError",
+    "TrainStep",
     "Trainer",
     "add_engine_args",
     "config_from_args",
