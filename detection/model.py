@@ -118,11 +118,17 @@ class SimpleFeaturePyramid(nn.Module):
     """ViTDet's pyramid from the last stride-``p`` map: ×4 (ConvT, LN, GELU, ConvT), ×2 (ConvT), ×1,
     ×0.5 (max-pool), each then 1×1 conv + LN and 3×3 conv + LN; p6 = max-pool(p5, 1, stride 2).
 
-    Modules are ``simfp_{log2 stride}`` as in detectron2 (for patch 16: ``simfp_2`` … ``simfp_5``)."""
+    Modules are ``simfp_{log2 stride}`` as in detectron2 (for patch 16: ``simfp_2`` … ``simfp_5``).
+    ``in_index`` is the block that feeds the pyramid (default: the trunk's last ``out_indices`` block,
+    else its last block — ViTDet's ``last_feat``)."""
 
-    def __init__(self, net: VisionTransformer, out_channels: int = 256, scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5)) -> None:
+    def __init__(self, net: VisionTransformer, out_channels: int = 256, scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+                 in_index: int | None = None) -> None:
         super().__init__()
         self.net = net
+        if in_index is None:
+            in_index = net.out_indices[-1] if net.out_indices else net.depth - 1
+        self.in_index = net.check_indices((in_index,))[0]
         dim = net.embed_dim
         self.out_channels = out_channels
         self.stage_names: list[str] = []
@@ -155,7 +161,7 @@ class SimpleFeaturePyramid(nn.Module):
             self.strides.append(stride)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        top = self.net.forward_features(x)[-1]
+        top = self.net.forward_intermediates(x, (self.in_index,), intermediates_only=True)[0]
         feats = [getattr(self, n)(top) for n in self.stage_names]
         feats.append(F.max_pool2d(feats[-1], kernel_size=1, stride=2))
         return OrderedDict(zip(LEVELS, feats))
@@ -164,12 +170,15 @@ class SimpleFeaturePyramid(nn.Module):
 class ViTFPN(nn.Module):
     """The MAE paper's ViT-FPN (after Li et al. 2021): maps after blocks d/4, d/2, 3d/4, d become
     strides p/4, p/2, p, 2p by (ConvT, LN, GELU, ConvT) / ConvT / identity / max-pool (``fpn1..4``,
-    the BEiT / MAE detection names), then a standard FPN with p6 by max-pool."""
+    the BEiT / MAE detection names), then a standard FPN with p6 by max-pool.  ``out_indices``: the 4
+    tapped blocks (default: the trunk's ``out_indices``)."""
 
-    def __init__(self, net: VisionTransformer, out_channels: int = 256) -> None:
+    def __init__(self, net: VisionTransformer, out_channels: int = 256, out_indices: Sequence[int] | None = None) -> None:
         super().__init__()
-        if net.out_indices is None or len(net.out_indices) != 4:
+        taps = out_indices if out_indices is not None else net.out_indices
+        if taps is None or len(taps) != 4:
             raise ValueError("ViT-FPN needs a trunk with 4 out_indices")
+        self.out_indices = net.check_indices(taps)
         self.net = net
         dim = net.embed_dim
         self.out_channels = out_channels
@@ -184,7 +193,7 @@ class ViTFPN(nn.Module):
         self.strides = [net.patch_size // 4, net.patch_size // 2, net.patch_size, net.patch_size * 2]
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        maps = self.net.forward_features(x)
+        maps = self.net.forward_intermediates(x, self.out_indices, intermediates_only=True)
         ops = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
         out = self.fpn(OrderedDict((LEVELS[i], op(m)) for i, (op, m) in enumerate(zip(ops, maps))))
         return OrderedDict(zip(LEVELS, out.values()))
