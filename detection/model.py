@@ -36,8 +36,6 @@ from maecore.vit import ARCHS, VisionTransformer
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
-# no weight decay on these (norms and biases are 1-D and skipped anyway), as ViTDet's optimizer overrides
-NO_WEIGHT_DECAY = ("pos_embed", "rel_pos_h", "rel_pos_w")
 
 
 def default_global_blocks(depth: int) -> tuple[int, ...]:
@@ -199,6 +197,16 @@ class ViTFPN(nn.Module):
         return OrderedDict(zip(LEVELS, out.values()))
 
 
+class ViTMaskRCNN(MaskRCNN):
+    """torchvision's :class:`~torchvision.models.detection.MaskRCNN` whose backbone holds the ViT trunk as
+    ``backbone.net``; it knows which of its parameters AdamW must not decay."""
+
+    def no_weight_decay(self) -> set[str]:
+        """The trunk's position table and ``rel_pos_h/w`` tables, as full names (``backbone.net.…``), as
+        ViTDet's optimizer overrides them; norms and biases are 1-D and skipped by ``param_groups`` anyway."""
+        return {f"backbone.net.{n}" for n in self.backbone.net.no_weight_decay()}
+
+
 class PaddedInputTransform(GeneralizedRCNNTransform):
     """torchvision's normalise-and-batch step *without* its resize: LSJ already produced fixed-size,
     padded images, and resizing again would change the recipe (and cost time)."""
@@ -232,7 +240,7 @@ def build_detector(
     box_batch_size_per_image: int = 512,
     box_score_thresh: float = 0.05,
     detections_per_img: int = 100,
-) -> MaskRCNN:
+) -> ViTMaskRCNN:
     """Mask R-CNN with a ViTDet (``backbone="vitdet"``) or ViT-FPN (``"vitfpn"``) backbone.
 
     ``num_classes`` counts the object classes (background is added).  Heads follow ViTDet:
@@ -255,7 +263,7 @@ def build_detector(
 
     norm: Callable[[int], nn.Module] = LayerNorm2d
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(LEVELS))
-    model = MaskRCNN(
+    model = ViTMaskRCNN(
         body,
         num_classes=None,
         min_size=image_size,
@@ -301,10 +309,10 @@ def layer_id_fn(model: MaskRCNN) -> Callable[[str], int]:
 
 
 __all__ = [
-    "NO_WEIGHT_DECAY",
     "PaddedInputTransform",
     "SimpleFeaturePyramid",
     "ViTFPN",
+    "ViTMaskRCNN",
     "build_detector",
     "build_trunk",
     "default_global_blocks",

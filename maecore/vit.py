@@ -441,7 +441,13 @@ class VisionTransformer(nn.Module):
 
     # ---- helpers ----------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        """Exact names of the parameters AdamW must not decay (1-D ones are skipped by
+        :func:`maecore.optim.param_groups` anyway): the position table, the cls token and the
+        relative-position tables (``rel_pos_h/w``, ``relative_position_bias_table``) this model has."""
+        return {
+            n for n, _ in self.named_parameters()
+            if n in ("pos_embed", "cls_token") or n.endswith((".rel_pos_h", ".rel_pos_w", ".relative_position_bias_table"))
+        }
 
     def layer_id(self, name: str) -> int:
         """BEiT layer-decay id: 0 for the stem (tokens, pos-embed, patch embed), i+1 for block i,

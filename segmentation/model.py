@@ -227,6 +227,11 @@ class UperNetViT(nn.Module):
             return self.backbone.layer_id(name[len("backbone.") :])
         return self.backbone.depth + 1
 
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's position table, cls token and relative position bias tables (``backbone.…``);
+        norms and biases are 1-D and skipped by ``param_groups`` anyway."""
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
     def features(self, img: torch.Tensor) -> list[torch.Tensor]:
         """The neck's pyramid from the maps of the ``out_indices`` blocks."""
         return self.neck(self.backbone.forward_intermediates(img, self.out_indices, intermediates_only=True))
