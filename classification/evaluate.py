@@ -92,7 +92,8 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (what the head sees) and targets for the whole dataset, on every rank.
+    """Pre-logits features (``forward_head(forward_features(x), pre_logits=True)``: pooled, after
+    ``fc_norm``, what the head sees) and targets for the whole dataset, on every rank.
 
     ``loader`` is this rank's shard (:func:`classification.data.eval_loader`); the result is in the
     dataset's order."""
@@ -100,7 +101,7 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
     feats, targets = [], []
     for imgs, target, _ in loader:
         with autocast(device, amp):
-            f = model.forward_features(imgs.to(device, non_blocking=True))
+            f = model.forward_head(model.forward_features(imgs.to(device, non_blocking=True)), pre_logits=True)
         feats.append(f.float())
         targets.append(target.to(device))
     if not feats:  # a rank with no share (fewer images than processes)

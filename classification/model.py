@@ -11,12 +11,15 @@ Protocol helpers:
 * :func:`setup_partial_finetune` freezes all but the last K blocks (K = 0.5: the MLP sub-block of the
   last block only; paper §4.3).
 
-Frozen parts run under ``no_grad`` and stay in eval mode (no drop path, BN statistics untouched).
+Frozen parts are the encoder's frozen leading part (:meth:`~maecore.vit.VisionTransformer.freeze_leading`):
+they run under ``no_grad`` and stay in eval mode (no drop path, BN statistics untouched).
+
+Forward, as timm: ``forward_features`` (the encoder's tokens after its final norm) → ``forward_head``
+(pooling, ``fc_norm``, ``head``; ``pre_logits=True`` stops before ``head``: the features a linear probe caches).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -69,9 +72,6 @@ class VisionTransformerClassifier(VisionTransformer):
         self.head_init_std = head_init_std
         self.fc_norm = nn.LayerNorm(self.embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(self.embed_dim, num_classes)
-        # partial fine-tuning: number of leading blocks (and whether the stem) that run frozen
-        self.frozen_blocks = 0
-        self.frozen_stem = False
         self.reset_head()
 
     def reset_head(self, std: float | None = None) -> None:
@@ -84,59 +84,21 @@ class VisionTransformerClassifier(VisionTransformer):
         if isinstance(self.fc_norm, nn.LayerNorm):
             self.fc_norm.reset_parameters()
 
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
     # ---- forward ----------------------------------------------------------------------------
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens after the blocks -> one feature vector per image (before ``head``)."""
-        if self.global_pool:
-            return self.fc_norm(self.norm(x[:, self.num_prefix_tokens :]).mean(dim=1))
-        return self.fc_norm(self.norm(x)[:, 0])
+    # forward_features is the encoder's: tokens (B, 1+HW, D) after ``norm`` (an identity under fc_norm)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Images (B, C, H, W) -> pooled features (B, D)."""
-        k = self.frozen_blocks
-        # frozen stem + leading blocks: no autograd graph at all (eval already runs under no_grad)
-        with torch.no_grad() if self.frozen_stem else contextlib.nullcontext():
-            x, grid, prefix_pos = self.embed(x)
-            x = self.add_prefix(x, prefix_pos)
-            for blk in self.blocks[:k]:
-                x = blk(x, grid, self.num_prefix_tokens)
-        npre = self.num_prefix_tokens
-        for blk in self.blocks[k:]:
-            if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, grid, npre, use_reentrant=False)
-            else:
-                x = blk(x, grid, npre)
-        return self.pool(x)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens from :meth:`forward_features` -> logits (B, classes); with ``pre_logits`` the pooled
+        feature (B, D) that ``head`` sees (global average of the patch tokens or the cls token, then ``fc_norm``)."""
+        x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool else x[:, 0]
+        x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Logits from images (B, C, H, W), or from cached pooled features (B, D) (linear probe)."""
+        """Logits from images (B, C, H, W), or from cached pre-logits features (B, D) (linear probe)."""
         if x.ndim == 2:
             return self.head(x)
-        return self.head(self.forward_features(x))
-
-    # ---- frozen parts -----------------------------------------------------------------------
-    def train(self, mode: bool = True) -> VisionTransformerClassifier:
-        super().train(mode)
-        # frozen parts are a fixed feature extractor: no drop path, no BN/statistics updates
-        for m in self.frozen_modules():
-            m.eval()
-        return self
-
-    def frozen_modules(self) -> list[nn.Module]:
-        mods: list[nn.Module] = []
-        if self.frozen_stem:
-            mods.append(self.patch_embed)
-        mods += list(self.blocks[: self.frozen_blocks])
-        if self.frozen_blocks < self.depth:
-            last = self.blocks[self.frozen_blocks]
-            if not any(p.requires_grad for p in last.parameters()):
-                mods.append(last)
-            elif not any(p.requires_grad for p in last.attn.parameters()):  # K = 0.5: attention frozen
-                mods += [last.norm1, last.attn, last.ls1, last.drop_path1]
-        return mods
+        return self.forward_head(self.forward_features(x))
 
 
 def build_classifier(
@@ -188,10 +150,8 @@ def setup_linear_probe(model: VisionTransformerClassifier, head_init_std: float 
     model.head = nn.Sequential(nn.BatchNorm1d(lin.in_features, affine=False, eps=1e-6), lin)
     for p in lin.parameters():
         p.requires_grad_(True)
-    model.frozen_stem = True
-    model.frozen_blocks = model.depth
+    model.freeze_leading(model.depth)
     model.reset_head(head_init_std)
-    model.train(model.training)
 
 
 def setup_partial_finetune(model: VisionTransformerClassifier, tune_blocks: float) -> int:
@@ -215,8 +175,6 @@ def setup_partial_finetune(model: VisionTransformerClassifier, tune_blocks: floa
     for m in tuned:
         for p in m.parameters():
             p.requires_grad_(True)
-    model.frozen_stem = True
-    model.frozen_blocks = n_frozen
-    model.train(model.training)
+    model.freeze_leading(n_frozen)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

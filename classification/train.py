@@ -171,7 +171,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[VisionTrans
 def build_optimizer(args: argparse.Namespace, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     if args.protocol == "linprobe":
         # LARS sorts out 1-D parameters itself; groups only carry lr_scale (1) for the engine
-        groups = param_groups(model, args.weight_decay)
+        groups = param_groups(model, args.weight_decay, no_weight_decay=model.no_weight_decay())
         return LARS([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=args.lr, weight_decay=args.weight_decay)
     groups = param_groups(model, args.weight_decay, args.layer_decay, model.layer_id, num_layers=model.depth + 1,
                           no_weight_decay=model.no_weight_decay())

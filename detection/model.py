@@ -36,8 +36,6 @@ from maecore.vit import ARCHS, VisionTransformer
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
-# no weight decay on these (norms and biases are 1-D and skipped anyway), as ViTDet's optimizer overrides
-NO_WEIGHT_DECAY = ("pos_embed", "rel_pos_h", "rel_pos_w")
 
 
 def default_global_blocks(depth: int) -> tuple[int, ...]:
@@ -118,11 +116,17 @@ class SimpleFeaturePyramid(nn.Module):
     """ViTDet's pyramid from the last stride-``p`` map: ×4 (ConvT, LN, GELU, ConvT), ×2 (ConvT), ×1,
     ×0.5 (max-pool), each then 1×1 conv + LN and 3×3 conv + LN; p6 = max-pool(p5, 1, stride 2).
 
-    Modules are ``simfp_{log2 stride}`` as in detectron2 (for patch 16: ``simfp_2`` … ``simfp_5``)."""
+    Modules are ``simfp_{log2 stride}`` as in detectron2 (for patch 16: ``simfp_2`` … ``simfp_5``).
+    ``in_index`` is the block that feeds the pyramid (default: the trunk's last ``out_indices`` block,
+    else its last block — ViTDet's ``last_feat``)."""
 
-    def __init__(self, net: VisionTransformer, out_channels: int = 256, scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5)) -> None:
+    def __init__(self, net: VisionTransformer, out_channels: int = 256, scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+                 in_index: int | None = None) -> None:
         super().__init__()
         self.net = net
+        if in_index is None:
+            in_index = net.out_indices[-1] if net.out_indices else net.depth - 1
+        self.in_index = net.check_indices((in_index,))[0]
         dim = net.embed_dim
         self.out_channels = out_channels
         self.stage_names: list[str] = []
@@ -155,7 +159,7 @@ class SimpleFeaturePyramid(nn.Module):
             self.strides.append(stride)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        top = self.net.forward_features(x)[-1]
+        top = self.net.forward_intermediates(x, (self.in_index,), intermediates_only=True)[0]
         feats = [getattr(self, n)(top) for n in self.stage_names]
         feats.append(F.max_pool2d(feats[-1], kernel_size=1, stride=2))
         return OrderedDict(zip(LEVELS, feats))
@@ -164,12 +168,15 @@ class SimpleFeaturePyramid(nn.Module):
 class ViTFPN(nn.Module):
     """The MAE paper's ViT-FPN (after Li et al. 2021): maps after blocks d/4, d/2, 3d/4, d become
     strides p/4, p/2, p, 2p by (ConvT, LN, GELU, ConvT) / ConvT / identity / max-pool (``fpn1..4``,
-    the BEiT / MAE detection names), then a standard FPN with p6 by max-pool."""
+    the BEiT / MAE detection names), then a standard FPN with p6 by max-pool.  ``out_indices``: the 4
+    tapped blocks (default: the trunk's ``out_indices``)."""
 
-    def __init__(self, net: VisionTransformer, out_channels: int = 256) -> None:
+    def __init__(self, net: VisionTransformer, out_channels: int = 256, out_indices: Sequence[int] | None = None) -> None:
         super().__init__()
-        if net.out_indices is None or len(net.out_indices) != 4:
+        taps = out_indices if out_indices is not None else net.out_indices
+        if taps is None or len(taps) != 4:
             raise ValueError("ViT-FPN needs a trunk with 4 out_indices")
+        self.out_indices = net.check_indices(taps)
         self.net = net
         dim = net.embed_dim
         self.out_channels = out_channels
@@ -184,10 +191,20 @@ class ViTFPN(nn.Module):
         self.strides = [net.patch_size // 4, net.patch_size // 2, net.patch_size, net.patch_size * 2]
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        maps = self.net.forward_features(x)
+        maps = self.net.forward_intermediates(x, self.out_indices, intermediates_only=True)
         ops = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
         out = self.fpn(OrderedDict((LEVELS[i], op(m)) for i, (op, m) in enumerate(zip(ops, maps))))
         return OrderedDict(zip(LEVELS, out.values()))
+
+
+class ViTMaskRCNN(MaskRCNN):
+    """torchvision's :class:`~torchvision.models.detection.MaskRCNN` whose backbone holds the ViT trunk as
+    ``backbone.net``; it knows which of its parameters AdamW must not decay."""
+
+    def no_weight_decay(self) -> set[str]:
+        """The trunk's position table and ``rel_pos_h/w`` tables, as full names (``backbone.net.…``), as
+        ViTDet's optimizer overrides them; norms and biases are 1-D and skipped by ``param_groups`` anyway."""
+        return {f"backbone.net.{n}" for n in self.backbone.net.no_weight_decay()}
 
 
 class PaddedInputTransform(GeneralizedRCNNTransform):
@@ -223,7 +240,7 @@ def build_detector(
     box_batch_size_per_image: int = 512,
     box_score_thresh: float = 0.05,
     detections_per_img: int = 100,
-) -> MaskRCNN:
+) -> ViTMaskRCNN:
     """Mask R-CNN with a ViTDet (``backbone="vitdet"``) or ViT-FPN (``"vitfpn"``) backbone.
 
     ``num_classes`` counts the object classes (background is added).  Heads follow ViTDet:
@@ -246,7 +263,7 @@ def build_detector(
 
     norm: Callable[[int], nn.Module] = LayerNorm2d
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(LEVELS))
-    model = MaskRCNN(
+    model = ViTMaskRCNN(
         body,
         num_classes=None,
         min_size=image_size,
@@ -292,10 +309,10 @@ def layer_id_fn(model: MaskRCNN) -> Callable[[str], int]:
 
 
 __all__ = [
-    "NO_WEIGHT_DECAY",
     "PaddedInputTransform",
     "SimpleFeaturePyramid",
     "ViTFPN",
+    "ViTMaskRCNN",
     "build_detector",
     "build_trunk",
     "default_global_blocks",

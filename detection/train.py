@@ -29,7 +29,7 @@ from maecore.vit import ARCHS
 
 from .data import build_datasets, collate
 from .evaluate import evaluate_coco
-from .model import NO_WEIGHT_DECAY, build_detector, layer_id_fn
+from .model import build_detector, layer_id_fn
 from .recipes import RECIPES
 
 # what builds the network (its shape and its test-time settings): ``--eval --resume CKPT`` takes these from
@@ -137,7 +137,7 @@ def build_optimizer(model, args: argparse.Namespace, device: torch.device) -> to
     """AdamW (0.9, 0.999); no weight decay on norms, biases, pos-embed, rel-pos; ViTDet layer decay."""
     depth = model.backbone.net.depth
     groups = param_groups(model, args.weight_decay, layer_decay=args.layer_decay, layer_id=layer_id_fn(model),
-                          num_layers=depth + 1, no_weight_decay=NO_WEIGHT_DECAY)
+                          num_layers=depth + 1, no_weight_decay=model.no_weight_decay())
     return adamw(groups, args.lr, (0.9, 0.999), device)
 
 

@@ -5,11 +5,15 @@ Parameter names follow the official MAE / timm layout (``cls_token``, ``pos_embe
 checkpoints move between MAE, timm, detectron2 and mmseg by renaming alone.  Options cover what the
 downstream tasks need: masking (pretraining), window attention and decomposed relative position
 (ViTDet), relative position bias tables and layer scale (BEiT / mmseg UperNet), multi-level outputs,
-activation checkpointing.
+frozen leading blocks (linear probe, partial fine-tuning), activation checkpointing.
+
+The forward API has timm's shape: ``forward_features`` (final tokens), ``forward_intermediates``
+(the (B, C, H, W) maps of chosen blocks, for dense heads), ``no_weight_decay`` (names AdamW must not decay).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -328,12 +332,22 @@ class VisionTransformer(nn.Module):
             global ones (``window_block_indexes`` lists the *windowed* blocks).
         rel_pos: ``"decomposed"`` (ViTDet ``rel_pos_h/w``) or ``"bias"`` (BEiT tables); both zero-init.
         init_values: layer scale init (``ls1.gamma``/``ls2.gamma``), None for no layer scale.
-        out_indices: blocks whose outputs ``forward_features`` returns as (B, C, H, W) maps.
+        out_indices: the blocks a dense-task trunk taps by default: ``forward_intermediates`` without
+            ``indices`` returns their (B, C, H, W) maps, and so does calling the module.  The task
+            heads keep their own copy and pass it explicitly; None for a plain encoder.
         rel_pos_grid: patch grid the *global* blocks' relative-position tables are sized for
             (default: the position table's grid).  ViTDet keeps the absolute table at the
             pretraining grid (224/16 = 14) but sizes ``rel_pos_h/w`` for the detection input
             (1024/16 = 64), so its checkpoints load by shape.
+
+    Frozen leading part (:meth:`freeze_leading`): ``frozen_stem`` (patch embedding, cls token, position
+    table) and the first ``frozen_blocks`` blocks run as a fixed feature extractor — in eval mode (no drop
+    path) and, once the stem is frozen, under ``no_grad`` (nothing before them needs a gradient).
     """
+
+    # class-level defaults: nothing frozen (instances set them through freeze_leading)
+    frozen_stem: bool = False
+    frozen_blocks: int = 0
 
     def __init__(
         self,
@@ -427,7 +441,13 @@ class VisionTransformer(nn.Module):
 
     # ---- helpers ----------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        """Exact names of the parameters AdamW must not decay (1-D ones are skipped by
+        :func:`maecore.optim.param_groups` anyway): the position table, the cls token and the
+        relative-position tables (``rel_pos_h/w``, ``relative_position_bias_table``) this model has."""
+        return {
+            n for n, _ in self.named_parameters()
+            if n in ("pos_embed", "cls_token") or n.endswith((".rel_pos_h", ".rel_pos_w", ".relative_position_bias_table"))
+        }
 
     def layer_id(self, name: str) -> int:
         """BEiT layer-decay id: 0 for the stem (tokens, pos-embed, patch embed), i+1 for block i,
@@ -447,6 +467,51 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def check_indices(self, indices: Sequence[int]) -> tuple[int, ...]:
+        """``indices`` as a tuple of block numbers, or a ValueError naming the valid range."""
+        out = tuple(int(i) for i in indices)
+        bad = [i for i in out if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range: this encoder has blocks 0..{self.depth - 1}")
+        return out
+
+    # ---- frozen leading part ----------------------------------------------------------------
+    def freeze_leading(self, num_blocks: int, stem: bool = True) -> None:
+        """Freeze the stem (``stem``) and the first ``num_blocks`` blocks: no gradients, eval mode in
+        training, no autograd graph (linear probe: all blocks; partial fine-tuning: all but the last K)."""
+        if not 0 <= num_blocks <= self.depth:
+            raise ValueError(f"cannot freeze {num_blocks} blocks of a {self.depth}-block encoder")
+        params = [p for blk in self.blocks[:num_blocks] for p in blk.parameters()]
+        if stem:
+            params += [*self.patch_embed.parameters(), *(p for p in (self.cls_token, self.pos_embed) if p is not None)]
+        for p in params:
+            p.requires_grad_(False)
+        self.frozen_stem = stem
+        self.frozen_blocks = num_blocks
+        self.train(self.training)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules that run as a fixed feature extractor (kept in eval mode by :meth:`train`): the frozen
+        stem and leading blocks, and the attention branch of the next block when its attention is frozen
+        too (partial fine-tuning of the last MLP only)."""
+        if not (self.frozen_stem or self.frozen_blocks):
+            return []
+        mods: list[nn.Module] = [self.patch_embed] if self.frozen_stem else []
+        mods += list(self.blocks[: self.frozen_blocks])
+        if self.frozen_blocks < self.depth:
+            nxt = self.blocks[self.frozen_blocks]
+            if not any(p.requires_grad for p in nxt.parameters()):
+                mods.append(nxt)
+            elif not any(p.requires_grad for p in nxt.attn.parameters()):
+                mods += [nxt.norm1, nxt.attn, nxt.ls1, nxt.drop_path1]
+        return mods
+
+    def train(self, mode: bool = True) -> VisionTransformer:
+        super().train(mode)
+        for m in self.frozen_modules():  # fixed feature extractor: no drop path, no statistics updates
+            m.eval()
+        return self
+
     # ---- forward ----------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
         """Patch tokens with absolute positions added, their grid, and the prefix position rows."""
@@ -462,34 +527,95 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token if prefix_pos is None or prefix_pos.shape[1] == 0 else self.cls_token + prefix_pos
         return torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
 
-    def run_blocks(
-        self, x: torch.Tensor, grid: tuple[int, int], out_indices: Sequence[int] | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All blocks; returns the last tokens and the (B, C, H, W) maps of ``out_indices`` blocks."""
-        maps: dict[int, torch.Tensor] = {}
+    def prepare_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images -> the blocks' input tokens (B, prefix+HW, D) and the patch grid; no graph if the stem is frozen."""
+        with torch.no_grad() if self.frozen_stem else contextlib.nullcontext():
+            x, grid, prefix_pos = self.embed(x)
+            return self.add_prefix(x, prefix_pos), grid
+
+    def _blocks(
+        self, x: torch.Tensor, grid: tuple[int, int], indices: tuple[int, ...], stop_early: bool = False
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The one block loop: frozen leading blocks, activation checkpointing, taps (tokens as they leave
+        block i, prefix included); with ``stop_early`` it ends at the last tapped block."""
         npre = self.num_prefix_tokens
-        taps = set(out_indices or ())
-        for i, blk in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training:
+        taps: dict[int, torch.Tensor] = {}
+        want = set(indices)
+        end = max(indices) + 1 if (stop_early and indices) else self.depth
+        for i, blk in enumerate(self.blocks[:end]):
+            if i < self.frozen_blocks:
+                with torch.no_grad() if self.frozen_stem else contextlib.nullcontext():
+                    x = blk(x, grid, npre)
+            elif self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, grid, npre, use_reentrant=False)
             else:
                 x = blk(x, grid, npre)
-            if i in taps:
-                t = x[:, npre:]
-                maps[i] = t.transpose(1, 2).reshape(t.shape[0], -1, grid[0], grid[1])
-        # in the order asked, a block listed twice twice (a shallow encoder still feeds a 4-level neck)
-        return x, [maps[i] for i in (out_indices or ())]
+            if i in want:
+                taps[i] = x
+        return x, taps
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """Tokens after the final norm (B, prefix+HW, D); with ``out_indices`` the list of block maps."""
-        x, grid, prefix_pos = self.embed(x)
-        x = self.add_prefix(x, prefix_pos)
-        x, feats = self.run_blocks(x, grid, self.out_indices)
-        if self.out_indices is not None:
-            return feats
+    def to_map(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Tokens (B, prefix+HW, D) -> the patch tokens as a (B, D, H, W) map."""
+        t = x[:, self.num_prefix_tokens :]
+        return t.transpose(1, 2).reshape(t.shape[0], -1, grid[0], grid[1])
+
+    def run_blocks(
+        self, x: torch.Tensor, grid: tuple[int, int], out_indices: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All blocks on prepared tokens; returns the last tokens (before ``norm``) and the (B, C, H, W)
+        maps of the ``out_indices`` blocks, in the order asked (a block listed twice comes twice)."""
+        idx = self.check_indices(out_indices or ())
+        x, taps = self._blocks(x, grid, idx)
+        return x, [self.to_map(taps[i], grid) for i in idx]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens after the final ``norm``, (B, prefix+HW, D)."""
+        x, grid = self.prepare_tokens(x)
+        x, _ = self._blocks(x, grid, ())
         return self.norm(x)
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Sequence[int] | None = None,
+        *,
+        norm: bool = False,
+        output_fmt: Literal["NCHW", "NLC"] = "NCHW",
+        intermediates_only: bool = False,
+        stop_early: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs of the blocks ``indices`` (default: ``out_indices``, else every block), in the order
+        asked — a block listed twice comes twice (a shallow encoder can still feed a 4-level neck).
+
+        Args:
+            indices: block numbers 0..depth-1; anything else is a ValueError.
+            norm: pass each tapped output through the final ``norm`` (an identity in the dense trunks).
+            output_fmt: ``"NCHW"`` patch maps (B, D, H, W), or ``"NLC"`` patch tokens (B, HW, D);
+                prefix tokens are left out either way.
+            intermediates_only: return only the list; otherwise ``(final tokens after norm, list)``.
+            stop_early: with ``intermediates_only``, skip the blocks after the last tapped one (same
+                maps, less work; in training the skipped blocks' drop path no longer draws random numbers).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if indices is None:
+            indices = self.out_indices if self.out_indices is not None else range(self.depth)
+        idx = self.check_indices(indices)
+        x, grid = self.prepare_tokens(x)
+        x, taps = self._blocks(x, grid, idx, stop_early=stop_early and intermediates_only)
+        outs = []
+        for i in idx:
+            t = self.norm(taps[i]) if norm else taps[i]
+            outs.append(self.to_map(t, grid) if output_fmt == "NCHW" else t[:, self.num_prefix_tokens :])
+        if intermediates_only:
+            return outs
+        return self.norm(x), outs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Tokens (:meth:`forward_features`); a trunk built with ``out_indices`` returns those blocks'
+        (B, C, H, W) maps instead, as a dense backbone module does."""
+        if self.out_indices is not None:
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         return self.forward_features(x)
 
 

@@ -172,6 +172,12 @@ class MaskedAutoencoderViT(VisionTransformer):
         if self.encoder_mask_tokens:
             nn.init.normal_(self.encoder_mask_token, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's names plus the decoder's mask token and position table and the encoder mask
+        token (Table 1c ablation) when present."""
+        own = {n for n, _ in self.named_parameters()}
+        return super().no_weight_decay() | ({"mask_token", "decoder_pos_embed", "encoder_mask_token"} & own)
+
     # ---- pieces -----------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         return patchify(imgs, self.patch_size)

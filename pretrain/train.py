@@ -22,8 +22,6 @@ from pretrain.evaluate import reconstruction_figure
 from pretrain.model import MODELS, build_mae
 from pretrain.recipes import RECIPES
 
-NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed", "encoder_mask_token")
-
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("MAE pretraining", description=__doc__)
@@ -108,7 +106,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     eff_batch = args.batch_size * args.accum_iter * du.world_size()
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
-    groups = param_groups(model, args.weight_decay, no_weight_decay=NO_WEIGHT_DECAY)
+    groups = param_groups(model, args.weight_decay, no_weight_decay=model.no_weight_decay())
     optimizer = adamw(groups, args.lr, (0.9, 0.95), device)
     schedule = WarmupCosine(args.lr, args.min_lr, args.warmup_epochs, args.epochs)
 

@@ -183,7 +183,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class UperNetViT(nn.Module):
-    """ViT backbone + Feature2Pyramid + UperNet decode head (+ FCN auxiliary head for training)."""
+    """ViT backbone + Feature2Pyramid + UperNet decode head (+ FCN auxiliary head for training).
+
+    ``out_indices``: the blocks whose maps feed the neck, one per level (default: the backbone's
+    ``out_indices``)."""
 
     def __init__(
         self,
@@ -196,10 +199,13 @@ class UperNetViT(nn.Module):
         rescales: Sequence[float] = (4, 2, 1, 0.5),
         pool_scales: Sequence[int] = (1, 2, 3, 6),
         dropout: float = 0.1,
+        out_indices: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if backbone.out_indices is None or len(backbone.out_indices) != len(rescales):
-            raise ValueError(f"backbone must tap {len(rescales)} blocks (out_indices), got {backbone.out_indices}")
+        taps = out_indices if out_indices is not None else backbone.out_indices
+        if taps is None or len(taps) != len(rescales):
+            raise ValueError(f"backbone must tap {len(rescales)} blocks (out_indices), got {taps}")
+        self.out_indices = backbone.check_indices(taps)
         self.backbone = backbone
         self.num_classes = num_classes
         d = backbone.embed_dim
@@ -221,8 +227,14 @@ class UperNetViT(nn.Module):
             return self.backbone.layer_id(name[len("backbone.") :])
         return self.backbone.depth + 1
 
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's position table, cls token and relative position bias tables (``backbone.…``);
+        norms and biases are 1-D and skipped by ``param_groups`` anyway."""
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
     def features(self, img: torch.Tensor) -> list[torch.Tensor]:
-        return self.neck(self.backbone(img))
+        """The neck's pyramid from the maps of the ``out_indices`` blocks."""
+        return self.neck(self.backbone.forward_intermediates(img, self.out_indices, intermediates_only=True))
 
     def forward(self, img: torch.Tensor, target: torch.Tensor | None = None):
         """Without ``target``: logits (B, classes, H, W) at the input size (decode head only).

@@ -33,7 +33,6 @@ from segmentation.evaluate import MS_SCALES, evaluate_segmentation, format_resul
 from segmentation.model import UperNetViT, build_segmentor, maybe_sync_batchnorm
 from segmentation.recipes import RECIPES
 
-NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "relative_position_bias_table")
 # what defines the network: taken from a checkpoint's args when evaluating it (unless given on the command line)
 ARCH_KEYS = ("model", "patch_size", "embed_dim", "depth", "num_heads", "crop_size", "num_classes",
              "channels", "aux_channels", "aux_weight", "out_indices")
@@ -182,7 +181,7 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: to
     """AdamW (0.9, 0.999), BEiT layer decay over the blocks (neck and heads at scale 1), no weight decay
     on norms, biases, pos-embed and relative-position tables."""
     groups = param_groups(model, args.weight_decay, args.layer_decay, layer_id=model.layer_id,
-                          num_layers=model.backbone.depth + 1, no_weight_decay=NO_WEIGHT_DECAY)
+                          num_layers=model.backbone.depth + 1, no_weight_decay=model.no_weight_decay())
     return adamw(groups, args.lr, (0.9, 0.999), device)
 
 

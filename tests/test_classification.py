@@ -183,7 +183,7 @@ def test_linear_probe_head_and_pooling(mae_ckpt: Path) -> None:
     avg.eval()
     with torch.no_grad():
         tokens = avg.run_blocks(avg.add_prefix(*avg.embed(x)[::2]), (4, 4))[0]
-        torch.testing.assert_close(avg.forward_features(x), avg.norm(tokens)[:, 1:].mean(1))
+        torch.testing.assert_close(avg.forward_head(avg.forward_features(x), pre_logits=True), avg.norm(tokens)[:, 1:].mean(1))
 
 
 def test_finetune_448_from_224_checkpoint(tmp_path: Path) -> None:

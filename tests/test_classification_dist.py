@@ -24,6 +24,9 @@ class _FeatModel(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x + self.shift)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x + self.shift)
 

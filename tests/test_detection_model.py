@@ -8,7 +8,6 @@ import torch
 
 from detection.model import (
     LEVELS,
-    NO_WEIGHT_DECAY,
     build_detector,
     build_trunk,
     default_global_blocks,
@@ -98,7 +97,7 @@ def test_pyramid_strides_and_channels(backbone, patch):
 def test_vitdet_layer_decay_and_no_weight_decay():
     m = build_detector(7, **TINY, patch_size=16, image_size=64, pretrain_img_size=64, window_size=2, global_blocks=(3,))
     decay, depth = 0.7, 4
-    groups = param_groups(m, 0.1, layer_decay=decay, layer_id=layer_id_fn(m), num_layers=depth + 1, no_weight_decay=NO_WEIGHT_DECAY)
+    groups = param_groups(m, 0.1, layer_decay=decay, layer_id=layer_id_fn(m), num_layers=depth + 1, no_weight_decay=m.no_weight_decay())
     where = {n: g for g in groups for n in g["names"]}
     assert where["backbone.net.pos_embed"]["lr_scale"] == pytest.approx(decay ** (depth + 1))
     assert where["backbone.net.patch_embed.proj.weight"]["lr_scale"] == pytest.approx(decay ** (depth + 1))
