@@ -14,7 +14,7 @@ import torch
 
 from maecore import distributed as du
 from maecore.cli import run_cli
-from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args
+from maecore.engine import StepFn, Trainer, add_engine_args, config_from_args, dump_args
 from maecore.errors import UserError
 from maecore.optim import WarmupCosine, adamw, param_groups
 from pretrain.data import build_pretrain_dataset, fixed_images
@@ -97,6 +97,18 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     return summary
 
 
+def make_step_fn(mask_ratio: float) -> StepFn:
+    """The pretraining step function (``maecore.engine.TrainStep`` runs it; ``pretrain.benchmark`` times it):
+    the MAE loss on an ``(images, labels, skipped)`` batch; counts the unreadable files the loader skipped."""
+
+    def step_fn(m, batch):
+        imgs, _, skipped = batch
+        loss, _, _ = m(imgs, mask_ratio=mask_ratio)
+        return loss, {"n_skipped": skipped.sum()}
+
+    return step_fn
+
+
 def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     du.seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
@@ -119,11 +131,6 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
 
     vis_paths = fixed_images(args.data_path, args.vis_images) if args.vis_every else []
 
-    def step_fn(m, batch):
-        imgs, _, skipped = batch
-        loss, _, _ = m(imgs, mask_ratio=args.mask_ratio)
-        return loss, {"n_skipped": skipped.sum()}
-
     def on_epoch_end(m, epoch):
         if vis_paths and ((epoch + 1) % args.vis_every == 0 or epoch + 1 >= args.epochs):
             for name in (f"recon/epoch_{epoch:04d}.png", "recon-last.png"):
@@ -131,7 +138,8 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
                                       patch_stats=True, title=f"{args.model} epoch {epoch}")
 
     cfg = config_from_args(args)
-    return Trainer(cfg, model, optimizer, dataset, step_fn, schedule, device, args=dump_args(args), on_epoch_end=on_epoch_end)
+    return Trainer(cfg, model, optimizer, dataset, make_step_fn(args.mask_ratio), schedule, device, args=dump_args(args),
+                   on_epoch_end=on_epoch_end)
 
 
 def cli(argv: list[str] | None = None) -> None:

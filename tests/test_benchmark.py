@@ -1,26 +1,21 @@
-"""tools/benchmark.py runs end to end on a tiny model and writes the documented JSON fields.
+"""The benchmark (tools/benchmark.py = pipeline.benchmark over maecore.benchmark and pretrain.benchmark)
+runs end to end on a tiny model and writes the documented JSON fields.
 
 No timed assertions: timings on a shared CPU are noise; these tests check the harness, the FLOP
 counts, the explicit-attention baseline path and the error handling."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from maecore.benchmark import SCHEMA_VERSION, saved_activation_bytes
 from maecore.vit import set_fused_attention
+from pipeline import benchmark as bench
+from pretrain.benchmark import fvcore_macs, mae_macs
 from pretrain.model import MaskedAutoencoderViT
-
-ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("mae_benchmark", ROOT / "tools" / "benchmark.py")
-bench = importlib.util.module_from_spec(SPEC)
-sys.modules["mae_benchmark"] = bench  # dataclasses look their module up there
-SPEC.loader.exec_module(bench)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # fvcore traces with torch.jit
 
@@ -50,22 +45,22 @@ def test_analytic_macs_match_fvcore():
     m = tiny_mae(encoder_mask_tokens=True)
     for tokens in (True, False):
         m.encoder_mask_tokens = tokens
-        a = bench.mae_macs(m, 0.75)
-        f = bench.fvcore_macs(m, 0.75, 32)
+        a = mae_macs(m, 0.75)
+        f = fvcore_macs(m, 0.75, 32)
         # fvcore also counts layer norms (and the patchify permutation): a few % above the matmuls
         for part in ("encoder", "decoder"):
             assert a[part] <= f[part] <= 1.1 * a[part], (tokens, part, a, f)
     m.encoder_mask_tokens = False
     # 16 patches, 4 kept: the encoder blocks see 5 tokens instead of 17 (the patch embedding is shared)
-    assert bench.mae_macs(m, 0.75, True)["encoder"] > 2.5 * bench.mae_macs(m, 0.75, False)["encoder"]
+    assert mae_macs(m, 0.75, True)["encoder"] > 2.5 * mae_macs(m, 0.75, False)["encoder"]
 
 
 def test_saved_activation_estimate_sees_attention_matrix():
     m = tiny_mae()
     x = torch.randn(4, 3, 32, 32)
-    fused = bench.saved_activation_bytes(lambda: m(x, 0.0)[0])
+    fused = saved_activation_bytes(lambda: m(x, 0.0)[0])
     set_fused_attention(m, False)
-    explicit = bench.saved_activation_bytes(lambda: m(x, 0.0)[0])
+    explicit = saved_activation_bytes(lambda: m(x, 0.0)[0])
     assert explicit > fused > 0  # the explicit path keeps the (B, heads, N, N) softmax for backward
 
 
@@ -75,7 +70,7 @@ def test_benchmark_all_sections_json(tmp_path):
                       "--data_images", "4", "--photo_sizes", "96x64", "--num_workers", "0", "--jpeg_draft",
                       "--data_batch_size", "2", "--data_batches", "1", "--json", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["schema"] == bench.SCHEMA_VERSION
+    assert saved["schema"] == SCHEMA_VERSION
     for k in ("torch", "device", "cpu", "torch_threads", "load_avg", "max_rss_mb"):
         assert k in saved["env"]
     p = saved["pretrain"]

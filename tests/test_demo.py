@@ -1,19 +1,30 @@
-"""The main job (tools/demo.py) end to end at the smallest size, and its failure / resume path."""
+"""The main job (tools/demo.py, i.e. pipeline.demo) end to end at the smallest size, and its failure /
+resume path."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = [sys.executable, str(ROOT / "tools" / "demo.py")]
+DEMO = [sys.executable, str(ROOT / "tools" / "demo.py")]  # the command `make demo` runs
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's packages, not whichever copy is installed
+
+
+def test_every_stage_command_has_a_main():
+    """Each command line a stage shows is run in-process through its module's main()."""
+    from pipeline.demo import ENTRIES, entry_main
+
+    assert {"tools/make_synthetic.py", "tools/convert.py", "tools/visualize.py", "-m pretrain"} <= set(ENTRIES)
+    assert all(callable(entry_main(entry)) for entry in ENTRIES)
 
 
 def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(tmp_path):
     out = tmp_path / "run"
-    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out)], capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out)], capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     report = (out / "report.md").read_text()
     for row in ("linear probe", "partial fine-tune, last MLP", "fine-tune", "detection (box AP)", "detection (mask AP)",
@@ -32,13 +43,13 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"segmentation": ["--recipe", "demo", "--crop_size", "-5"]}))
     p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "segmentation", "--config", str(bad)],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert p.returncode == 2
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage 'segmentation' failed") and "--from-stage segmentation" in last
     assert "Traceback" not in p.stderr
     assert (out / "pretrain" / "checkpoint-last.pth").read_bytes() == ckpt
     p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "report"], capture_output=True,
-                       text=True, cwd=ROOT)
+                       text=True, cwd=ROOT, env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "| linear probe |" in (out / "report.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -172,8 +173,9 @@ def test_refuses_non_empty(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # PYTHONPATH: the tool imports this checkout's maecore, not whichever copy is installed
     return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=60, check=False)
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60, check=False)
 
 
 def test_cli(tmp_path: Path) -> None:

@@ -1,0 +1,5 @@
+"""Pipeline-level tools above the task packages: the staged demo (``python -m pipeline.demo``), the
+benchmark command line (``python -m pipeline.benchmark``) and the transfer studies
+(``python -m pipeline.study_{classification,detection,segmentation}``).  ``tools/`` holds thin entry
+points to these.  This package may import every task package; ``maecore`` and the tasks never import it.
+"""
