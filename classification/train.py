@@ -49,10 +49,10 @@ from classification.recipes import PROTOCOL_DEFAULTS, RECIPES
 from maecore import distributed as du
 from maecore.checkpoint import checkpoint_args, load_for_eval, unwrap_state_dict
 from maecore.cli import given_flags, run_cli
+from maecore.convert import load_weights
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.errors import UserError
 from maecore.optim import WarmupCosine, adamw, param_groups
-from maecore.vit import load_encoder_state
 
 PROTOCOLS = ("finetune", "linprobe", "partial")
 # what builds the network and its eval view: ``--eval --resume CKPT`` takes these from the checkpoint's saved
@@ -323,12 +323,9 @@ def run_eval(args: argparse.Namespace, device: torch.device, amp: str, given: Co
     args.finetune = ""
     model, _ = build_model(args, num_classes)
     try:
-        missing, unexpected = load_encoder_state(model, state, strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{args.resume}: does not fit {args.model}: {str(e).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise UserError(f"{args.resume}: does not fit {args.model} (missing {missing[:4]}, unexpected {unexpected[:4]}); "
-                        "check --model/--patch_size/--depth")
+        load_weights(model, state, "exact")  # pos_embed from another input size is resampled
+    except UserError as e:
+        raise UserError(f"{args.resume}: does not fit {args.model} ({e}); check --model/--patch_size/--depth") from None
     model.to(device)
     res = evaluate(model, eval_loader(val_ds, args.batch_size, args.num_workers), device, num_classes, amp)
     confusion = res.pop("confusion")

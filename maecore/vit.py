@@ -626,26 +626,3 @@ def vit_kwargs(arch: str) -> dict:
     d, depth, heads, p = ARCHS[arch]
     return dict(embed_dim=d, depth=depth, num_heads=heads, patch_size=p)
 
-
-def adapt_pos_embed(pe: torch.Tensor, model: VisionTransformer) -> torch.Tensor:
-    """Fit a checkpoint's position table to ``model``: add/drop the cls slot, resample the grid."""
-    n = pe.shape[1]
-    src_prefix = next((p for p in (model.pos_embed_prefix, 1, 0) if math.isqrt(n - p) ** 2 == n - p), None)
-    if src_prefix is None:
-        raise ValueError(f"cannot infer the patch grid of a {n}-row position table")
-    if src_prefix > model.pos_embed_prefix:
-        pe = pe[:, src_prefix:]
-    elif src_prefix < model.pos_embed_prefix:
-        pe = torch.cat([pe.new_zeros(1, model.pos_embed_prefix, pe.shape[2]), pe], dim=1)
-    return resample_pos_embed(pe, model.grid_size, None, model.pos_embed_prefix)
-
-
-def load_encoder_state(model: VisionTransformer, state: dict[str, torch.Tensor], strict: bool = True):
-    """Load encoder weights, resampling ``pos_embed`` when the checkpoint was made at another grid.
-
-    Returns torch's (missing, unexpected) key lists."""
-    state = dict(state)
-    pe = state.get("pos_embed")
-    if pe is not None and model.pos_embed is not None and pe.shape != model.pos_embed.shape:
-        state["pos_embed"] = adapt_pos_embed(pe, model)
-    return model.load_state_dict(state, strict=strict)

@@ -6,7 +6,6 @@ released checkpoints load strictly and ours load there.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -14,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from maecore.errors import UserError
 from maecore.vit import Block, VisionTransformer, get_2d_sincos_pos_embed, resample_pos_embed, vit_kwargs
 
 MaskType = Literal["random", "block", "grid"]
@@ -279,52 +277,3 @@ def build_mae(name: str, **kwargs) -> MaskedAutoencoderViT:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     return MODELS[name](**kwargs)
 
-
-def is_decoder_key(k: str) -> bool:
-    """Keys of an MAE checkpoint that belong to the decoder (absent from encoder-only releases)."""
-    return k.startswith(("decoder_", "mask_token"))
-
-
-# embed dim -> heads of the published sizes (the state dict does not record the head count)
-HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-
-
-def infer_config(state: dict[str, torch.Tensor]) -> dict:
-    """Constructor kwargs of the MAE that produced ``state`` (official or ours), from shapes alone."""
-    try:
-        proj = state["patch_embed.proj.weight"]
-        pos = state["pos_embed"]
-    except KeyError as e:
-        raise UserError(f"not an MAE/ViT encoder state dict (no {e.args[0]})") from None
-    dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
-    side = math.isqrt(pos.shape[1] - 1)
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    kw = dict(img_size=side * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
-              num_heads=HEADS_BY_DIM.get(dim, max(1, dim // 64)))
-    if "decoder_embed.weight" in state:
-        ddim = state["decoder_embed.weight"].shape[0]
-        kw.update(decoder_embed_dim=ddim, decoder_num_heads=16 if ddim % 16 == 0 else max(1, ddim // 32),
-                  decoder_depth=1 + max((int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks.")), default=-1))
-    return kw
-
-
-def load_mae_state(model: MaskedAutoencoderViT, state: dict[str, torch.Tensor]) -> list[str]:
-    """Load an MAE state dict strictly for the keys it has: an encoder-only release may lack the
-    decoder (returned as the list of keys left at their init); any other missing or unknown key,
-    or a shape mismatch, is an error.  ``pos_embed`` from another grid is resampled."""
-    own = model.state_dict()
-    unknown = sorted(k for k in state if k not in own)
-    missing = sorted(k for k in own if k not in state)
-    if unknown:
-        raise UserError(f"unknown keys for {type(model).__name__}: {', '.join(unknown[:8])}")
-    if any(not is_decoder_key(k) for k in missing):
-        raise UserError(f"checkpoint lacks encoder keys: {', '.join(k for k in missing if not is_decoder_key(k))[:400]}")
-    state = dict(state)
-    for k in ("pos_embed", "decoder_pos_embed"):
-        if k in state and state[k].shape != own[k].shape:
-            state[k] = resample_pos_embed(state[k], model.grid_size, None, 1)
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
-    if bad:
-        raise UserError(f"shape mismatch: {'; '.join(bad[:6])}")
-    model.load_state_dict(state, strict=False)
-    return missing

@@ -378,11 +378,8 @@ def test_val_reindexed_to_train_classes(world: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["classification", "timm", "safetensors"])
 def test_converter_outputs_accepted(mae_ckpt: Path, world: Path, tmp_path: Path, fmt: str) -> None:
     """tools/convert.py exports (our task format, timm, safetensors) load through --finetune."""
-    import importlib.util
+    import maecore.convert.__main__ as tool
 
-    spec = importlib.util.spec_from_file_location("convert_tool", Path(__file__).resolve().parent.parent / "tools" / "convert.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     dst = tmp_path / ("enc.safetensors" if fmt == "safetensors" else "enc.pth")
     tool.main([str(mae_ckpt), "-o", str(dst), "--to", fmt])
     model, _ = build_model(parse_args([*TINY, "--data_path", str(world), "--finetune", str(dst)]), 7)

@@ -6,18 +6,19 @@ parameters are perturbed away from their init so a swapped or dropped tensor can
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
+import maecore.convert.__main__ as CLI
 from maecore.convert import convert, load_backbone, load_source, read_state
 from maecore.errors import UserError
 from maecore.vit import VisionTransformer
@@ -27,16 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
 VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 DEC = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("convert_cli", ROOT / "tools" / "convert.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-CLI = _load_cli()
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -493,6 +484,51 @@ def test_patch_size_resampling_for_vitdet_h(tmp_path, files, capsys):
     load_backbone(trunk, {"model": {k.removeprefix("backbone.net."): v for k, v in sd.items()}})
     code, _, err = run([files["full"], "-o", tmp_path / "x.pth", "--to", "official", "--patch-size", "16"], capsys)
     assert code == 2 and "decoder" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# the format registry: one module per format, found by listing maecore/convert/formats/
+# --------------------------------------------------------------------------------------------------
+def test_every_format_name_has_a_record():
+    from maecore.convert import SOURCES, TARGETS, registry
+
+    reg = registry()
+    assert len(TARGETS) == 10 and all(reg[n].is_target and reg[n].write for n in TARGETS)
+    assert SOURCES[0] == "auto" and len(SOURCES) == 10 and all(reg[n].is_source for n in SOURCES[1:])
+    assert set(reg) == set(TARGETS) | set(SOURCES[1:])  # no record the CLI cannot reach
+
+
+def test_a_new_format_is_one_module(tmp_path, monkeypatch, files, capsys):
+    from maecore.convert import formats
+
+    (tmp_path / "toy.py").write_text(textwrap.dedent("""
+        from maecore.checkpoint import save_atomic
+        from maecore.convert.formats import Format
+
+
+        def write(conv, source, dst, force):
+            save_atomic({"toy": conv.state}, dst)
+            return [dst]
+
+
+        FORMATS = (Format("toy", order=99, keep=frozenset({"cls_token", "norm"}), write=write,
+                          from_canonical=lambda state, arch: ({"toy." + k: v for k, v in state.items()},
+                                                              {k: "toy." + k for k in state})),)
+    """))
+    monkeypatch.setattr(formats, "__path__", [*formats.__path__, str(tmp_path)])  # as if dropped into formats/
+    formats.registry.cache_clear()
+    try:
+        assert formats.targets()[-1] == "toy"
+        code, out, _ = run([files["full"], "-o", tmp_path / "toy.pth", "--to", "toy"], capsys)
+        assert code == 0 and "-> toy.*" in out and "MAE decoder (pretraining only)" in out
+        sd = torch.load(tmp_path / "toy.pth", weights_only=True)["toy"]
+        assert {"toy.cls_token", "toy.norm.weight", "toy.blocks.1.mlp.fc2.bias"} <= set(sd)
+        assert not any("decoder" in k or "mask_token" in k for k in sd)
+    finally:
+        monkeypatch.undo()
+        formats.registry.cache_clear()
+        sys.modules.pop("maecore.convert.formats.toy", None)
+    assert "toy" not in formats.targets()
 
 
 # --------------------------------------------------------------------------------------------------

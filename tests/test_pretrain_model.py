@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from maecore.convert import infer_arch, load_weights
 from maecore.errors import UserError
 from maecore.vit import get_2d_sincos_pos_embed
 from pretrain.model import (
@@ -15,8 +16,6 @@ from pretrain.model import (
     block_noise,
     build_mae,
     grid_noise,
-    infer_config,
-    load_mae_state,
     patchify,
     random_masking,
     unpatchify,
@@ -147,28 +146,28 @@ def test_official_key_set_and_checkpoint_variants():
     full = {k: v.clone() for k, v in src.state_dict().items()}
     # `_full` / `visualize` releases: everything, strictly
     dst = tiny()
-    assert load_mae_state(dst, full) == []
+    assert sorted(load_weights(dst, full, "mae").added) == []
     assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     dst.load_state_dict(full, strict=True)
     # encoder-only release: no decoder, no mask token; the rest loads, decoder keys reported
     enc = {k: v for k, v in full.items() if not k.startswith(("decoder_", "mask_token"))}
-    left = load_mae_state(tiny(), enc)
+    left = sorted(load_weights(tiny(), enc, "mae").added)
     assert left and all(k.startswith(("decoder_", "mask_token")) for k in left)
     with pytest.raises(UserError, match="unknown keys"):
-        load_mae_state(tiny(), {**full, "head.weight": torch.zeros(3)})
+        load_weights(tiny(), {**full, "head.weight": torch.zeros(3)}, "mae")
     with pytest.raises(UserError, match="lacks encoder keys"):
-        load_mae_state(tiny(), {k: v for k, v in full.items() if k != "norm.weight"})
+        load_weights(tiny(), {k: v for k, v in full.items() if k != "norm.weight"}, "mae")
     with pytest.raises(UserError, match="shape mismatch"):
-        load_mae_state(tiny(), {**full, "norm.weight": torch.zeros(3)})
+        load_weights(tiny(), {**full, "norm.weight": torch.zeros(3)}, "mae")
 
 
 def test_infer_config_and_pos_resampling():
     m = tiny()
-    cfg = infer_config(m.state_dict())
+    cfg = infer_arch(m.state_dict()).mae_kwargs()
     assert cfg["embed_dim"] == 64 and cfg["depth"] == 2 and cfg["patch_size"] == 8 and cfg["img_size"] == 32
     assert cfg["decoder_depth"] == 2 and cfg["decoder_embed_dim"] == 32
     big = MaskedAutoencoderViT(**{**cfg, "img_size": 48, "num_heads": 4, "decoder_num_heads": 4})
-    load_mae_state(big, m.state_dict())  # 4x4 tables resampled to 6x6
+    load_weights(big, m.state_dict(), "mae")  # 4x4 tables resampled to 6x6
     assert big.pos_embed.shape == (1, 37, 64)
 
 

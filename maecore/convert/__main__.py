@@ -1,0 +1,83 @@
+"""Convert MAE / ViT weights between our checkpoints, the official MAE releases, timm, HF ViTMAE,
+detectron2 ViTDet, mmsegmentation, mmdetection and our task backbones.
+
+Example: python -m maecore.convert mae_pretrain_vit_base.pth -o vitdet_b_init.pth --to detectron2
+(``python tools/convert.py`` is the same command).
+
+The source format is detected from the file (``--from`` overrides).  A table of what happened to every
+key is printed: converted, renamed, dropped (and why), new in the target (and how it starts),
+position tables resampled.  Unknown keys and shape mismatches are refused by name; DST is never
+overwritten without ``--force``; every bad input ends with one ``error:`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from maecore.cli import OneLineParser, run_cli, size_type
+from maecore.convert import formats
+from maecore.convert.io import load_source
+from maecore.convert.keys import infer_arch
+from maecore.convert.pipeline import convert, write_converted
+
+parse_size = size_type(1)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="convert.py", description=__doc__.splitlines()[0])
+    p.add_argument("src", help="checkpoint file (.pth/.bin/.pkl/.safetensors) or HF model directory")
+    p.add_argument("-o", "--output", required=True, help="destination file (a directory for --to hf)")
+    p.add_argument("--to", required=True, choices=formats.targets(), help="target format")
+    p.add_argument("--from", dest="src_format", default="auto", choices=formats.sources(), help="source format (default: detect)")
+    p.add_argument("--img-size", type=parse_size, default=None,
+                   help="resample pos_embed (and decoder_pos_embed) to this input size: N or HxW")
+    p.add_argument("--pool", choices=["token", "avg"], default=None,
+                   help="timm: global pooling of the target model (token keeps norm; avg uses fc_norm). "
+                        "Default: avg if the source has fc_norm only, else token")
+    p.add_argument("--fc-norm", choices=["reinit", "copy"], default="reinit",
+                   help="timm avg / classification: leave fc_norm to the model's init (official fine-tuning) "
+                        "or start it from the final norm")
+    p.add_argument("--num-heads", type=_positive, default=None,
+                   help="attention heads of the encoder (state dicts do not record it; needed for --to hf "
+                        "and task metadata when the width is not a published size)")
+    p.add_argument("--decoder-num-heads", type=_positive, default=None, help="attention heads of the MAE decoder")
+    p.add_argument("--patch-size", type=_positive, default=None,
+                   help="resample the patch embedding to this patch size (e.g. ViTDet-H runs MAE ViT-H/14 at 16); "
+                        "encoder-only targets")
+    p.add_argument("--force", action="store_true", help="overwrite DST")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    source = load_source(args.src, args.src_format)
+    a = infer_arch(source.state, {**source.hints, **({"num_heads": args.num_heads} if args.num_heads else {})})
+    conv = convert(source, args.to, img_size=args.img_size, pool=args.pool, fc_norm=args.fc_norm,
+                   num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads, patch_size=args.patch_size)
+    written = write_converted(conv, source, args.output, force=args.force)
+    print(f"source: {source.path}  (format: {source.fmt}; ViT {a.embed_dim}d x{a.depth}, patch {a.patch_size}, "
+          f"grid {a.grid[0]}x{a.grid[1]}" + (f", decoder {a.decoder_dim}d x{a.decoder_depth}" if a.decoder_dim else "") + ")")
+    print(f"target: {args.to} -> {', '.join(str(w) for w in written)}")
+    print(conv.report.table())
+    print(f"done in {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    cli()
