@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import shlex
 import time
@@ -111,18 +110,7 @@ ENTRIES: dict[str, str] = {
 
 def entry_main(entry: str) -> Callable[[list[str]], object]:
     """``main`` of the module behind a stage's command line (imported on first use)."""
-    module = ENTRIES[entry]
-    try:
-        return importlib.import_module(module).main
-    except ModuleNotFoundError as e:
-        if e.name != module or not entry.startswith("tools/"):
-            raise
-    # Interim: the convert and visualize command lines move out of their tools/ scripts into the modules
-    # named above in another part of issue #13; until that lands, the script is their only home.
-    spec = importlib.util.spec_from_file_location(f"_tool_{Path(entry).stem}", Path(__file__).resolve().parents[1] / entry)
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod.main
+    return importlib.import_module(ENTRIES[entry]).main
 
 
 # --------------------------------------------------------------------------------------------------
