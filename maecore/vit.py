@@ -23,15 +23,6 @@ from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed
 
 RelPos = Literal["decomposed", "bias"] | None
 
-# name -> (embed_dim, depth, num_heads, patch_size)
-ARCHS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (192, 12, 3, 16),
-    "small": (384, 12, 6, 16),
-    "base": (768, 12, 12, 16),
-    "large": (1024, 24, 16, 16),
-    "huge": (1280, 32, 16, 14),
-}
-
 
 def to_2tuple(x: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(x, int):
@@ -493,12 +484,14 @@ class VisionTransformer(nn.Module):
         return self.forward_features(x)
 
 
-def vit_kwargs(arch: str) -> dict:
-    """Constructor kwargs for a named size (tiny/small/base/large/huge)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown ViT size {arch!r}; choose from {', '.join(ARCHS)}")
-    d, depth, heads, p = ARCHS[arch]
-    return dict(embed_dim=d, depth=depth, num_heads=heads, patch_size=p)
+def __getattr__(name: str) -> dict[str, tuple[int, int, int, int]]:
+    # ``ARCHS`` (size -> (embed_dim, depth, num_heads, patch_size)) moved to the registry,
+    # maecore.models.SIZES; this view keeps ``from maecore.vit import ARCHS`` working for older callers
+    if name == "ARCHS":
+        from maecore.models import SIZES
+
+        return {k: (s.embed_dim, s.depth, s.num_heads, s.patch_size) for k, s in SIZES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def adapt_pos_embed(pe: torch.Tensor, model: VisionTransformer) -> torch.Tensor:
