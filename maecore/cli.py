@@ -7,9 +7,12 @@ import copy
 import math
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from maecore.errors import UserError  # noqa: F401  (re-exported: ``from maecore.cli import UserError`` keeps working)
+
+if TYPE_CHECKING:  # the registry imports torch: the CLI layer imports it only when a parser is built
+    from maecore.models import Family
 
 
 def fail(msg: str) -> NoReturn:
@@ -106,7 +109,7 @@ LEGACY_ARG_KEYS: dict[str, str] = {"arch": "model", "image_size": "input_size", 
                                    "nb_classes": "num_classes"}
 
 
-def model_type(family: str = "vit") -> Callable[[str], str]:
+def model_type(family: Family = "vit") -> Callable[[str], str]:
     """argparse ``type=`` for ``--model``: any registry name or alias -> the canonical name in ``family``
     (``mae`` for pretraining, ``vit`` for the transfer tasks)."""
 
@@ -114,7 +117,7 @@ def model_type(family: str = "vit") -> Callable[[str], str]:
         from maecore.models import UnknownModelError, resolve_model  # the registry imports torch: only when parsing
 
         try:
-            return resolve_model(text, family).name  # type: ignore[arg-type]
+            return resolve_model(text, family).name
         except UnknownModelError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -135,7 +138,7 @@ class _SidesAction(argparse.Action):
 
 def add_model_args(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    family: str = "vit",
+    family: Family = "vit",
     *,
     model: str | None = None,
     input_size: int | None = None,
@@ -151,22 +154,19 @@ def add_model_args(
     (:data:`LEGACY_FLAGS`).  ``two_sided``: ``--input_size H [W]``."""
     from maecore.models import model_names
 
-    def also(dest: str) -> str:
-        return f" (also {'/'.join(LEGACY_FLAGS[dest])})"
-
-    names = ", ".join(model_names(family))  # type: ignore[arg-type]
+    names = ", ".join(model_names(family))
     parser.add_argument("--model", *LEGACY_FLAGS["model"], dest="model", default=model, type=model_type(family),
-                        metavar="NAME", help=f"{names}, or tiny/small/base/large/huge (with or without mae_)" + also("model"))
+                        metavar="NAME", help=f"{names}, or tiny/small/base/large/huge (with or without mae_)")
     if two_sided:
         parser.add_argument("--input_size", *LEGACY_FLAGS["input_size"], dest="input_size", default=input_size,
                             type=positive_int, nargs="+", action=_SidesAction, metavar="N",
-                            help=f"{input_size_help}: H [W]" + also("input_size"))
+                            help=f"{input_size_help}: H [W]")
     else:
         parser.add_argument("--input_size", *LEGACY_FLAGS["input_size"], dest="input_size", default=input_size,
-                            type=positive_int, metavar="N", help=input_size_help + also("input_size"))
+                            type=positive_int, metavar="N", help=input_size_help)
     if num_classes:
         parser.add_argument("--num_classes", *LEGACY_FLAGS["num_classes"], dest="num_classes", default=num_classes_default,
-                            type=positive_int, metavar="N", help=num_classes_help + also("num_classes"))
+                            type=positive_int, metavar="N", help=num_classes_help)
     parser.add_argument("--patch_size", type=positive_int, default=None, help="override the size's patch size")
     parser.add_argument("--embed_dim", type=positive_int, default=None, help="override the size's width")
     parser.add_argument("--depth", type=positive_int, default=None, help="override the size's number of blocks")
