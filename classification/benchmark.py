@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from classification.model import MODELS
 from classification.recipes import RECIPES
 from classification.train import build_criterion, build_model, build_optimizer, parse_args
 from maecore.engine import TrainStep
@@ -34,21 +33,18 @@ def benchmark_step(
     224) on ``batch_size`` images; returns the step closure, the images per step and an ``info`` dict
     saying what was built (merged into the benchmark's JSON)."""
     arch = arch or "base"
-    model_name = next((n for n, (size, _) in MODELS.items() if size == arch), None)
-    if model_name is None:
-        raise ValueError(f"no classification model of size {arch!r}; choose from {', '.join(s for s, _ in MODELS.values())}")
     # sizes without a recipe of their own (tiny, small) borrow ViT-B's hyper-parameters
     recipe = f"finetune_vit_{arch}" if f"finetune_vit_{arch}" in RECIPES else "finetune_vit_base"
     argv = [
         "--recipe",
         recipe,
         "--model",
-        model_name,
+        arch,
         "--batch_size",
         str(batch_size),
         "--data_path",
         "unused",
-        "--nb_classes",
+        "--num_classes",
         str(NUM_CLASSES),
     ]
     if input_size is not None:
@@ -84,7 +80,7 @@ def benchmark_step(
         "arch": arch,
         "input_size": args.input_size,
         "patch_size": model.patch_size,
-        "model": model_name,
+        "model": args.model,
         "recipe": recipe,
         "mixup": mixup_fn is not None,
     }

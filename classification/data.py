@@ -87,7 +87,7 @@ def eval_transform(input_size: int | Sequence[int], crop_pct: float | None = Non
     size = to_2tuple(input_size)
     crop_pct = default_crop_pct(size) if crop_pct is None else crop_pct
     if not 0 < crop_pct <= 1:
-        raise UserError(f"--crop_pct must be in (0, 1], got {crop_pct}")
+        raise UserError(f"the eval crop fraction must be in (0, 1], got {crop_pct}")
     return T.Compose([
         T.Resize(int(min(size) / crop_pct), interpolation=InterpolationMode.BICUBIC),
         T.CenterCrop(size),
@@ -104,7 +104,7 @@ def build_datasets(
 
     A val class that the index space lacks is an error; a class absent from val is fine.
     Returns (train or None, val, class names)."""
-    root = check_dir(data_path, "--data_path")
+    root = check_dir(data_path, "data")
     for split in ("train", "val") if need_train else ("val",):
         if not (root / split).is_dir():
             raise UserError(f"{root} has no {split}/ sub-directory (expected the ImageNet layout {root}/{{train,val}}/<class>/*)")

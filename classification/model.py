@@ -27,16 +27,8 @@ import torch.nn as nn
 
 from maecore.convert import ConversionReport, load_backbone
 from maecore.errors import UserError
-from maecore.vit import VisionTransformer, vit_kwargs
-
-# builder name -> (size, patch)
-MODELS: dict[str, tuple[str, int]] = {
-    "vit_tiny_patch16": ("tiny", 16),
-    "vit_small_patch16": ("small", 16),
-    "vit_base_patch16": ("base", 16),
-    "vit_large_patch16": ("large", 16),
-    "vit_huge_patch14": ("huge", 14),
-}
+from maecore.models import model_kwargs
+from maecore.vit import VisionTransformer
 
 
 class VisionTransformerClassifier(VisionTransformer):
@@ -107,20 +99,17 @@ def build_classifier(
     img_size: int | Sequence[int] = 224,
     patch_size: int | None = None,
     depth: int | None = None,
+    embed_dim: int | None = None,
+    num_heads: int | None = None,
     **kwargs,
 ) -> VisionTransformerClassifier:
-    """``vit_{tiny,small,base,large}_patch16`` / ``vit_huge_patch14`` with optional patch/depth override."""
-    if model not in MODELS:
-        raise UserError(f"unknown --model {model!r}; choose from {', '.join(MODELS)}")
-    kw = vit_kwargs(MODELS[model][0])
-    if patch_size:
-        kw["patch_size"] = patch_size
-    if depth:
-        kw["depth"] = depth
+    """The classifier of a registered size (``vit_base_patch16``, ``base``…; see :mod:`maecore.models`) with
+    optional size overrides; other kwargs go to :class:`VisionTransformerClassifier`."""
+    kw: dict = model_kwargs(model, patch_size, embed_dim, depth, num_heads)
     kw.update(kwargs)
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if size[0] % kw["patch_size"] or size[1] % kw["patch_size"]:
-        raise UserError(f"--input_size {size} is not a multiple of the patch size {kw['patch_size']}")
+        raise UserError(f"input size {size[0]}x{size[1]} is not a multiple of the patch size {kw['patch_size']}")
     return VisionTransformerClassifier(num_classes=num_classes, img_size=size, **kw)
 
 
@@ -160,7 +149,7 @@ def setup_partial_finetune(model: VisionTransformerClassifier, tune_blocks: floa
     number of tuned parameters."""
     depth = model.depth
     if tune_blocks < 0 or tune_blocks > depth or (tune_blocks != int(tune_blocks) and tune_blocks != 0.5):
-        raise UserError(f"--tune_blocks must be 0.5 or an integer in [0, {depth}], got {tune_blocks}")
+        raise UserError(f"tune_blocks={tune_blocks}: the blocks to tune must be 0.5 or an integer in [0, {depth}]")
     if tune_blocks >= depth:  # full fine-tuning
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
     freeze(model)

@@ -38,7 +38,6 @@ from classification.data import (
 from classification.evaluate import confusion_figure, evaluate, extract_features, knn_accuracy, sync_buffers
 from classification.lars import LARS
 from classification.model import (
-    MODELS,
     VisionTransformerClassifier,
     build_classifier,
     load_pretrained,
@@ -48,66 +47,74 @@ from classification.model import (
 from classification.recipes import PROTOCOL_DEFAULTS, RECIPES
 from maecore import distributed as du
 from maecore.checkpoint import checkpoint_args, load_for_eval, unwrap_state_dict
-from maecore.cli import given_flags, run_cli
+from maecore.cli import (
+    OneLineParser,
+    add_model_args,
+    check_model_args,
+    given_flags,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    ratio,
+    run_cli,
+)
 from maecore.convert import load_weights
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.errors import UserError
+from maecore.models import resolve_model
 from maecore.optim import WarmupCosine, adamw, param_groups
 
 PROTOCOLS = ("finetune", "linprobe", "partial")
 # what builds the network and its eval view: ``--eval --resume CKPT`` takes these from the checkpoint's saved
 # args unless given on the command line (the protocol and the head follow from the weights themselves)
-MODEL_KEYS = ("model", "patch_size", "depth", "input_size", "global_pool", "nb_classes", "crop_pct")
+MODEL_KEYS = ("model", "patch_size", "embed_dim", "depth", "num_heads", "input_size", "global_pool", "num_classes", "crop_pct")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("MAE image classification transfer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser("python -m classification", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="default: the recipe's, else finetune")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="preset defaults; flags given override")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_large_patch16", choices=sorted(MODELS))
-    g.add_argument("--patch_size", type=int, default=None, help="override the model's patch size")
-    g.add_argument("--depth", type=int, default=None, help="override the number of blocks (small tests)")
-    g.add_argument("--input_size", type=int, default=224)
-    g.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate")
+    add_model_args(g, "vit", model="vit_large_patch16", input_size=224, input_size_help="image side in pixels",
+                   num_classes_help="default: number of class folders in train/")
+    g.add_argument("--drop_path", type=ratio(0.0, 1.0, hi_open=True), default=None, help="stochastic depth rate")
     g.add_argument("--global_pool", action="store_true", default=None, help="average patch tokens (+ fc_norm)")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the cls token")
-    g.add_argument("--nb_classes", type=int, default=None, help="default: number of class folders in train/")
     g.add_argument("--finetune", default="", help="pretrained MAE checkpoint (ours or official)")
-    g.add_argument("--tune_blocks", type=float, default=None, help="partial: tune the last K blocks (0.5 = last MLP)")
+    g.add_argument("--tune_blocks", type=non_negative_float, default=None, help="partial: tune the last K blocks (0.5 = last MLP)")
     g.add_argument("--grad_checkpointing", action="store_true")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--weight_decay", type=float, default=None)
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
-    g.add_argument("--blr", type=float, default=None, help="base lr: lr = blr * eff_batch / 256")
-    g.add_argument("--layer_decay", type=float, default=None, help="layer-wise lr decay (BEiT rule)")
-    g.add_argument("--min_lr", type=float, default=None)
-    g.add_argument("--warmup_epochs", type=float, default=None)
+    g.add_argument("--weight_decay", type=non_negative_float, default=None)
+    g.add_argument("--lr", type=non_negative_float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
+    g.add_argument("--blr", type=non_negative_float, default=None, help="base lr: lr = blr * eff_batch / 256")
+    g.add_argument("--layer_decay", type=ratio(0.0, 1.0, lo_open=True), default=None, help="layer-wise lr decay (BEiT rule)")
+    g.add_argument("--min_lr", type=non_negative_float, default=None)
+    g.add_argument("--warmup_epochs", type=non_negative_float, default=None)
     g.add_argument("--model_ema", action="store_true", help="keep an EMA of the weights (evaluated too)")
-    g.add_argument("--model_ema_decay", type=float, default=0.9999)
+    g.add_argument("--model_ema_decay", type=ratio(0.0, 1.0), default=0.9999)
     g = p.add_argument_group("augmentation")
     g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 ('none': off)")
-    g.add_argument("--color_jitter", type=float, default=None)
-    g.add_argument("--smoothing", type=float, default=None, help="label smoothing")
-    g.add_argument("--reprob", type=float, default=None, help="random erasing probability")
+    g.add_argument("--color_jitter", type=non_negative_float, default=None)
+    g.add_argument("--smoothing", type=ratio(0.0, 1.0, hi_open=True), default=None, help="label smoothing")
+    g.add_argument("--reprob", type=ratio(0.0, 1.0), default=None, help="random erasing probability")
     g.add_argument("--remode", default="pixel")
-    g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--mixup", type=float, default=None, help="mixup alpha (0: off)")
-    g.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (0: off)")
-    g.add_argument("--cutmix_minmax", type=float, nargs=2, default=None)
-    g.add_argument("--mixup_prob", type=float, default=1.0)
-    g.add_argument("--mixup_switch_prob", type=float, default=0.5)
+    g.add_argument("--recount", type=positive_int, default=1)
+    g.add_argument("--mixup", type=non_negative_float, default=None, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=non_negative_float, default=None, help="cutmix alpha (0: off)")
+    g.add_argument("--cutmix_minmax", type=ratio(0.0, 1.0), nargs=2, default=None)
+    g.add_argument("--mixup_prob", type=ratio(0.0, 1.0), default=1.0)
+    g.add_argument("--mixup_switch_prob", type=ratio(0.0, 1.0), default=0.5)
     g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
-    g.add_argument("--crop_pct", type=float, default=None, help="eval centre-crop fraction (default 0.875 up to 224 px, else 1)")
+    g.add_argument("--crop_pct", type=ratio(0.0, 1.0, lo_open=True), default=None,
+                   help="eval centre-crop fraction (default 0.875 up to 224 px, else 1)")
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data_path", required=True, help="folder with train/ and val/ class sub-folders")
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--dist_eval", action="store_true", help="accepted for compatibility: evaluation is always sharded")
     g.add_argument("--cache_features", action="store_true", help="linprobe: extract features once, train without augmentation")
     g.add_argument("--knn", action="store_true", help="kNN accuracy of the initial (pretrained) features")
-    g.add_argument("--knn_k", type=int, default=20)
-    g.add_argument("--knn_t", type=float, default=0.07)
+    g.add_argument("--knn_k", type=positive_int, default=20)
+    g.add_argument("--knn_t", type=positive_float, default=0.07)
     add_engine_args(p)
     return p
 
@@ -132,9 +139,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--mixup/--cutmix are not part of the linear probe")
     if args.cache_features and args.protocol != "linprobe":
         p.error("--cache_features needs --protocol linprobe (a frozen encoder)")
-    if args.input_size <= 0:
-        p.error("--input_size must be positive")
+    if msg := check_args(args):
+        p.error(msg)
     return args
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the model flags taken together, if anything (one line); run after parsing and
+    again once ``--eval --resume`` has taken the checkpoint's model flags."""
+    if msg := check_model_args(args):
+        return msg
+    if args.tune_blocks is not None:
+        depth = args.depth or resolve_model(args.model).kwargs["depth"]
+        k = args.tune_blocks
+        if k > depth or (k != int(k) and k != 0.5):
+            return f"--tune_blocks must be 0.5 or an integer in [0, {depth}] (the model's blocks), got {k:g}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,8 +168,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[VisionTrans
     linprobe = args.protocol == "linprobe"
     model = build_classifier(
         args.model, num_classes, img_size=args.input_size, patch_size=args.patch_size, depth=args.depth,
-        global_pool=args.global_pool, fc_norm=False if linprobe else None, drop_path_rate=args.drop_path,
-        head_init_std=0.01 if linprobe else 2e-5,
+        embed_dim=args.embed_dim, num_heads=args.num_heads, global_pool=args.global_pool, fc_norm=False if linprobe else None,
+        drop_path_rate=args.drop_path, head_init_std=0.01 if linprobe else 2e-5,
     )
     if args.finetune:
         report = load_pretrained(model, args.finetune)
@@ -195,11 +215,11 @@ def build_criterion(args: argparse.Namespace, num_classes: int) -> tuple[nn.Modu
 
 
 def resolve_classes(args: argparse.Namespace, found: list[str]) -> int:
-    n = args.nb_classes or len(found)
+    n = args.num_classes or len(found)
     if n < len(found):
-        raise UserError(f"--nb_classes {n} is smaller than the {len(found)} class folders found")
+        raise UserError(f"--num_classes {n} is smaller than the {len(found)} class folders found")
     if n > len(found) and du.is_main():
-        print(f"warning: --nb_classes {n} > {len(found)} classes found; {n - len(found)} outputs are never trained")
+        print(f"warning: --num_classes {n} > {len(found)} classes found; {n - len(found)} outputs are never trained")
     return n
 
 
@@ -219,7 +239,7 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
     val_tf = eval_transform(args.input_size, args.crop_pct)
     train_ds, val_ds, classes = build_datasets(args.data_path, train_tf, val_tf)
     args.classes = classes  # stored in checkpoints: --eval maps val folders by name
-    num_classes = args.nb_classes = resolve_classes(args, classes)
+    num_classes = args.num_classes = resolve_classes(args, classes)
     model, n_tuned = build_model(args, num_classes)
     model.to(device)
     sync_buffers(model, params=True)  # one model on all ranks before anything uses it (random parts are per-rank seeded)
@@ -305,6 +325,8 @@ def run_eval(args: argparse.Namespace, device: torch.device, amp: str, given: Co
     if not args.resume or args.resume == "auto":
         raise UserError("--eval needs --resume PATH (the checkpoint to evaluate)")
     ckpt = load_for_eval(args.resume, args, get_parser(), MODEL_KEYS, given)
+    if msg := check_args(args):
+        raise UserError(msg)
     state = unwrap_state_dict(ckpt)
     saved_classes = (checkpoint_args(ckpt) or {}).get("classes")
     del ckpt
@@ -314,7 +336,7 @@ def run_eval(args: argparse.Namespace, device: torch.device, amp: str, given: Co
     head_w = state.get("head.weight", state.get("head.1.weight"))
     if head_w is None:
         raise UserError(f"{args.resume}: no classification head (head.weight) — is this a pretraining checkpoint? use --finetune to train")
-    num_classes = args.nb_classes or head_w.shape[0]
+    num_classes = args.num_classes or head_w.shape[0]
     if len(classes) > num_classes:
         raise UserError(f"the checkpoint's head has {head_w.shape[0]} outputs, fewer than the {len(classes)} classes in val/")
     if "head.1.weight" in state and args.protocol != "linprobe":
@@ -325,7 +347,8 @@ def run_eval(args: argparse.Namespace, device: torch.device, amp: str, given: Co
     try:
         load_weights(model, state, "exact")  # pos_embed from another input size is resampled
     except UserError as e:
-        raise UserError(f"{args.resume}: does not fit {args.model} ({e}); check --model/--patch_size/--depth") from None
+        raise UserError(f"{args.resume}: does not fit {args.model} ({e}); "
+                        "check --model/--patch_size/--embed_dim/--depth/--num_heads") from None
     model.to(device)
     res = evaluate(model, eval_loader(val_ds, args.batch_size, args.num_workers), device, num_classes, amp)
     confusion = res.pop("confusion")

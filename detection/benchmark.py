@@ -62,9 +62,9 @@ def benchmark_step(
     # ViT-L/H have recipes of their own (layer decay, drop path, activation checkpointing); other
     # sizes borrow ViT-B's
     recipe = {"large": "vitdet_l", "huge": "vitdet_h"}.get(arch, "vitdet_b")
-    argv = ["--recipe", recipe, "--arch", arch, "--batch_size", str(batch_size)]
+    argv = ["--recipe", recipe, "--model", arch, "--batch_size", str(batch_size)]
     if input_size is not None:
-        argv += ["--image_size", str(input_size)]
+        argv += ["--input_size", str(input_size)]
     if patch_size is not None:
         argv += ["--patch_size", str(patch_size)]
     args = parse_args(argv)
@@ -74,7 +74,7 @@ def benchmark_step(
     optimizer = build_optimizer(model, args, device)
     runner = torch.compile(model) if compile else model
     # the model copies targets and normalises into new tensors: the fixed batch is never modified
-    images, targets = synthetic_targets(batch_size, args.image_size, device)
+    images, targets = synthetic_targets(batch_size, args.input_size, device)
 
     def loss_fn() -> torch.Tensor:
         return sum(runner(images, targets).values())  # RPN + box + mask losses, as train.step_fn
@@ -86,7 +86,7 @@ def benchmark_step(
 
     info = {  # what was built: goes into the benchmark's JSON
         "arch": arch,
-        "input_size": args.image_size,
+        "input_size": args.input_size,
         "patch_size": model.backbone.net.patch_size,
         "recipe": recipe,
         "backbone": args.backbone,

@@ -305,7 +305,7 @@ def build_datasets(
         if explicit:
             return Path(explicit)
         if root is None:
-            raise UserError(f"give --data_path (COCO root) or the explicit path for {rel}")
+            raise UserError(f"no COCO root and no explicit path for {rel}")
         return root / rel
 
     if root is not None and not root.is_dir():

@@ -31,7 +31,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from maecore.vit import ARCHS, VisionTransformer
+from maecore.models import model_kwargs
+from maecore.vit import VisionTransformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,10 +70,8 @@ def build_trunk(
     The absolute position table stays at the pretraining grid with its cls slot (so MAE weights load
     unchanged) and is resampled bicubically to the input grid at run time; the global blocks'
     ``rel_pos_h/w`` are sized for the detection input grid, the windowed ones for the window."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown ViT size {arch!r}; choose from {', '.join(ARCHS)}")
-    d, dep, heads, p = ARCHS[arch]
-    d, dep, heads, p = embed_dim or d, depth or dep, num_heads or heads, patch_size or p
+    kw = model_kwargs(arch, patch_size, embed_dim, depth, num_heads)  # any registry name or size (maecore.models)
+    d, dep, heads, p = kw["embed_dim"], kw["depth"], kw["num_heads"], kw["patch_size"]
     if image_size % p:
         raise ValueError(f"image size {image_size} is not a multiple of the patch size {p}")
     glob = set(default_global_blocks(dep) if global_blocks is None else global_blocks)
@@ -246,7 +245,7 @@ def build_detector(
     ``num_classes`` counts the object classes (background is added).  Heads follow ViTDet:
     2-conv RPN, 4conv1fc box head and 4-conv mask head, LayerNorm after every head conv; the head convs
     are ``out_channels`` wide and its fc ``fc_dim`` (256 and 1024 in every recipe but ``demo``)."""
-    dep = depth or ARCHS.get(arch, (0, 12, 0, 0))[1]
+    dep = model_kwargs(arch, depth=depth)["depth"]
     taps = fpn_taps(dep) if backbone == "vitfpn" else None
     net = build_trunk(arch, image_size, pretrain_img_size, patch_size, embed_dim, depth, num_heads, window_size,
                       global_blocks, drop_path_rate, taps, grad_checkpointing)

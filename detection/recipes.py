@@ -12,20 +12,20 @@ matches ``pretrain``'s ``demo`` (ViT-tiny/8 at 64 px), so ``--finetune`` takes t
 from __future__ import annotations
 
 _VITDET = dict(
-    backbone="vitdet", image_size=1024, pretrain_img_size=224, window_size=14, lr=1e-4, weight_decay=0.1,
+    backbone="vitdet", input_size=1024, pretrain_img_size=224, window_size=14, lr=1e-4, weight_decay=0.1,
     warmup_iters=250, milestones=[0.889, 0.963], epochs=100, out_channels=256, num_workers=8,
     keep_every=10, eval_every=10, log_every=20, best_key="bbox/AP",
 )
 
 RECIPES: dict[str, dict] = {
-    "vitdet_b": dict(_VITDET, arch="base", layer_decay=0.7, drop_path=0.1, batch_size=2, accum_iter=4),
-    "vitdet_l": dict(_VITDET, arch="large", layer_decay=0.8, drop_path=0.4, batch_size=1, accum_iter=8,
+    "vitdet_b": dict(_VITDET, model="vit_base_patch16", layer_decay=0.7, drop_path=0.1, batch_size=2, accum_iter=4),
+    "vitdet_l": dict(_VITDET, model="vit_large_patch16", layer_decay=0.8, drop_path=0.4, batch_size=1, accum_iter=8,
                      grad_checkpointing=True),
     # ViTDet-H: patch 16 (the MAE-H/14 patch kernel is resized to 16 when converting), 75 epochs
-    "vitdet_h": dict(_VITDET, arch="huge", patch_size=16, layer_decay=0.9, drop_path=0.5, epochs=75, batch_size=1,
+    "vitdet_h": dict(_VITDET, model="vit_huge_patch14", patch_size=16, layer_decay=0.9, drop_path=0.5, epochs=75, batch_size=1,
                      accum_iter=8, grad_checkpointing=True),
-    "vitfpn_b": dict(_VITDET, backbone="vitfpn", arch="base", layer_decay=0.7, drop_path=0.1, batch_size=2, accum_iter=4),
-    "vitfpn_l": dict(_VITDET, backbone="vitfpn", arch="large", layer_decay=0.8, drop_path=0.4, batch_size=1,
+    "vitfpn_b": dict(_VITDET, backbone="vitfpn", model="vit_base_patch16", layer_decay=0.7, drop_path=0.1, batch_size=2, accum_iter=4),
+    "vitfpn_l": dict(_VITDET, backbone="vitfpn", model="vit_large_patch16", layer_decay=0.8, drop_path=0.4, batch_size=1,
                      accum_iter=8, grad_checkpointing=True),
     # CPU minutes on the synthetic world (maecore.synthetic, 64 px): ViT-tiny/8, 4 blocks (pretrain's demo) at
     # 64 px (8x8 tokens, 4x4 windows in blocks 0 and 2, global attention in 1 and 3; /16 gives 4x4 tokens, too coarse for
@@ -33,7 +33,7 @@ RECIPES: dict[str, dict] = {
     # small RPN / RoI samples; a higher lr and short warm-up since it starts from scratch; LSJ scale 0.5-2
     # (at a 64-px target, 0.1 would leave 6-px images with objects of a pixel or two).
     "demo": dict(
-        backbone="vitdet", arch="tiny", patch_size=8, depth=4, global_blocks=[1, 3], image_size=64, pretrain_img_size=64,
+        backbone="vitdet", model="vit_tiny_patch16", patch_size=8, depth=4, global_blocks=[1, 3], input_size=64, pretrain_img_size=64,
         window_size=4,
         out_channels=64, fc_dim=256, anchor_sizes=[8, 16, 32, 64, 128], rpn_batch_size_per_image=64,
         box_batch_size_per_image=32, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,

@@ -20,12 +20,23 @@ import torch
 
 from maecore import distributed as du
 from maecore.checkpoint import load_for_eval, unwrap_state_dict
-from maecore.cli import given_flags, run_cli
+from maecore.cli import (
+    OneLineParser,
+    add_model_args,
+    check_model_args,
+    given_flags,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    ratio,
+    run_cli,
+)
 from maecore.convert import load_backbone
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.errors import UserError
+from maecore.models import model_kwargs
 from maecore.optim import WarmupStep, adamw, param_groups
-from maecore.vit import ARCHS
 
 from .data import build_datasets, collate
 from .evaluate import evaluate_coco
@@ -34,37 +45,34 @@ from .recipes import RECIPES
 
 # what builds the network (its shape and its test-time settings): ``--eval --resume CKPT`` takes these from
 # the checkpoint's saved args unless given on the command line; training-only, data and output flags stay
-MODEL_KEYS = ("backbone", "arch", "patch_size", "embed_dim", "depth", "num_heads", "pretrain_img_size", "window_size",
-              "global_blocks", "out_channels", "fc_dim", "anchor_sizes", "image_size", "rpn_pre_nms_top_n_test",
+MODEL_KEYS = ("backbone", "model", "patch_size", "embed_dim", "depth", "num_heads", "pretrain_img_size", "window_size",
+              "global_blocks", "out_channels", "fc_dim", "anchor_sizes", "input_size", "num_classes", "rpn_pre_nms_top_n_test",
               "rpn_post_nms_top_n_test", "detections_per_img", "score_thresh")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("python -m detection", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser("python -m detection", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="preset defaults; flags given override")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="vitdet", choices=["vitdet", "vitfpn"])
-    g.add_argument("--arch", "--model", dest="arch", default="base", choices=sorted(ARCHS), help="ViT size")
-    g.add_argument("--patch_size", type=int, default=None)
-    g.add_argument("--embed_dim", type=int, default=None, help="override the size's width (small test models)")
-    g.add_argument("--depth", type=int, default=None)
-    g.add_argument("--num_heads", type=int, default=None)
-    g.add_argument("--pretrain_img_size", type=int, default=224, help="grid of the absolute position table")
-    g.add_argument("--window_size", type=int, default=14, help="window attention size (0: all global)")
-    g.add_argument("--global_blocks", type=int, nargs="*", default=None, help="default: last block of each quarter")
-    g.add_argument("--drop_path", type=float, default=0.1)
-    g.add_argument("--out_channels", type=int, default=256, help="pyramid and head width")
-    g.add_argument("--fc_dim", type=int, default=1024, help="box head fc width")
+    add_model_args(g, "vit", model="vit_base_patch16", input_size=1024, input_size_help="LSJ target (train crop and test pad) size",
+                   num_classes_help="object classes (default: the annotations' categories; must match them)")
+    g.add_argument("--pretrain_img_size", type=positive_int, default=224, help="grid of the absolute position table")
+    g.add_argument("--window_size", type=non_negative_int, default=14, help="window attention size (0: all global)")
+    g.add_argument("--global_blocks", type=non_negative_int, nargs="*", default=None, help="default: last block of each quarter")
+    g.add_argument("--drop_path", type=ratio(0.0, 1.0, hi_open=True), default=0.1)
+    g.add_argument("--out_channels", type=positive_int, default=256, help="pyramid and head width")
+    g.add_argument("--fc_dim", type=positive_int, default=1024, help="box head fc width")
     g.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing in the trunk")
-    g.add_argument("--anchor_sizes", type=int, nargs=5, default=[32, 64, 128, 256, 512])
-    g.add_argument("--rpn_batch_size_per_image", type=int, default=256)
-    g.add_argument("--rpn_pre_nms_top_n_train", type=int, default=2000)
-    g.add_argument("--rpn_post_nms_top_n_train", type=int, default=1000)
-    g.add_argument("--rpn_pre_nms_top_n_test", type=int, default=1000)
-    g.add_argument("--rpn_post_nms_top_n_test", type=int, default=1000)
-    g.add_argument("--box_batch_size_per_image", type=int, default=512)
-    g.add_argument("--detections_per_img", type=int, default=100)
-    g.add_argument("--score_thresh", type=float, default=0.05, help="minimum detection score kept at test time")
+    g.add_argument("--anchor_sizes", type=positive_int, nargs=5, default=[32, 64, 128, 256, 512])
+    g.add_argument("--rpn_batch_size_per_image", type=positive_int, default=256)
+    g.add_argument("--rpn_pre_nms_top_n_train", type=positive_int, default=2000)
+    g.add_argument("--rpn_post_nms_top_n_train", type=positive_int, default=1000)
+    g.add_argument("--rpn_pre_nms_top_n_test", type=positive_int, default=1000)
+    g.add_argument("--rpn_post_nms_top_n_test", type=positive_int, default=1000)
+    g.add_argument("--box_batch_size_per_image", type=positive_int, default=512)
+    g.add_argument("--detections_per_img", type=positive_int, default=100)
+    g.add_argument("--score_thresh", type=ratio(0.0, 1.0), default=0.05, help="minimum detection score kept at test time")
     g.add_argument("--finetune", default="", help="MAE checkpoint (ours or official) for the trunk")
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="COCO root with train2017/ val2017/ annotations/")
@@ -72,21 +80,20 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_images", default=None)
     g.add_argument("--val_json", default=None)
     g.add_argument("--val_images", default=None)
-    g.add_argument("--image_size", type=int, default=1024, help="LSJ target (train crop and test pad) size")
-    g.add_argument("--lsj_scale", type=float, nargs=2, default=[0.1, 2.0], help="LSJ scale range")
+    g.add_argument("--lsj_scale", type=positive_float, nargs=2, default=[0.1, 2.0], help="LSJ scale range")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-4, help="absolute lr (ViTDet: 1e-4 at batch 64)")
-    g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--layer_decay", type=float, default=0.7)
-    g.add_argument("--warmup_iters", type=int, default=250, help="linear warm-up, in optimizer steps")
-    g.add_argument("--milestones", type=float, nargs="*", default=[0.889, 0.963], help="x0.1 steps, fractions of --epochs")
+    g.add_argument("--lr", type=non_negative_float, default=1e-4, help="absolute lr (ViTDet: 1e-4 at batch 64)")
+    g.add_argument("--weight_decay", type=non_negative_float, default=0.1)
+    g.add_argument("--layer_decay", type=ratio(0.0, 1.0, lo_open=True), default=0.7)
+    g.add_argument("--warmup_iters", type=non_negative_int, default=250, help="linear warm-up, in optimizer steps")
+    g.add_argument("--milestones", type=ratio(0.0, 1.0), nargs="*", default=[0.889, 0.963], help="x0.1 steps, fractions of --epochs")
     g.add_argument("--best_key", default="bbox/AP", help="eval metric whose best checkpoint is kept")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", "--eval-only", "--eval_only", dest="eval", action="store_true",
                    help="evaluate --resume (or --finetune'd) weights and exit")
-    g.add_argument("--eval_batch_size", type=int, default=1)
-    g.add_argument("--max_eval_images", type=int, default=0, help="evaluate the first N val images only (0: all)")
-    g.add_argument("--vis_images", type=int, default=4, help="val images in the overlay figure (0: none)")
+    g.add_argument("--eval_batch_size", type=positive_int, default=1)
+    g.add_argument("--max_eval_images", type=non_negative_int, default=0, help="evaluate the first N val images only (0: all)")
+    g.add_argument("--vis_images", type=non_negative_int, default=4, help="val images in the overlay figure (0: none)")
     add_engine_args(p)
     p.set_defaults(epochs=100, batch_size=2, num_workers=4)
     return p
@@ -100,17 +107,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 < args.lsj_scale[0] <= args.lsj_scale[1]:
         p.error("--lsj_scale needs 0 < min <= max")
-    if not 0 < args.layer_decay <= 1:
-        p.error("--layer_decay must be in (0, 1]")
     if args.eval and not (args.resume or args.finetune):
         p.error("--eval needs --resume CHECKPOINT (or --finetune for trunk-only weights)")
+    if msg := check_args(args):
+        p.error(msg)
     return args
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the model flags taken together, if anything (one line); run after parsing and
+    again once ``--eval --resume`` has taken the checkpoint's model flags."""
+    if msg := check_model_args(args):
+        return msg
+    if args.input_size % 32:
+        return f"--input_size {args.input_size} is not a multiple of 32 (the pyramid's coarsest stride)"
+    depth = model_kwargs(args.model, depth=args.depth)["depth"]
+    if args.global_blocks and max(args.global_blocks) >= depth:
+        return f"--global_blocks {' '.join(map(str, args.global_blocks))}: the model has blocks 0..{depth - 1}"
+    return None
 
 
 def build_model(args: argparse.Namespace, num_classes: int):
     try:
         model = build_detector(
-            num_classes, backbone=args.backbone, arch=args.arch, image_size=args.image_size,
+            num_classes, backbone=args.backbone, arch=args.model, image_size=args.input_size,
             pretrain_img_size=args.pretrain_img_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
             depth=args.depth, num_heads=args.num_heads, window_size=args.window_size, global_blocks=args.global_blocks,
             drop_path_rate=args.drop_path, out_channels=args.out_channels, fc_dim=args.fc_dim, grad_checkpointing=args.grad_checkpointing,
@@ -122,9 +142,6 @@ def build_model(args: argparse.Namespace, num_classes: int):
         )
     except ValueError as e:
         raise UserError(str(e)) from None
-    ps = model.backbone.net.patch_size
-    if args.image_size % ps or args.image_size % 32:
-        raise UserError(f"--image_size {args.image_size} must be a multiple of 32 and of the patch size {ps}")
     if args.finetune:
         report = load_backbone(model.backbone.net, args.finetune)
         if du.is_main():
@@ -149,6 +166,14 @@ def step_schedule(args: argparse.Namespace, iters_per_epoch: int) -> WarmupStep:
                       milestones=tuple(m * args.epochs for m in args.milestones), gamma=0.1, warmup_factor=0.001)
 
 
+def resolve_classes(args: argparse.Namespace, found: int, source: object) -> int:
+    """The detector's class count: ``--num_classes`` (or a checkpoint's) must be the categories of the annotations,
+    since predictions map back to their category ids."""
+    if args.num_classes is not None and args.num_classes != found:
+        raise UserError(f"--num_classes {args.num_classes} does not match the {found} categories of {source}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     return du.launch(partial(run, given=given_flags(get_parser(), argv)), args)
@@ -162,13 +187,21 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
     ckpt = None
     if args.eval and args.resume:
         ckpt = load_for_eval(args.resume, args, get_parser(), MODEL_KEYS, given)
-    train_set, val_set = build_datasets(args.data_path, args.image_size, args.train_json, args.train_images,
+        if msg := check_args(args):
+            raise UserError(msg)
+    if not args.data_path:
+        missing = [f"--{k}" for k in ("train_json", "train_images", "val_json", "val_images")
+                   if not getattr(args, k) and not (args.eval and k.startswith("train"))]
+        if missing:
+            raise UserError(f"give --data_path (a COCO root) or {', '.join(missing)}")
+    train_set, val_set = build_datasets(args.data_path, args.input_size, args.train_json, args.train_images,
                                         args.val_json, args.val_images, tuple(args.lsj_scale), need_train=not args.eval)
     if du.is_main():
         for ds in (train_set, val_set):
             if ds is not None:
                 print(ds.summary())
-    model = build_model(args, len(val_set.cat_ids))
+    args.num_classes = resolve_classes(args, len(val_set.cat_ids), val_set.ann_file)
+    model = build_model(args, args.num_classes)
     amp = resolve_amp(args.amp, device)
 
     def evaluate(m, epoch: int) -> dict:
@@ -196,7 +229,7 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
     if du.is_main():
         n = sum(p.numel() for p in model.parameters())
         eff = args.batch_size * args.accum_iter * du.world_size()
-        print(f"{args.backbone} ViT-{args.arch}: {n / 1e6:.2f}M params; eff. batch {eff}; lr {args.lr:.3g}; "
+        print(f"{args.backbone} {args.model}: {n / 1e6:.2f}M params; eff. batch {eff}; lr {args.lr:.3g}; "
               f"{ipe // args.accum_iter} steps/epoch; warm-up {schedule.warmup:.3f} ep; milestones {schedule.milestones}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dump_args(args), indent=1))

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from maecore.errors import UserError  # noqa: F401  (re-exported: ``from maecore.cli import UserError`` keeps working)
+
+if TYPE_CHECKING:  # the registry imports torch: the CLI layer imports it only when a parser is built
+    from maecore.models import Family
 
 
 def fail(msg: str) -> NoReturn:
@@ -28,11 +32,50 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one ``error: …`` line (no usage dump), status 2."""
+    """argparse that reports a bad argument as one ``error: …`` line (no usage dump), status 2, ending with
+    where to look: ``(see python -m pretrain --help)``."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        print(f"error: {message}", file=sys.stderr)
+        first = " ".join(message.split())  # argparse messages are one line already; be sure of it
+        print(f"error: {first} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+# ---- argparse value types: a bad number is a one-line flag error, before anything runs ----------------
+def _number_type(base: type, ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """argparse ``type=`` for a ``base`` (int/float) value that must satisfy ``ok``; also accepts numbers,
+    so a checkpoint's saved value can be checked with it.  ``.base`` tells :func:`fill_from_checkpoint`
+    what Python type the flag stores."""
+
+    def parse(text: str | int | float) -> Any:
+        try:
+            value = base(text)
+        except (TypeError, ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.base = base  # type: ignore[attr-defined]
+    parse.__name__ = what.replace(" ", "_")
+    return parse
+
+
+positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+finite_float = _number_type(float, math.isfinite, "a finite number")
+non_negative_float = _number_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+positive_float = _number_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def ratio(lo: float = 0.0, hi: float = 1.0, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """argparse ``type=`` for a number in the interval lo..hi, each end closed unless ``*_open``."""
+    span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def ok(v: float) -> bool:
+        return math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return _number_type(float, ok, f"a number in {span}")
 
 
 def size_type(min_side: int = 1) -> Callable[[str], tuple[int, int]]:
@@ -54,6 +97,111 @@ def size_type(min_side: int = 1) -> Callable[[str], tuple[int, int]]:
     return parse
 
 
+# ---- the model flags, one vocabulary for the four CLIs ----------------------------------------------
+# today's flag spellings that stay accepted as aliases (README commands and user scripts keep working)
+LEGACY_FLAGS: dict[str, tuple[str, ...]] = {
+    "model": ("--arch",),
+    "input_size": ("--image_size", "--crop_size"),
+    "num_classes": ("--nb_classes",),
+}
+# keys of a checkpoint's saved args from before the shared vocabulary -> today's argparse dests
+LEGACY_ARG_KEYS: dict[str, str] = {"arch": "model", "image_size": "input_size", "crop_size": "input_size",
+                                   "nb_classes": "num_classes"}
+
+
+def model_type(family: Family = "vit") -> Callable[[str], str]:
+    """argparse ``type=`` for ``--model``: any registry name or alias -> the canonical name in ``family``
+    (``mae`` for pretraining, ``vit`` for the transfer tasks)."""
+
+    def parse(text: str) -> str:
+        from maecore.models import UnknownModelError, resolve_model  # the registry imports torch: only when parsing
+
+        try:
+            return resolve_model(text, family).name
+        except UnknownModelError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.base = str  # type: ignore[attr-defined]
+    parse.__name__ = "model_name"
+    return parse
+
+
+class _SidesAction(argparse.Action):
+    """``--input_size H [W]``: one number stores an int, two an (H, W) tuple."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if len(values) > 2:
+            parser.error(f"argument {option_string}: takes H or H W, got {len(values)} numbers")
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else tuple(values))
+
+
+def add_model_args(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    family: Family = "vit",
+    *,
+    model: str | None = None,
+    input_size: int | None = None,
+    input_size_help: str = "input side in pixels",
+    two_sided: bool = False,
+    num_classes: bool = True,
+    num_classes_default: int | None = None,
+    num_classes_help: str = "classes of the head",
+) -> None:
+    """The model flags every CLI shares: ``--model`` (any registry name or alias, stored canonical),
+    ``--input_size``, ``--num_classes`` (unless ``num_classes=False``) and the size overrides ``--patch_size
+    --embed_dim --depth --num_heads`` (default: the size's own).  Older spellings are aliases
+    (:data:`LEGACY_FLAGS`).  ``two_sided``: ``--input_size H [W]``."""
+    from maecore.models import model_names
+
+    names = ", ".join(model_names(family))
+    parser.add_argument("--model", *LEGACY_FLAGS["model"], dest="model", default=model, type=model_type(family),
+                        metavar="NAME", help=f"{names}, or tiny/small/base/large/huge (with or without mae_)")
+    if two_sided:
+        parser.add_argument("--input_size", *LEGACY_FLAGS["input_size"], dest="input_size", default=input_size,
+                            type=positive_int, nargs="+", action=_SidesAction, metavar="N",
+                            help=f"{input_size_help}: H [W]")
+    else:
+        parser.add_argument("--input_size", *LEGACY_FLAGS["input_size"], dest="input_size", default=input_size,
+                            type=positive_int, metavar="N", help=input_size_help)
+    if num_classes:
+        parser.add_argument("--num_classes", *LEGACY_FLAGS["num_classes"], dest="num_classes", default=num_classes_default,
+                            type=positive_int, metavar="N", help=num_classes_help)
+    parser.add_argument("--patch_size", type=positive_int, default=None, help="override the size's patch size")
+    parser.add_argument("--embed_dim", type=positive_int, default=None, help="override the size's width")
+    parser.add_argument("--depth", type=positive_int, default=None, help="override the size's number of blocks")
+    parser.add_argument("--num_heads", type=positive_int, default=None, help="override the size's attention heads")
+
+
+def check_model_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the model flags taken together, if anything (one line naming the flags):
+    the input size must be a multiple of the patch size, the width a multiple of the heads."""
+    from maecore.models import model_kwargs
+
+    kw = model_kwargs(args.model, *(getattr(args, k, None) for k in ("patch_size", "embed_dim", "depth", "num_heads")))
+    size = args.input_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    if h % kw["patch_size"] or w % kw["patch_size"]:
+        shown = str(size) if isinstance(size, int) else f"{h} {w}"
+        return f"--input_size {shown} is not a multiple of the patch size {kw['patch_size']}"
+    if kw["embed_dim"] % kw["num_heads"]:
+        return f"the width {kw['embed_dim']} (--embed_dim) is not a multiple of the heads {kw['num_heads']} (--num_heads)"
+    return None
+
+
+def upgrade_saved_args(saved: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """A checkpoint's saved args in today's vocabulary: the legacy keys (:data:`LEGACY_ARG_KEYS`: ``arch``,
+    ``image_size``, ``crop_size``, ``nb_classes``) renamed; a key already in today's name wins."""
+    if not isinstance(saved, Mapping):
+        return saved
+    out = dict(saved)
+    for old, new in LEGACY_ARG_KEYS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
+
+
 # ---- flags a checkpoint can supply ---------------------------------------------------------------
 def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> frozenset[str]:
     """The ``dest`` of every flag written on the command line ``argv`` (``None``: ``sys.argv[1:]``), whatever
@@ -68,30 +216,40 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
     return frozenset(vars(ns))
 
 
-def _fits(action: argparse.Action | None, value: Any) -> bool:
-    """Could ``action`` have produced ``value``?  (A sanity check of a checkpoint's saved args.)"""
+def _coerce(action: argparse.Action | None, value: Any) -> tuple[bool, Any]:
+    """Could ``action`` have produced ``value``?  (A sanity check of a checkpoint's saved args.)  Returns the
+    verdict and the value as the flag's ``type=`` stores it (a model alias becomes its canonical name)."""
     if value is None or action is None:
-        return True
+        return True, value
     if action.nargs == 0:  # store_true / store_false / store_const
-        return isinstance(value, bool) or value == action.const
-    if action.nargs not in (None, "?"):
+        return isinstance(value, bool) or value == action.const, value
+    many = action.nargs not in (None, "?")
+    if many:
         if not isinstance(value, (list, tuple)):
-            return False
+            return False, value
         if isinstance(action.nargs, int) and len(value) != action.nargs:
-            return False
+            return False, value
         items = list(value)
     else:
         items = [value]
+    base = getattr(action.type, "base", action.type)
+    out = []
     for v in items:
-        if action.type is int and (isinstance(v, bool) or not isinstance(v, int)):
-            return False
-        if action.type is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            return False
-        if action.type is None and not isinstance(v, str):
-            return False
+        if base is int and (isinstance(v, bool) or not isinstance(v, int)):
+            return False, value
+        if base is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return False, value
+        if base in (None, str) and not isinstance(v, str):
+            return False, value
+        if action.type not in (None, int, float, str):  # one of ours: range checks, canonical names
+            try:
+                v = action.type(v)  # type: ignore[misc]
+            except (argparse.ArgumentTypeError, TypeError, ValueError):
+                return False, value
         if action.choices is not None and v not in action.choices:
-            return False
-    return True
+            return False, value
+        out.append(v)
+    return True, (out if many else out[0])
 
 
 def fill_from_checkpoint(
@@ -119,8 +277,8 @@ def fill_from_checkpoint(
         if key in given:
             kept.append(key)
             continue
-        value = saved[key]
-        if not _fits(actions.get(key), value):
+        ok, value = _coerce(actions.get(key), saved[key])
+        if not ok:
             raise UserError(f"{source}: its saved args hold {key}={value!r}, not a valid value for that flag")
         setattr(args, key, list(value) if isinstance(value, tuple) else value)
         taken.append(key)

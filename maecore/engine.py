@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from maecore import distributed as du
 from maecore.checkpoint import load_file, rng_state, save_atomic, set_rng_state
+from maecore.cli import non_negative_float, non_negative_int, positive_int
 from maecore.data import ResumableSampler, SeededDataset
 from maecore.errors import NonFiniteError, UserError
 from maecore.optim import set_lr
@@ -471,21 +472,21 @@ def add_engine_args(parser) -> None:
     """The engine's flags, named as in the official MAE scripts where those have one."""
     g = parser.add_argument_group("engine")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints, logs, figures")
-    g.add_argument("--epochs", type=int, default=800)
-    g.add_argument("--batch_size", type=int, default=64, help="per-process batch size")
-    g.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--num_workers", type=int, default=8)
+    g.add_argument("--epochs", type=positive_int, default=800)
+    g.add_argument("--batch_size", type=positive_int, default=64, help="per-process batch size")
+    g.add_argument("--accum_iter", type=positive_int, default=1, help="gradient accumulation steps")
+    g.add_argument("--num_workers", type=non_negative_int, default=8)
     g.add_argument("--pin_mem", action="store_true", default=True, help="pin host memory (GPU)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="auto = bf16 on GPUs that support it, fp32 on CPU")
-    g.add_argument("--clip_grad", type=float, default=None)
-    g.add_argument("--log_every", type=int, default=20, help="log (and sync) every N optimizer steps")
-    g.add_argument("--save_every_steps", type=int, default=0, help="also checkpoint every N steps")
-    g.add_argument("--keep_every", type=int, default=20, help="keep checkpoint-<epoch>.pth every N epochs")
-    g.add_argument("--eval_every", type=int, default=1)
-    g.add_argument("--max_steps", type=int, default=0, help="stop after N optimizer steps (smoke runs)")
+    g.add_argument("--clip_grad", type=non_negative_float, default=None)
+    g.add_argument("--log_every", type=positive_int, default=20, help="log (and sync) every N optimizer steps")
+    g.add_argument("--save_every_steps", type=non_negative_int, default=0, help="also checkpoint every N steps")
+    g.add_argument("--keep_every", type=non_negative_int, default=20, help="keep checkpoint-<epoch>.pth every N epochs")
+    g.add_argument("--eval_every", type=positive_int, default=1)
+    g.add_argument("--max_steps", type=non_negative_int, default=0, help="stop after N optimizer steps (smoke runs)")
     g.add_argument("--resume", default="", help="'auto' (output_dir/checkpoint-last.pth) or a checkpoint path")
     g.add_argument("--no_progress", dest="progress", action="store_false")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")

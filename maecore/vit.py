@@ -27,15 +27,6 @@ from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed
 
 RelPos = Literal["decomposed", "bias"] | None
 
-# name -> (embed_dim, depth, num_heads, patch_size)
-ARCHS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (192, 12, 3, 16),
-    "small": (384, 12, 6, 16),
-    "base": (768, 12, 12, 16),
-    "large": (1024, 24, 16, 16),
-    "huge": (1280, 32, 16, 14),
-}
-
 
 def to_2tuple(x: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(x, int):
@@ -618,11 +609,4 @@ class VisionTransformer(nn.Module):
             return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         return self.forward_features(x)
 
-
-def vit_kwargs(arch: str) -> dict:
-    """Constructor kwargs for a named size (tiny/small/base/large/huge)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown ViT size {arch!r}; choose from {', '.join(ARCHS)}")
-    d, depth, heads, p = ARCHS[arch]
-    return dict(embed_dim=d, depth=depth, num_heads=heads, patch_size=p)
 

@@ -31,7 +31,7 @@ from maecore import benchmark as harness
 from maecore.cli import run_cli
 from maecore.engine import resolve_amp
 from maecore.errors import UserError
-from maecore.vit import ARCHS
+from maecore.models import SIZES
 from pretrain import benchmark as pretrain_bench
 from pretrain.model import MODELS
 
@@ -157,7 +157,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_batch_size", type=int, default=32)
     g.add_argument("--data_batches", type=int, default=8)
     g = p.add_argument_group("task steps (finetune, detection, segmentation; also take --batch_size, --amp, --compile)")
-    g.add_argument("--task_arch", default=None, choices=sorted(ARCHS),
+    g.add_argument("--task_arch", default=None, choices=sorted(SIZES),
                    help="ViT size of the task models (default: the recipes' base)")
     g.add_argument("--task_input_size", type=int, default=None,
                    help="input side: fine-tune image, detection LSJ size, segmentation crop (default: 224 / 1024 / 512)")

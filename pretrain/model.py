@@ -7,13 +7,14 @@ released checkpoints load strictly and ours load there.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from maecore.vit import Block, VisionTransformer, get_2d_sincos_pos_embed, resample_pos_embed, vit_kwargs
+from maecore.models import register_model, resolve_model
+from maecore.vit import Block, VisionTransformer, get_2d_sincos_pos_embed, resample_pos_embed
 
 MaskType = Literal["random", "block", "grid"]
 
@@ -248,23 +249,37 @@ class MaskedAutoencoderViT(VisionTransformer):
 # --------------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------------
-def _builder(arch: str, patch: int | None = None):
-    def build(**kwargs) -> MaskedAutoencoderViT:
-        kw = vit_kwargs(arch)
-        if patch is not None:
-            kw["patch_size"] = patch
-        kw.update(kwargs)
-        return MaskedAutoencoderViT(**kw)
-
-    build.__name__ = f"mae_vit_{arch}_patch{patch or vit_kwargs(arch)['patch_size']}"
-    return build
+# Registered in maecore.models (one registry, sizes from maecore.models.SIZES): the decorator starts each
+# builder from its size's embed_dim/depth/num_heads/patch_size; keyword arguments override them.
+@register_model
+def mae_vit_tiny_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
+    """MAE with a ViT-Ti/16 encoder (192 wide, 12 blocks, 3 heads)."""
+    return MaskedAutoencoderViT(**kwargs)
 
 
-mae_vit_tiny_patch16 = _builder("tiny", 16)
-mae_vit_small_patch16 = _builder("small", 16)
-mae_vit_base_patch16 = _builder("base", 16)
-mae_vit_large_patch16 = _builder("large", 16)
-mae_vit_huge_patch14 = _builder("huge", 14)
+@register_model
+def mae_vit_small_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
+    """MAE with a ViT-S/16 encoder (384 wide, 12 blocks, 6 heads)."""
+    return MaskedAutoencoderViT(**kwargs)
+
+
+@register_model
+def mae_vit_base_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
+    """MAE with a ViT-B/16 encoder (768 wide, 12 blocks, 12 heads)."""
+    return MaskedAutoencoderViT(**kwargs)
+
+
+@register_model
+def mae_vit_large_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
+    """MAE with a ViT-L/16 encoder (1024 wide, 24 blocks, 16 heads)."""
+    return MaskedAutoencoderViT(**kwargs)
+
+
+@register_model
+def mae_vit_huge_patch14(**kwargs: Any) -> MaskedAutoencoderViT:
+    """MAE with a ViT-H/14 encoder (1280 wide, 32 blocks, 16 heads)."""
+    return MaskedAutoencoderViT(**kwargs)
+
 
 MODELS = {
     f.__name__: f
@@ -272,8 +287,8 @@ MODELS = {
 }
 
 
-def build_mae(name: str, **kwargs) -> MaskedAutoencoderViT:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    return MODELS[name](**kwargs)
+def build_mae(name: str, **kwargs: Any) -> MaskedAutoencoderViT:
+    """The MAE ``name`` (any spelling the registry resolves: ``mae_vit_base_patch16``, ``vit_base_patch16``,
+    ``base``); an unknown name is an :class:`~maecore.models.UnknownModelError` (a ``ValueError``)."""
+    return MODELS[resolve_model(name, "mae").name](**kwargs)
 

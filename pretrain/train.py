@@ -13,62 +13,85 @@ from pathlib import Path
 import torch
 
 from maecore import distributed as du
-from maecore.cli import run_cli
+from maecore.cli import (
+    OneLineParser,
+    add_model_args,
+    check_model_args,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    ratio,
+    run_cli,
+)
 from maecore.engine import StepFn, Trainer, add_engine_args, config_from_args, dump_args
-from maecore.errors import UserError
+from maecore.models import resolve_model
 from maecore.optim import WarmupCosine, adamw, param_groups
 from pretrain.data import build_pretrain_dataset, fixed_images
 from pretrain.evaluate import reconstruction_figure
-from pretrain.model import MODELS, build_mae
+from pretrain.model import build_mae
 from pretrain.recipes import RECIPES
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("MAE pretraining", description=__doc__)
+    p = OneLineParser("python -m pretrain", description=__doc__)
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None, help="preset defaults; flags given override")
-    p.add_argument("--model", default="mae_vit_large_patch16", choices=sorted(MODELS))
-    p.add_argument("--input_size", type=int, nargs="+", default=[224], help="H [W]")
-    p.add_argument("--patch_size", type=int, default=None, help="override the model's patch size")
-    p.add_argument("--embed_dim", type=int, default=None, help="override the encoder width (small models)")
-    p.add_argument("--depth", type=int, default=None, help="override the encoder depth")
-    p.add_argument("--num_heads", type=int, default=None, help="override the encoder's attention heads")
-    p.add_argument("--mask_ratio", type=float, default=0.75)
-    p.add_argument("--mask_type", default="random", choices=["random", "block", "grid"])
-    p.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as target")
-    p.add_argument("--encoder_mask_tokens", action="store_true", help="ablation: encoder also sees mask tokens")
-    p.add_argument("--decoder_embed_dim", type=int, default=512)
-    p.add_argument("--decoder_depth", type=int, default=8)
-    p.add_argument("--decoder_num_heads", type=int, default=16)
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
-    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * eff_batch / 256")
-    p.add_argument("--min_lr", type=float, default=0.0)
-    p.add_argument("--warmup_epochs", type=float, default=40)
-    p.add_argument("--data_path", required=True, help="image folder (class sub-folders optional; uses train/ if present)")
-    p.add_argument("--jpeg_draft", action="store_true", help="decode JPEGs at reduced scale (faster on big photos)")
-    p.add_argument("--vis_every", type=int, default=20, help="reconstruction figure every N epochs (0: off)")
-    p.add_argument("--vis_images", type=int, default=8)
+    g = p.add_argument_group("model")
+    add_model_args(g, "mae", model="mae_vit_large_patch16", input_size=224, two_sided=True, num_classes=False)
+    g.add_argument("--mask_ratio", type=ratio(0.0, 1.0, lo_open=True, hi_open=True), default=0.75,
+                   help="fraction of patches removed, in (0, 1)")
+    g.add_argument("--mask_type", default="random", choices=["random", "block", "grid"])
+    g.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as target")
+    g.add_argument("--encoder_mask_tokens", action="store_true", help="ablation: encoder also sees mask tokens")
+    g.add_argument("--decoder_embed_dim", type=positive_int, default=512)
+    g.add_argument("--decoder_depth", type=non_negative_int, default=8)
+    g.add_argument("--decoder_num_heads", type=positive_int, default=16)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--weight_decay", type=non_negative_float, default=0.05)
+    g.add_argument("--lr", type=non_negative_float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
+    g.add_argument("--blr", type=non_negative_float, default=1.5e-4, help="base lr: lr = blr * eff_batch / 256")
+    g.add_argument("--min_lr", type=non_negative_float, default=0.0)
+    g.add_argument("--warmup_epochs", type=non_negative_float, default=40)
+    g = p.add_argument_group("data and figures")
+    g.add_argument("--data_path", required=True, help="image folder (class sub-folders optional; uses train/ if present)")
+    g.add_argument("--jpeg_draft", action="store_true", help="decode JPEGs at reduced scale (faster on big photos)")
+    g.add_argument("--vis_every", type=non_negative_int, default=20, help="reconstruction figure every N epochs (0: off)")
+    g.add_argument("--vis_images", type=non_negative_int, default=8)
     add_engine_args(p)
     return p
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags taken together, if anything (one line)."""
+    if msg := check_model_args(args):
+        return msg
+    if args.decoder_embed_dim % args.decoder_num_heads:
+        return f"--decoder_embed_dim {args.decoder_embed_dim} is not a multiple of --decoder_num_heads {args.decoder_num_heads}"
+    width = args.embed_dim or resolve_model(args.model, "mae").kwargs["embed_dim"]
+    for flag, dim in (("--embed_dim", width), ("--decoder_embed_dim", args.decoder_embed_dim)):
+        if dim % 4:
+            return f"{flag} {dim} is not a multiple of 4 (the sin-cos position table needs it)"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = get_parser()
     pre, _ = p.parse_known_args(argv)
     if pre.recipe:
-        p.set_defaults(**{k: ([v] if k == "input_size" else v) for k, v in RECIPES[pre.recipe].items()})
+        p.set_defaults(**RECIPES[pre.recipe])
     args = p.parse_args(argv)
-    if len(args.input_size) > 2:
-        p.error("--input_size takes H or H W")
-    args.input_size = args.input_size[0] if len(args.input_size) == 1 else tuple(args.input_size)
-    if not 0.0 <= args.mask_ratio < 1.0:
-        p.error("--mask_ratio must be in [0, 1)")
+    if msg := check_args(args):
+        p.error(msg)
     return args
 
 
 def build_model(args: argparse.Namespace):
-    kw = dict(
+    return build_mae(
+        args.model,
         img_size=args.input_size,
+        patch_size=args.patch_size,
+        embed_dim=args.embed_dim,
+        depth=args.depth,
+        num_heads=args.num_heads,
         norm_pix_loss=args.norm_pix_loss,
         mask_type=args.mask_type,
         encoder_mask_tokens=args.encoder_mask_tokens,
@@ -76,13 +99,6 @@ def build_model(args: argparse.Namespace):
         decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_num_heads,
     )
-    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
-        if getattr(args, key):
-            kw[key] = getattr(args, key)
-    try:
-        return build_mae(args.model, **kw)
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> dict:

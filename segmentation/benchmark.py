@@ -48,7 +48,7 @@ def benchmark_step(
     recipe = "large" if arch == "large" else "base"  # other sizes borrow ViT-B's heads and hyper-parameters
     argv = ["--recipe", recipe, "--model", arch, "--batch_size", str(batch_size), "--data_path", "unused"]
     if input_size is not None:
-        argv += ["--crop_size", str(input_size)]
+        argv += ["--input_size", str(input_size)]
     if patch_size is not None:
         argv += ["--patch_size", str(patch_size)]
     args = parse_args(argv)
@@ -57,7 +57,7 @@ def benchmark_step(
     model.to(device).train()
     optimizer = build_optimizer(model, args, device)  # the one python -m segmentation uses
     runner = torch.compile(model) if compile else model
-    images, labels = synthetic_batch(batch_size, args.crop_size, args.num_classes, device)
+    images, labels = synthetic_batch(batch_size, args.input_size, args.num_classes, device)
 
     def loss_fn() -> torch.Tensor:
         return runner(images, labels)[0]  # decode + 0.4 x auxiliary cross-entropy, as train.step_fn
@@ -69,7 +69,7 @@ def benchmark_step(
 
     info = {  # what was built: goes into the benchmark's JSON
         "arch": arch,
-        "input_size": args.crop_size,
+        "input_size": args.input_size,
         "patch_size": model.backbone.patch_size,
         "recipe": recipe,
         "num_classes": args.num_classes,

@@ -267,7 +267,7 @@ class TrainTransform:
 
 def build_train_dataset(args: Any) -> ADE20K:
     tf = TrainTransform(
-        crop_size=args.crop_size,
+        crop_size=args.input_size,
         scale=(args.scale[0], args.scale[1]),
         ratio_range=(args.ratio_range[0], args.ratio_range[1]),
         cat_max_ratio=args.cat_max_ratio,

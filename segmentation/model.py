@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maecore.vit import ARCHS, VisionTransformer
+from maecore.models import model_kwargs
+from maecore.vit import VisionTransformer
 
 IGNORE_INDEX = 255
 
@@ -48,13 +49,11 @@ def build_backbone(
     """The shared encoder set up for UperNet transfer (MAE paper App. A.4 / BEiT): relative position bias
     per block (zero-init, so a converted MAE checkpoint computes the same features), layer scale 1.0,
     cls token kept, learned absolute position table, no final norm."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown ViT size {arch!r}; choose from {', '.join(ARCHS)}")
-    d, dep, heads, p = ARCHS[arch]
-    d, dep, heads = embed_dim or d, depth or dep, num_heads or heads
+    kw = model_kwargs(arch, patch_size, embed_dim, depth, num_heads)  # any registry name or size (maecore.models)
+    d, dep, heads, p = kw["embed_dim"], kw["depth"], kw["num_heads"], kw["patch_size"]
     return VisionTransformer(
         img_size=img_size,
-        patch_size=patch_size or p,
+        patch_size=p,
         embed_dim=d,
         depth=dep,
         num_heads=heads,

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 RECIPES: dict[str, dict] = {
     "base": dict(
-        model="base", crop_size=512, scale=[2048, 512], ratio_range=[0.5, 2.0], cat_max_ratio=0.75,
+        model="vit_base_patch16", input_size=512, scale=[2048, 512], ratio_range=[0.5, 2.0], cat_max_ratio=0.75,
         num_classes=150, channels=768, aux_channels=256, aux_weight=0.4, drop_path=0.1,
         lr=1e-4, weight_decay=0.05, layer_decay=0.65, warmup_iters=1500, max_iters=160_000,
         batch_size=2, accum_iter=1, eval_iters=16_000, num_workers=4, log_every=50, keep_every=0,
     ),
     "large": dict(
-        model="large", crop_size=512, scale=[2048, 512], ratio_range=[0.5, 2.0], cat_max_ratio=0.75,
+        model="vit_large_patch16", input_size=512, scale=[2048, 512], ratio_range=[0.5, 2.0], cat_max_ratio=0.75,
         num_classes=150, channels=1024, aux_channels=256, aux_weight=0.4, drop_path=0.2,
         lr=1e-4, weight_decay=0.05, layer_decay=0.75, warmup_iters=1500, max_iters=160_000,
         batch_size=2, accum_iter=1, eval_iters=16_000, num_workers=4, log_every=50, keep_every=0,
@@ -32,7 +32,7 @@ RECIPES: dict[str, dict] = {
     # no layer decay or drop path (nothing pretrained to protect), lr 5e-4.  To fine-tune the pretraining
     # demo's checkpoint instead: --finetune CKPT --embed_dim 192 --num_heads 3 --layer_decay 0.65.
     "demo": dict(
-        model="tiny", embed_dim=96, depth=4, num_heads=3, patch_size=8, crop_size=64, scale=[256, 64],
+        model="vit_tiny_patch16", embed_dim=96, depth=4, num_heads=3, patch_size=8, input_size=64, scale=[256, 64],
         ratio_range=[0.75, 1.5], cat_max_ratio=0.75, num_classes=7, channels=32, aux_channels=16, aux_weight=0.4,
         drop_path=0.0, lr=5e-4, weight_decay=0.05, layer_decay=1.0, warmup_iters=250, max_iters=2500,
         batch_size=8, accum_iter=1, eval_iters=500, num_workers=1, log_every=25, keep_every=0, num_vis=4,

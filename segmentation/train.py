@@ -22,62 +22,68 @@ import torch
 
 from maecore import distributed as du
 from maecore.checkpoint import load_for_eval, unwrap_state_dict
-from maecore.cli import given_flags, run_cli
+from maecore.cli import (
+    OneLineParser,
+    add_model_args,
+    check_model_args,
+    given_flags,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    ratio,
+    run_cli,
+)
 from maecore.convert import load_backbone
 from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.errors import UserError
+from maecore.models import model_kwargs
 from maecore.optim import WarmupPoly, adamw, param_groups
-from maecore.vit import ARCHS
 from segmentation.data import build_train_dataset, build_val_dataset
 from segmentation.evaluate import MS_SCALES, evaluate_segmentation, format_results
 from segmentation.model import UperNetViT, build_segmentor, maybe_sync_batchnorm
 from segmentation.recipes import RECIPES
 
 # what defines the network: taken from a checkpoint's args when evaluating it (unless given on the command line)
-ARCH_KEYS = ("model", "patch_size", "embed_dim", "depth", "num_heads", "crop_size", "num_classes",
+ARCH_KEYS = ("model", "patch_size", "embed_dim", "depth", "num_heads", "input_size", "num_classes",
              "channels", "aux_channels", "aux_weight", "out_indices")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("ADE20K UperNet on the MAE ViT", description=__doc__)
+    p = OneLineParser("python -m segmentation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), default="base", help="preset defaults; flags given override")
     m = p.add_argument_group("model")
-    m.add_argument("--model", choices=sorted(ARCHS), help="ViT size")
-    m.add_argument("--patch_size", type=int, default=None)
-    m.add_argument("--embed_dim", type=int, default=None, help="override the size's width (small test models)")
-    m.add_argument("--depth", type=int, default=None)
-    m.add_argument("--num_heads", type=int, default=None)
-    m.add_argument("--out_indices", type=int, nargs=4, default=None, help="blocks feeding the 4 levels")
-    m.add_argument("--channels", type=int, help="UperNet channels")
-    m.add_argument("--aux_channels", type=int, help="auxiliary FCN head channels")
-    m.add_argument("--aux_weight", type=float, help="auxiliary loss weight (0: no auxiliary head)")
-    m.add_argument("--drop_path", type=float)
+    add_model_args(m, "vit", input_size_help="training crop = sliding window",
+                   num_classes_help="classes (labels are 8-bit: at most 254, 255 = ignore)")
+    m.add_argument("--out_indices", type=non_negative_int, nargs=4, default=None, help="blocks feeding the 4 levels")
+    m.add_argument("--channels", type=positive_int, help="UperNet channels")
+    m.add_argument("--aux_channels", type=positive_int, help="auxiliary FCN head channels")
+    m.add_argument("--aux_weight", type=non_negative_float, help="auxiliary loss weight (0: no auxiliary head)")
+    m.add_argument("--drop_path", type=ratio(0.0, 1.0, hi_open=True))
     m.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (memory)")
     m.add_argument("--finetune", default="", help="pretrained MAE checkpoint for the backbone")
     d = p.add_argument_group("data")
     d.add_argument("--data_path", required=True, help="folder holding ADEChallengeData2016 (or that folder)")
-    d.add_argument("--num_classes", type=int)
     d.add_argument("--no_reduce_zero_label", action="store_true", help="labels are already 0..K-1 (255 = ignore)")
-    d.add_argument("--crop_size", type=int, help="training crop = sliding window")
-    d.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="rescale bound before the ratio")
-    d.add_argument("--ratio_range", type=float, nargs=2, metavar=("LO", "HI"))
-    d.add_argument("--cat_max_ratio", type=float)
+    d.add_argument("--scale", type=positive_int, nargs=2, metavar=("LONG", "SHORT"), help="rescale bound before the ratio")
+    d.add_argument("--ratio_range", type=positive_float, nargs=2, metavar=("LO", "HI"))
+    d.add_argument("--cat_max_ratio", type=ratio(0.0, 1.0, lo_open=True))
     d.add_argument("--no_photometric", action="store_true")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float)
-    o.add_argument("--min_lr", type=float, default=0.0)
-    o.add_argument("--weight_decay", type=float)
-    o.add_argument("--layer_decay", type=float)
-    o.add_argument("--warmup_iters", type=int)
-    o.add_argument("--max_iters", type=int, help="optimizer steps in total (sets the engine's epochs)")
+    o.add_argument("--lr", type=non_negative_float)
+    o.add_argument("--min_lr", type=non_negative_float, default=0.0)
+    o.add_argument("--weight_decay", type=non_negative_float)
+    o.add_argument("--layer_decay", type=ratio(0.0, 1.0, lo_open=True))
+    o.add_argument("--warmup_iters", type=non_negative_int)
+    o.add_argument("--max_iters", type=positive_int, help="optimizer steps in total (sets the engine's epochs)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", "--eval_only", "--eval-only", dest="eval", action="store_true",
                    help="only evaluate the checkpoint given by --resume")
-    e.add_argument("--eval_iters", type=int, help="evaluate about every N iterations (rounded to epochs)")
-    e.add_argument("--stride", type=int, default=None, help="sliding-window stride (default 2/3 of the crop)")
+    e.add_argument("--eval_iters", type=non_negative_int, help="evaluate about every N iterations (rounded to epochs)")
+    e.add_argument("--stride", type=positive_int, default=None, help="sliding-window stride (default 2/3 of the crop)")
     e.add_argument("--aug_test", action="store_true", help="multi-scale (0.5-1.75) + flip")
-    e.add_argument("--num_vis", type=int, default=4, help="colourised predictions written per evaluation")
-    e.add_argument("--eval_max_images", type=int, default=0, help="evaluate on the first N val images only")
+    e.add_argument("--num_vis", type=non_negative_int, default=4, help="colourised predictions written per evaluation")
+    e.add_argument("--eval_max_images", type=non_negative_int, default=0, help="evaluate on the first N val images only")
     add_engine_args(p)
     p.set_defaults(**RECIPES["base"])
     return p
@@ -92,24 +98,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(msg)
     if not 0 < args.cat_max_ratio <= 1:
         p.error("--cat_max_ratio must be in (0, 1]")
-    if not 1 <= args.num_classes <= 254:
-        p.error("--num_classes must be in 1..254 (labels are 8-bit, 255 = ignore)")
     if args.max_iters <= 0 or args.warmup_iters < 0:
         p.error("--max_iters must be positive and --warmup_iters non-negative")
     return args
 
 
 def check_crop(args: argparse.Namespace) -> str | None:
-    """What is wrong with the crop size for the patch size, if anything."""
-    if args.crop_size % (args.patch_size or ARCHS[args.model][3]):
-        return f"--crop_size {args.crop_size} is not a multiple of the patch size"
+    """What is wrong with the model flags taken together (crop size and patch size, class count, tapped
+    blocks), if anything; run after parsing and again once ``--eval --resume`` has taken the checkpoint's."""
+    if msg := check_model_args(args):
+        return msg
+    if not 1 <= args.num_classes <= 254:
+        return f"--num_classes must be in 1..254 (labels are 8-bit, 255 = ignore), got {args.num_classes}"
+    depth = model_kwargs(args.model, depth=args.depth)["depth"]
+    if args.out_indices and max(args.out_indices) >= depth:
+        return f"--out_indices {' '.join(map(str, args.out_indices))}: the model has blocks 0..{depth - 1}"
     return None
 
 
 def build_model(args: argparse.Namespace) -> UperNetViT:
     try:
         return build_segmentor(
-            args.model, args.num_classes, args.crop_size, args.patch_size, args.drop_path, args.channels,
+            args.model, args.num_classes, args.input_size, args.patch_size, args.drop_path, args.channels,
             args.aux_channels, args.aux_weight, args.out_indices, args.embed_dim, args.depth, args.num_heads,
             grad_checkpointing=args.grad_checkpointing,
         )
@@ -118,7 +128,7 @@ def build_model(args: argparse.Namespace) -> UperNetViT:
 
 
 def window_of(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    w = (args.crop_size, args.crop_size)
+    w = (args.input_size, args.input_size)
     return w, ((args.stride, args.stride) if args.stride else None)
 
 
@@ -207,7 +217,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
         n_bb = sum(p.numel() for p in model.backbone.parameters())
         n_all = sum(p.numel() for p in model.parameters())
         eff = args.batch_size * args.accum_iter * du.world_size()
-        print(f"UperNet ViT-{args.model}: {n_bb / 1e6:.2f}M backbone / {n_all / 1e6:.2f}M total params; "
+        print(f"UperNet {args.model}: {n_bb / 1e6:.2f}M backbone / {n_all / 1e6:.2f}M total params; "
               f"{len(dataset)} train / {len(val)} val images; eff. batch {eff}; {args.max_iters} iterations "
               f"= {args.epochs} epochs of {spe:g} steps; lr {args.lr:g}, layer decay {args.layer_decay}")
         out.mkdir(parents=True, exist_ok=True)

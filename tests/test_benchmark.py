@@ -129,7 +129,7 @@ def test_cli_bad_input_one_line_error(tmp_path, capsys):
                       (["--bench", "data", "--photo_sizes", "big"], "photo size must look like 500x375"),
                       (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)"),
                       (["--bench", "segmentation", "--task_arch", "tiny", "--task_input_size", "60"],
-                       "--bench segmentation: --crop_size 60 is not a multiple of the patch size"),
+                       "--bench segmentation: --input_size 60 is not a multiple of the patch size"),
                       (["--bench", "detection", "--task_input_size", "0"], "--task_input_size must be >= 1")]:
         with pytest.raises(SystemExit) as e:
             bench.cli(argv)

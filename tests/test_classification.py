@@ -335,7 +335,7 @@ def test_cli_errors(world: Path, tmp_path: Path, capsys) -> None:
     bad.write_bytes(b"not a checkpoint")
     assert "bad.pth" in _cli_error(common(world, tmp_path / "o", "--finetune", str(bad)), capsys)
     assert "--tune_blocks" in _cli_error(common(world, tmp_path / "o", "--protocol", "partial"), capsys)
-    assert "nb_classes" in _cli_error(common(world, tmp_path / "o", "--nb_classes", "3"), capsys)
+    assert "--num_classes 3" in _cli_error(common(world, tmp_path / "o", "--nb_classes", "3"), capsys)
     assert "--resume" in _cli_error(common(world, tmp_path / "o", "--eval"), capsys)
     wrong = save_atomic({"model": build_mae("mae_vit_tiny_patch16", patch_size=8, img_size=SIZE, depth=3, decoder_depth=1,
                                             decoder_embed_dim=64, decoder_num_heads=4).state_dict()}, tmp_path / "d3.pth")

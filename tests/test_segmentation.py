@@ -231,7 +231,7 @@ def test_eval_takes_model_flags_from_checkpoint_and_torchrun_gives_the_same_metr
     for p in (one, two):
         lines = [x for x in p.stdout.splitlines() if x.startswith("model flags from")]
         assert len(lines) == 1, p.stdout  # printed once, by rank 0
-        assert "depth=4" in lines[0] and "crop_size=32" in lines[0] and "num_classes=7" in lines[0]
+        assert "depth=4" in lines[0] and "input_size=32" in lines[0] and "num_classes=7" in lines[0]
     r1, r2 = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("ev1", "ev2"))
     assert r1["n_images"] == r2["n_images"] == 3 and r1["n_skipped"] == r2["n_skipped"] == 0
     for k in ("mIoU", "mAcc", "aAcc", "IoU_per_class", "n_label_oor"):

@@ -25,7 +25,7 @@ from maecore.checkpoint import load_file, unwrap_state_dict
 from maecore.convert import formats
 from maecore.convert.keys import key_kind
 from maecore.errors import UserError
-from maecore.vit import ARCHS
+from maecore.models import SIZES
 
 TRUNK_FORMAT = "maecore-trunk"  # meta["format"] of the task trunk files this converter writes
 
@@ -194,8 +194,8 @@ def _hints_from_container(obj: dict[str, Any]) -> dict[str, Any]:
         m = re.match(r"mae_vit_(\w+?)_patch(\d+)$", str(args.get("model", "")))
         if args.get("num_heads"):  # our --num_heads override of the named size
             hints["num_heads"] = args["num_heads"]
-        elif m and m.group(1) in ARCHS:
-            hints["num_heads"] = ARCHS[m.group(1)][2]
+        elif m and m.group(1) in SIZES:
+            hints["num_heads"] = SIZES[m.group(1)].num_heads
         for k in ("decoder_num_heads", "norm_pix_loss", "mask_ratio"):
             if args.get(k) is not None:
                 hints[k] = args[k]
