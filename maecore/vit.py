@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -525,10 +525,14 @@ class VisionTransformer(nn.Module):
             return self.add_prefix(x, prefix_pos), grid
 
     def _blocks(
-        self, x: torch.Tensor, grid: tuple[int, int], indices: tuple[int, ...], stop_early: bool = False
+        self, x: torch.Tensor, grid: tuple[int, int], indices: tuple[int, ...], stop_early: bool = False,
+        tap: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The one block loop: frozen leading blocks, activation checkpointing, taps (tokens as they leave
-        block i, prefix included); with ``stop_early`` it ends at the last tapped block."""
+        """The one block loop: frozen leading blocks, activation checkpointing, taps (``tap`` of the tokens as
+        they leave block i, prefix included; the tokens themselves without ``tap``); with ``stop_early`` it ends
+        at the last tapped block.  A tap is made right after its block, once per block however often it is
+        asked for: the autograd graph, and so the order in which gradients are summed, is the one of a loop
+        that reshapes as it goes — training stays bit-identical to the pre-``forward_intermediates`` code."""
         npre = self.num_prefix_tokens
         taps: dict[int, torch.Tensor] = {}
         want = set(indices)
@@ -542,7 +546,7 @@ class VisionTransformer(nn.Module):
             else:
                 x = blk(x, grid, npre)
             if i in want:
-                taps[i] = x
+                taps[i] = x if tap is None else tap(x)
         return x, taps
 
     def to_map(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -556,8 +560,8 @@ class VisionTransformer(nn.Module):
         """All blocks on prepared tokens; returns the last tokens (before ``norm``) and the (B, C, H, W)
         maps of the ``out_indices`` blocks, in the order asked (a block listed twice comes twice)."""
         idx = self.check_indices(out_indices or ())
-        x, taps = self._blocks(x, grid, idx)
-        return x, [self.to_map(taps[i], grid) for i in idx]
+        x, taps = self._blocks(x, grid, idx, tap=lambda t: self.to_map(t, grid))
+        return x, [taps[i] for i in idx]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens after the final ``norm``, (B, prefix+HW, D)."""
@@ -593,11 +597,13 @@ class VisionTransformer(nn.Module):
             indices = self.out_indices if self.out_indices is not None else range(self.depth)
         idx = self.check_indices(indices)
         x, grid = self.prepare_tokens(x)
-        x, taps = self._blocks(x, grid, idx, stop_early=stop_early and intermediates_only)
-        outs = []
-        for i in idx:
-            t = self.norm(taps[i]) if norm else taps[i]
-            outs.append(self.to_map(t, grid) if output_fmt == "NCHW" else t[:, self.num_prefix_tokens :])
+
+        def tap(t: torch.Tensor) -> torch.Tensor:
+            t = self.norm(t) if norm else t
+            return self.to_map(t, grid) if output_fmt == "NCHW" else t[:, self.num_prefix_tokens :]
+
+        x, taps = self._blocks(x, grid, idx, stop_early=stop_early and intermediates_only, tap=tap)
+        outs = [taps[i] for i in idx]
         if intermediates_only:
             return outs
         return self.norm(x), outs
