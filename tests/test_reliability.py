@@ -389,3 +389,22 @@ def test_ranks_agree_on_a_stop_at_the_same_call(tmp_path):
     mp.start_processes(_vote_worker, args=(2, f"file://{tmp_path / 'rdzv'}", out), nprocs=2, start_method="spawn")
     a, b = (torch.load(f"{out}.{r}", weights_only=True) for r in range(2))
     assert a == b == [False] * 4 + [True] * 4  # every rank, one call after rank 1 raised it
+
+
+def test_a_second_signal_never_interrupts_a_save():
+    from maecore.engine import StopSignals
+
+    s = StopSignals()
+    s.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert s.name == "SIGUSR1"  # the first signal asks for a stop at the next step boundary
+        with s.deferred():  # a checkpoint being written: later signals, Ctrl-C included, are ignored
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert s.name == "SIGUSR1"
+        with pytest.raises(KeyboardInterrupt):  # outside a save, a second Ctrl-C insists
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        s.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
