@@ -252,8 +252,6 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
         print(f"{args.protocol} {args.model}: {n_tuned / 1e6:.3f}M of {n_all / 1e6:.2f}M parameters tuned; "
               f"{len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes; "
               f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {du.world_size()}; lr {args.lr:.3g}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(dump_args(args), indent=1))
 
     pin = args.pin_mem and device.type == "cuda"
     val_loader = eval_loader(val_ds, args.batch_size, args.num_workers, pin)
@@ -304,7 +302,8 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
     after_step = (lambda m, step: ema.update(m, step)) if ema is not None else None
     cfg = config_from_args(args, best_key="acc1")
     trainer = Trainer(cfg, model, optimizer, train_ds, step_fn, schedule, device, args=dump_args(args),
-                      evaluate=evaluate_hook, after_step=after_step, extra_state={"model_ema": ema} if ema else None)
+                      evaluate=evaluate_hook, after_step=after_step, extra_state={"model_ema": ema} if ema else None,
+                      model_keys=MODEL_KEYS)
     summary = trainer.fit()
     summary.update(best_acc1=trainer.best, tuned_params=n_tuned, **knn)
     if du.is_main():

@@ -163,9 +163,12 @@ def overlay_figure(dataset: CocoInstances, per_image: dict[int, list[dict]], pat
     cmap = plt.get_cmap("tab10")
     for ax, img_id in zip(axes[0], ids):
         info = dataset.coco.imgs[img_id]
-        from maecore.data import load_rgb
+        from maecore.data import try_load_rgb
 
-        img = np.asarray(load_rgb(dataset.img_dir / info["file_name"]), dtype=np.float32) / 255
+        if (pil := try_load_rgb(dataset.img_dir / info["file_name"])) is None:
+            ax.axis("off")  # unreadable (warned): an empty panel, the figure goes on
+            continue
+        img = np.asarray(pil, dtype=np.float32) / 255
         ranked = sorted(per_image[img_id], key=lambda d: -d["score"])
         dets = [d for d in ranked if d["score"] >= score_thresh]
         shown = f"{len(dets)} dets >= {score_thresh}"

@@ -231,8 +231,6 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
         eff = args.batch_size * args.accum_iter * du.world_size()
         print(f"{args.backbone} {args.model}: {n / 1e6:.2f}M params; eff. batch {eff}; lr {args.lr:.3g}; "
               f"{ipe // args.accum_iter} steps/epoch; warm-up {schedule.warmup:.3f} ep; milestones {schedule.milestones}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(dump_args(args), indent=1))
 
     def step_fn(m, batch):
         images, targets = batch
@@ -241,7 +239,7 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
 
     cfg = config_from_args(args)
     trainer = Trainer(cfg, model, optimizer, train_set, step_fn, schedule, device, args=dump_args(args),
-                      collate_fn=collate, evaluate=evaluate)
+                      collate_fn=collate, evaluate=evaluate, model_keys=MODEL_KEYS)
     summary = trainer.fit()
     if du.is_main():
         print(json.dumps(summary, default=str))

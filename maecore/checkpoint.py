@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import random
+import socket
 import tempfile
+import time
 import zipfile
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +24,64 @@ from maecore.cli import fill_from_checkpoint, upgrade_saved_args
 from maecore.errors import UserError
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, quota, permissions…); the file at ``path`` is unchanged."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot write {path}: {reason} (an earlier file there is unchanged)")
+
+
+class _WriteRecorder:
+    """The file object handed to ``torch.save``: its C++ writer turns an OSError raised by ``write`` into an
+    opaque ``inline_container.cc`` RuntimeError, so the real error (ENOSPC, EDQUOT…) is kept here."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e) or type(e).__name__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save to a temp file beside ``path``, fsync, then rename: a crash never leaves half a file."""
+    """torch.save to a temp file beside ``path``, fsync, then rename: a crash never leaves half a file, and a
+    failed write (disk full…) leaves the earlier file intact and raises :class:`CheckpointWriteError` (one line)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointWriteError(path, _reason(e)) from None
+    rec = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            rec = _WriteRecorder(f)
+            torch.save(obj, rec)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
-            os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if rec is not None and rec.error is not None:
+            raise CheckpointWriteError(path, _reason(rec.error)) from None
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(path, _reason(e)) from None
         raise
     return path
 
@@ -91,6 +138,166 @@ def load_for_eval(path: str | os.PathLike, args: argparse.Namespace, parser: arg
     fill_from_checkpoint(parser, args, upgrade_saved_args(checkpoint_args(ckpt)), keys, given, source=str(path),
                          log=print if du.is_main() else None)
     return ckpt
+
+
+# ---- finiteness: a checkpoint holds finite numbers only --------------------------------------------
+def float_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor inside nested dicts / lists / tuples (a state dict, an optimizer state)."""
+    out: list[torch.Tensor] = []
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if x.is_floating_point() or x.is_complex():
+                out.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return out
+
+
+@torch.no_grad()
+def nonfinite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor (no host sync): does any element of ``tensors`` hold NaN or inf?  One fused
+    reduction (the inf-norm of all tensors, per device and dtype, with ``torch._foreach_norm`` underneath):
+    the max of |x| is NaN/inf exactly when some element is, and unlike a sum it cannot overflow."""
+    ts = [t.detach() for t in tensors]
+    if not ts:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.nn.utils.get_total_norm(ts, norm_type=float("inf")))
+
+
+def nonfinite_names(state: dict[str, Any]) -> list[str]:
+    """The keys of ``state`` (a flat dict of tensors) holding NaN/inf: the slow, per-tensor look for messages."""
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and bool(nonfinite([v]))]
+
+
+def checkpoint_nonfinite(ckpt: dict[str, Any]) -> str | None:
+    """What in a training checkpoint is not finite ("84 of 86 model tensors (…)"), or ``None`` if all is."""
+    parts = [k for k in ("model", "optimizer", "extra", "scaler") if k in ckpt]
+    if not bool(nonfinite(float_tensors([ckpt[k] for k in parts]))):
+        return None
+    bad: list[str] = []
+    model = ckpt.get("model")
+    if isinstance(model, dict) and (names := nonfinite_names(model)):
+        bad.append(f"{len(names)} of {len(model)} model tensors (first {names[0]!r})")
+    for k in parts[1:]:
+        if bool(nonfinite(float_tensors(ckpt[k]))):
+            bad.append(f"its {k} state")
+    return ", ".join(bad) or "some tensors"
+
+
+# ---- an output folder belongs to one run ------------------------------------------------------------
+try:
+    import fcntl
+except ImportError:  # not on Windows: there the folder is not locked
+    fcntl = None  # type: ignore[assignment]
+
+
+class FolderLock:
+    """The lock that makes an output folder one run's: a POSIX record lock (``fcntl.lockf``) on
+    ``<folder>/run.lock``, a file that holds the owner's pid and host.  The OS drops the lock when the process
+    ends, however it ends, so a crashed or killed run never leaves a lock that blocks the next one (the file
+    stays: it is not the lock).  A record lock, unlike ``flock``, belongs to the process alone, not to the
+    DataLoader workers it forks, which may outlive a killed run by seconds.  Record locks do not exclude each
+    other within one process, so the folders locked here are also kept in :attr:`HELD`."""
+
+    NAME = "run.lock"
+    HELD: set[str] = set()  # folders this process has locked
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / self.NAME
+        self.fd: int | None = None
+
+    def _key(self) -> str:
+        return os.path.realpath(self.path)
+
+    def _owner(self) -> str:
+        try:
+            pid, _, host = self.path.read_text().strip().partition(" ")
+        except OSError:
+            return "another process"
+        return f"pid {pid} on {host}" if pid else "another process"
+
+    def holder(self) -> str | None:
+        """Who holds the lock now ("pid 12 on node3"), or ``None``: a probe that creates and writes nothing."""
+        if fcntl is None or self.fd is not None or not self.path.is_file():
+            return None
+        if self._key() in self.HELD:
+            return f"pid {os.getpid()} on {socket.gethostname()}"
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return self._owner()
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)  # (drops this process's record locks on the file: it holds none, see HELD)
+
+    def busy_error(self, owner: str) -> UserError:
+        return UserError(f"{self.path.parent} is in use by another run ({owner}, see {self.NAME}): "
+                         "wait for it to end, or use another output folder")
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`UserError` naming the run that holds it."""
+        if fcntl is None or self.fd is not None:
+            return
+        if self._key() in self.HELD:
+            raise self.busy_error(f"pid {os.getpid()} on {socket.gethostname()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot create {self.path}: {_reason(e)}") from None
+        for attempt in range(5):  # another run's probe (holder()) holds a shared lock for an instant
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if attempt == 4:
+                    os.close(fd)
+                    raise self.busy_error(self._owner()) from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self.fd = fd
+        self.HELD.add(self._key())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.HELD.discard(self._key())
+            with contextlib.suppress(OSError):
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def folder_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoints a training run leaves in its output folder (``checkpoint*.pth``)."""
+    folder = Path(folder)
+    return sorted(folder.glob("checkpoint*.pth")) if folder.is_dir() else []
+
+
+def set_aside(folder: str | os.PathLike, names: Sequence[str]) -> Path | None:
+    """Move ``names`` (files in ``folder`` that exist) into a new ``folder/previous-N/``: nothing is deleted.
+    Returns that sub-folder, or ``None`` when there was nothing to move."""
+    folder = Path(folder)
+    files = [folder / n for n in names if (folder / n).exists()]
+    if not files:
+        return None
+    n = 1
+    while (dst := folder / f"previous-{n}").exists():
+        n += 1
+    dst.mkdir()
+    for f in files:
+        os.replace(f, dst / f.name)
+    return dst
 
 
 # ---- RNG state, so a resumed run continues the same random stream -------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from maecore.errors import UserError
@@ -40,13 +40,100 @@ def list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
-def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode an image as RGB.  With ``draft_size`` a JPEG is decoded at the smallest 1/2, 1/4, 1/8
-    scale that is still at least that size (libjpeg's DCT scaling) — much cheaper for big photos."""
-    with Image.open(path) as im:
-        if draft_size is not None and im.format == "JPEG":
-            im.draft("RGB", draft_size)
+class UnusableImage(OSError, ValueError):
+    """A file that decodes but cannot be made an 8-bit RGB image without guessing (the message says why).
+    An ``OSError`` and a ``ValueError``, so every place that skips unreadable files skips it too."""
+
+
+# what load_rgb raises for a file it cannot use: unreadable, truncated, not an image, refused, a bomb
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are shown over white, as an image viewer shows them
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode, with the right scaling (never by clipping to 0-255):
+
+    * 16-bit grey (``I;16*``, and ``I`` within 0-65535, which is how PNG/TIFF 16-bit decode) is divided by
+      257, the exact inverse of the 8->16-bit widening (v * 257): full scale maps to full scale and the
+      same scene at either depth gives the same pixels.  Not stretched to the image's own range: that would
+      brighten a dark image and change contrast image by image, a hidden augmentation;
+    * 32-bit float (``F``) in [0, 1] is multiplied by 255;
+    * alpha (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour) is composited over white;
+    * ``I`` outside 0-65535, ``F`` outside [0, 1] or with NaN, and modes Pillow cannot convert are refused
+      with :class:`UnusableImage` (any fixed scale would be a guess).
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im)
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise UnusableImage(f"{mode} image with values {lo}..{hi}, outside the 16-bit range: no known scale to 8 bits")
+        a8 = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257)
+        return Image.fromarray(a8).convert("RGB")
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+            lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+            raise UnusableImage(f"32-bit float image with values {lo:g}..{hi:g} (or NaN/inf), not in [0, 1]: no known scale to 8 bits")
+        return Image.fromarray(np.rint(a * 255.0).astype(np.uint8)).convert("RGB")
+    try:
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            canvas = Image.new("RGB", im.size, ALPHA_BACKGROUND)
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            return canvas
         return im.convert("RGB")
+    except ValueError as e:  # Pillow has no conversion for this mode
+        raise UnusableImage(f"{mode} image: {e}") from None
+
+
+def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an image as 8-bit RGB (see :func:`to_rgb` for other depths and alpha).  With ``draft_size`` a
+    JPEG is decoded at the smallest 1/2, 1/4, 1/8 scale that is still at least that size (libjpeg's DCT
+    scaling) — much cheaper for big photos.  Raises one of :data:`UNREADABLE` for a file it cannot use."""
+    try:
+        with Image.open(path) as im:
+            if draft_size is not None and im.format == "JPEG":
+                im.draft("RGB", draft_size)
+            im.load()
+            return to_rgb(im)
+    except Image.DecompressionBombError as e:
+        raise UnusableImage(str(e)) from None
+
+
+def try_load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image | None:
+    """:func:`load_rgb`, or ``None`` and one warning line for a file it cannot use (figures, tools)."""
+    try:
+        return load_rgb(path, draft_size)
+    except UNREADABLE as e:
+        log.warning("skipping unreadable image %s: %s", path, e)
+        return None
+
+
+def worker_error_line(e: BaseException) -> str:
+    """The one line of an exception re-raised by a DataLoader worker (whose message carries the worker's
+    whole traceback): the original exception's own message."""
+    msg = str(e)
+    if "Original Traceback" not in msg:
+        return msg
+    lines = [line for line in msg.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else msg
+    for prefix in (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__qualname__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM/SIGUSR1, which the training process
+    handles (it finishes the step and checkpoints): a worker killed by a Ctrl-C sent to the process group, or
+    by SLURM signalling every process, would make the main process fail with 'worker exited unexpectedly'.
+    Workers still end with their parent (the loader shuts them down, or they notice it is gone)."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if s is not None:
+            signal.signal(s, signal.SIG_IGN)
 
 
 class ImageFiles(Dataset):
@@ -94,7 +181,7 @@ class ImageFiles(Dataset):
             path, target = self.samples[(index + tried) % len(self.samples)]
             try:
                 return load_rgb(path, self.draft_size), target, tried
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            except UNREADABLE as e:
                 log.warning("skipping unreadable image %s: %s", path, e)
         raise UserError(f"{MAX_SUBSTITUTES} unreadable images in a row near {self.samples[index][0]}")
 

@@ -75,6 +75,45 @@ def all_gather_object(obj):
     return out
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (also a barrier)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class AnyRank:
+    """Agree, at the same call on every rank, whether any rank has raised a flag (a stop signal) — cheaply:
+    no device sync, no blocking collective per step.  Each :meth:`poll` starts a background all-reduce of
+    one integer over a CPU (gloo) group and returns the result of the one started by the previous call, long
+    finished by then; every rank calls ``poll`` at the same points, so all see the same answer at the same
+    call, one call after the first rank raised its flag.  In a single process the local flag is the answer."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if is_dist() else None
+        self.buf = torch.zeros(1, dtype=torch.int32)
+        self.work = None
+
+    def poll(self, local: bool) -> bool:
+        if self.group is None:
+            return local
+        agreed = False
+        if self.work is not None:
+            self.work.wait()
+            agreed = bool(self.buf.item())
+        self.buf = torch.tensor([int(local)], dtype=torch.int32)
+        self.work = dist.all_reduce(self.buf, group=self.group, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        """Finish the all-reduce in flight (every rank started it, so it completes)."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()

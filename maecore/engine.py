@@ -2,11 +2,33 @@
 
 Loop with gradient accumulation, per-iteration lr schedule with per-group ``lr_scale`` (layer decay),
 mixed precision (bf16 autocast; fp16 + GradScaler on request), grad clipping, DDP, checkpoints that
-resume mid-epoch to the exact same numbers, a non-finite-loss stop that leaves the last good
-checkpoint alone, progress bar, TensorBoard and JSON-lines logs.
+resume mid-epoch to the exact same numbers, progress bar, TensorBoard and JSON-lines logs.
 
 A task supplies the model, the optimizer, the dataset and a ``step_fn(model, batch) -> (loss, logs)``.
 Host syncs happen only every ``log_every`` steps and at checkpoints, never per iteration.
+
+Nothing is lost, and a failure is one line (``error: …``, status 2), never a traceback:
+
+* Finite checkpoints only.  Before a checkpoint is written its weights and optimizer state are checked (one
+  fused inf-norm over all tensors); a NaN/inf loss (checked every ``log_every`` steps) or weight stops the
+  run with one line naming the step and the last checkpoint that is finite (re-read to make sure).  Resuming
+  from a non-finite checkpoint is refused.
+* One run per output folder.  ``run.lock`` (pid and host; an OS record lock, so a crashed run leaves no
+  stale lock) refuses a second concurrent run.  A fresh run into a folder that holds a checkpoint is refused unless
+  ``--resume`` or ``--overwrite`` is given; ``--overwrite`` moves the old checkpoints and ``args.json`` into
+  ``previous-N/`` (and the old ``log.jsonl`` to ``log.N.jsonl``): nothing is deleted.  ``args.json`` is
+  written only after these checks.
+* Resume checks the run's flags against the checkpoint's saved args before anything in the folder is touched:
+  the task's model flags (``model_keys``) must match; the schedule flags (:data:`SCHEDULE_KEYS`) must too,
+  unless ``--resume_override KEY[,KEY…]`` (or ``all``) takes the new value, which is printed and logged.
+* A failed save (disk full, quota…) is one line naming the file; the previous checkpoint stays intact.  A
+  DataLoader worker's error is unwrapped to its own line.
+* SIGTERM, SIGUSR1 and SIGINT (what SLURM / Kubernetes send before a kill, and Ctrl-C) finish the current
+  optimizer step, write ``checkpoint-last.pth`` atomically, print one line and exit with status
+  :data:`EXIT_REQUEUE` = 75 (``EX_TEMPFAIL``: "try again"): a job script requeues on 75 and the run continues
+  with ``--resume auto`` to the same numbers as an uninterrupted run.  Under DDP every rank stops at the
+  same step.  Further signals while stopping are ignored (a second Ctrl-C outside the save aborts at once;
+  the save itself is atomic either way).
 """
 
 from __future__ import annotations
@@ -14,8 +36,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +52,87 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from maecore import distributed as du
-from maecore.checkpoint import load_file, rng_state, save_atomic, set_rng_state
+from maecore.checkpoint import (
+    CheckpointWriteError,
+    FolderLock,
+    checkpoint_args,
+    checkpoint_nonfinite,
+    float_tensors,
+    folder_checkpoints,
+    load_file,
+    nonfinite,
+    nonfinite_names,
+    rng_state,
+    save_atomic,
+    set_aside,
+    set_rng_state,
+)
 from maecore.cli import non_negative_float, non_negative_int, positive_int
-from maecore.data import ResumableSampler, SeededDataset
+from maecore.data import ResumableSampler, SeededDataset, ignore_stop_signals, worker_error_line
 from maecore.errors import NonFiniteError, UserError
 from maecore.optim import set_lr
 
 NonFiniteLossError = NonFiniteError  # the older name
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL (sysexits.h): stopped on a signal, checkpointed; requeue and --resume auto
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
+LAST = "checkpoint-last.pth"
+# flags that change the optimisation or the data order, not the network: a resumed run keeps the checkpoint's
+# values unless --resume_override names them (keys a task does not have are skipped)
+SCHEDULE_KEYS = ("batch_size", "accum_iter", "lr", "blr", "min_lr", "epochs", "warmup_epochs", "warmup_iters",
+                 "max_iters", "milestones", "weight_decay", "layer_decay", "clip_grad", "seed", "mask_ratio",
+                 "mask_type", "drop_path", "model_ema_decay")
+
+
+class Preempted(SystemExit):
+    """Raised by :meth:`Trainer.fit` after a stop signal, once ``checkpoint-last.pth`` is written: uncaught, the
+    process exits with status :data:`EXIT_REQUEUE` (75) and no traceback."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_REQUEUE)
+        self.message = message
+
+
+class StopSignals:
+    """Turns SIGTERM / SIGUSR1 / SIGINT into a request to stop at the next optimizer-step boundary (installed
+    by :meth:`Trainer.fit` in the main thread, restored after).  Later signals are ignored while stopping and
+    always during a save; a second SIGINT outside a save raises KeyboardInterrupt (the user insists)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.saving = False
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python delivers signals to the main thread only: nothing to install from elsewhere
+        for s in STOP_SIGNALS:
+            self._old[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            if h is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(s, h)
+        self._old.clear()
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if not self.signum:
+            self.signum = signum
+        elif signum == getattr(signal, "SIGINT", None) and not self.saving:
+            raise KeyboardInterrupt
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal on another rank"
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A block (a checkpoint write) that no signal interrupts."""
+        saving, self.saving = self.saving, True
+        try:
+            yield
+        finally:
+            self.saving = saving
 
 @dataclass
 class EngineConfig:
@@ -52,6 +151,8 @@ class EngineConfig:
     eval_every: int = 1
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); for smoke runs
     resume: str = ""  # "", "auto" (output_dir/checkpoint-last.pth) or a path
+    overwrite: bool = False  # a fresh run may use a folder holding checkpoints (they are set aside)
+    resume_override: str = ""  # "KEY,KEY" or "all": schedule flags a resume takes from the command line
     progress: bool = True
     compile: bool = False
     find_unused_parameters: bool = False
@@ -155,16 +256,21 @@ class RunLogger:
 
     def __init__(self, output_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
+        self.dir = output_dir
         self.path = output_dir / "log.jsonl"
         self.tb = None
-        if enabled:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-            except ImportError:  # tensorboard is a dependency, but logging must never kill a run
-                self.tb = None
+    def open(self) -> None:
+        """Create the folder and the TensorBoard writer: only once the run owns the folder."""
+        if not self.enabled or self.tb is not None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency, but logging must never kill a run
+            self.tb = None
 
     def set_aside(self) -> Path | None:
         """A fresh (not resumed) run in a folder that already has a ``log.jsonl``: move the old log to
@@ -191,6 +297,7 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def read_log(path: str | Path, kind: str | None = None) -> list[dict]:
@@ -209,6 +316,9 @@ class Trainer:
     Hooks: ``evaluate(model, epoch) -> dict`` every ``eval_every`` epochs, ``on_epoch_end(model,
     epoch)`` (figures), ``after_step(model, step)`` (EMA…); ``extra_state`` modules (EMA weights…)
     are checkpointed too.  ``model`` here is the bare module; the trainer wraps it in DDP.
+    ``model_keys``: the ``args`` keys that define the network (a resume must match them);
+    ``schedule_keys``: those a resume keeps unless ``--resume_override`` names them.
+    Constructing a trainer writes nothing; :meth:`fit` claims the output folder first.
     """
 
     def __init__(
@@ -226,6 +336,8 @@ class Trainer:
         on_epoch_end: Callable[[nn.Module, int], None] | None = None,
         after_step: Callable[[nn.Module, int], None] | None = None,
         extra_state: dict[str, nn.Module] | None = None,
+        model_keys: Sequence[str] = (),
+        schedule_keys: Sequence[str] = SCHEDULE_KEYS,
     ) -> None:
         self.cfg = cfg
         self.device = device
@@ -238,9 +350,12 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.after_step = after_step
         self.extra_state = extra_state or {}
+        self.model_keys = tuple(model_keys)
+        self.schedule_keys = tuple(k for k in schedule_keys if k not in self.model_keys)
         self.out = Path(cfg.output_dir)
         self.amp = resolve_amp(cfg.amp, device)
         self.logger = RunLogger(self.out, du.is_main())
+        self.lock = FolderLock(self.out)
 
         if len(dataset) < cfg.batch_size * du.world_size():  # type: ignore[arg-type]
             raise UserError(
@@ -260,6 +375,7 @@ class Trainer:
             collate_fn=collate_fn,
             persistent_workers=cfg.num_workers > 0,
             generator=torch.Generator().manual_seed(cfg.seed),
+            worker_init_fn=ignore_stop_signals if cfg.num_workers > 0 else None,
         )
         self.iters_per_epoch = self.sampler.num_samples // cfg.batch_size
         if self.iters_per_epoch < cfg.accum_iter:
@@ -277,17 +393,23 @@ class Trainer:
         self.train_step = TrainStep(self.model, optimizer, step_fn, device, self.amp, cfg.accum_iter, cfg.clip_grad,
                                     runner=self.runner, ddp=self.ddp)
         self.scaler = self.train_step.scaler
+        self.signals = StopSignals()
+        self.stop_vote = du.AnyRank()
 
         self.epoch = 0
         self.iter_in_epoch = 0
         self.step = 0
         self.best = -math.inf
-        self.last_good: Path | None = None
+        self.last_good: Path | None = None  # the newest checkpoint-last.pth known finite, and its step
+        self.last_good_step = 0
+        self._first_bad = torch.zeros((), dtype=torch.long, device=device)  # first step with a NaN/inf loss (0: none)
+        self._verified_at = -1  # the step whose weights were last checked finite
+        self._saved_at: tuple[int, int, int] | None = None  # (epoch, iter, step) of the last checkpoint-last
 
     # ---- checkpoints ------------------------------------------------------------------------
     @property
     def last_path(self) -> Path:
-        return self.out / "checkpoint-last.pth"
+        return self.out / LAST
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -304,27 +426,135 @@ class Trainer:
         }
 
     def save(self, *names: str) -> None:
-        """Write checkpoint(s) on rank 0 (every rank takes part: RNG states are gathered)."""
-        self.check_finite()
+        """Write checkpoint(s) on rank 0 (every rank takes part: RNG states are gathered, errors agreed) —
+        only from finite weights and optimizer state."""
+        self.check_finite(weights=self._verified_at != self.step)
         state = self.state_dict()
+        err = None
         if du.is_main():
-            for name in names:
-                path = save_atomic(state, self.out / name)
-                if name == "checkpoint-last.pth":
-                    self.last_good = path
-        du.barrier()
+            with self.signals.deferred():
+                for name in names:
+                    try:
+                        path = save_atomic(state, self.out / name)
+                    except CheckpointWriteError as e:
+                        err = f"cannot write checkpoint {e.path}: {e.reason}; {self._kept()}"
+                        break
+                    if name == LAST:
+                        self.last_good, self.last_good_step = path, self.step
+        err = du.broadcast_object(err)  # the barrier, too
+        if err:
+            raise UserError(err)
+        if LAST in names:
+            self._saved_at = (self.epoch, self.iter_in_epoch, self.step)
 
-    def resume(self) -> bool:
-        path = self.last_path if self.cfg.resume == "auto" else Path(self.cfg.resume)
-        if self.cfg.resume == "auto" and not path.exists():
-            return False
-        ckpt = load_file(path, map_location="cpu")
+    def _kept(self) -> str:
+        if self.last_good is not None and self.last_good.is_file():
+            return f"kept {self.last_good} (step {self.last_good_step}), intact"
+        return "no earlier checkpoint of this run to keep"
+
+    def _resume_path(self) -> Path | None:
+        if not self.cfg.resume:
+            return None
+        if self.cfg.resume == "auto":
+            return self.last_path if self.last_path.exists() else None
+        return Path(self.cfg.resume)
+
+    def _check_resume(self, ckpt: Any, path: Path) -> dict[str, tuple[Any, Any]]:
+        """Refuse (one line) a checkpoint this run cannot continue; return the overridden schedule flags
+        ``{key: (old, new)}``.  Reads only: nothing is written or moved."""
         if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "model" not in ckpt:
             raise UserError(f"{path}: not a training checkpoint of this toolkit (no model/optimizer state)")
-        missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
-        if missing or unexpected:
-            raise UserError(f"{path}: model does not match the checkpoint (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        saved = checkpoint_args(ckpt) or {}
+
+        def differ(keys: Sequence[str]) -> list[tuple[str, Any, Any]]:
+            return [(k, saved[k], self.args[k]) for k in keys
+                    if k in saved and k in self.args and _jsonable(saved[k]) != _jsonable(self.args[k])]
+
+        def show(d: list[tuple[str, Any, Any]]) -> str:
+            return ", ".join(f"{k} {_show(old)} -> {_show(new)}" for k, old, new in d)
+
+        if d := differ(self.model_keys):
+            raise UserError(f"cannot resume from {path}: it was trained with other model flags ({show(d)}); the network "
+                            "cannot change on resume: resume with its flags, or start afresh in another --output_dir (or with --overwrite)")
+        wanted = {k.strip() for k in self.cfg.resume_override.split(",") if k.strip()}
+        if bad := sorted(wanted & set(self.model_keys)):
+            raise UserError(f"--resume_override {','.join(bad)}: model flags cannot change on resume")
+        if unknown := sorted(wanted - set(self.args) - {"all"}):
+            raise UserError(f"--resume_override: no flag named {', '.join(unknown)}")
+        d = differ(self.schedule_keys)
+        if refused := [x for x in d if "all" not in wanted and x[0] not in wanted]:
+            keys = ",".join(k for k, _, _ in refused)
+            raise UserError(f"cannot resume from {path}: flags changed since its run ({show(refused)}); pass "
+                            f"--resume_override {keys} (or all) to take the new values, or resume with the old ones")
+        sd, ck = self.model.state_dict(), ckpt["model"]
+        missing = [k for k in sd if k not in ck]
+        unexpected = [k for k in ck if k not in sd]
+        shapes = [k for k in sd if k in ck and tuple(getattr(ck[k], "shape", ())) != tuple(sd[k].shape)]
+        if missing or unexpected or shapes:
+            raise UserError(f"{path}: model does not match the checkpoint (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}, other shape {shapes[:3]})")
+        groups = ckpt["optimizer"].get("param_groups", []) if isinstance(ckpt["optimizer"], dict) else []
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise UserError(f"{path}: its optimizer state has other parameter groups than this run's optimizer")
+        if what := checkpoint_nonfinite(ckpt):
+            raise UserError(f"cannot resume from {path}: it holds NaN/inf in {what}; resume from an earlier checkpoint")
+        return {k: (old, new) for k, old, new in d}
+
+    def _claim(self) -> tuple[dict[str, Any] | None, Path | None, dict[str, tuple[Any, Any]]]:
+        """Checks first (reading only), then the folder is this run's: lock, old checkpoints set aside
+        (``--overwrite``), ``args.json``, logs.  Returns the checkpoint to resume from (or None), its path and
+        the overridden flags.  All ranks agree on a refusal."""
+        cfg = self.cfg
+        ckpt, path, overrides = None, None, {}
+        err = None
+        try:
+            if cfg.overwrite and cfg.resume == "auto":
+                raise UserError("--overwrite starts afresh, --resume auto continues: give one of them")
+            if du.is_main() and (owner := self.lock.holder()):
+                raise self.lock.busy_error(owner)
+            path = self._resume_path()
+            if path is not None:
+                ckpt = load_file(path, map_location="cpu")
+                overrides = self._check_resume(ckpt, path)
+            elif cfg.resume_override and not cfg.resume:
+                raise UserError("--resume_override needs --resume")
+            if du.is_main():
+                self._check_fresh(path)
+                self.lock.acquire()  # the first write into the folder
+                self._check_fresh(path)  # again under the lock: a run that just ended may have saved
+        except UserError as e:
+            err = str(e)
+        errs = [e for e in du.all_gather_object(err) if e]
+        if errs:
+            self.lock.release()
+            raise UserError(errs[0])
+        if du.is_main():
+            if path is None:
+                if cfg.overwrite and (moved := set_aside(self.out, [p.name for p in folder_checkpoints(self.out)] + ["args.json"])):
+                    print(f"{self.out}: the earlier run's checkpoints and args.json moved to {moved.name}/ (--overwrite)")
+                if (old := self.logger.set_aside()) is not None:
+                    print(f"{self.logger.path} was from an earlier run: moved to {old.name}")
+            (self.out / "args.json").write_text(json.dumps(self.args, indent=1, default=str))
+            self.logger.open()
+        du.barrier()
+        return ckpt, path, overrides
+
+    def _check_fresh(self, resume_path: Path | None) -> None:
+        if resume_path is not None or self.cfg.overwrite:
+            return
+        if old := folder_checkpoints(self.out):
+            raise UserError(f"{self.out} holds {', '.join(p.name for p in old[:3])}{' …' if len(old) > 3 else ''} from an "
+                            "earlier run: --resume auto continues it, --overwrite starts afresh (the old files are set "
+                            "aside, not deleted)")
+
+    def _load(self, ckpt: dict[str, Any], path: Path, overrides: dict[str, tuple[Any, Any]]) -> None:
+        """Continue from ``ckpt`` (checked by :meth:`_check_resume`)."""
+        self.model.load_state_dict(ckpt["model"])
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if overrides:  # the optimizer's hyper-parameters (weight decay, lr scales…) are this run's, not the checkpoint's
+            for g, f in zip(self.optimizer.param_groups, fresh):
+                g.update(f)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         for k, m in self.extra_state.items():
@@ -335,36 +565,114 @@ class Trainer:
         rngs = ckpt.get("rng") or []
         if rngs:
             set_rng_state(rngs[du.rank()] if du.rank() < len(rngs) else rngs[0])
-        self.last_good = path
+        self.last_good, self.last_good_step = path, self.step
+        self._verified_at = self.step
+        notes = []
+        saved = checkpoint_args(ckpt) or {}
+        if self.iter_in_epoch and ("batch_size" in overrides or "accum_iter" in overrides):
+            # the same place in the epoch, counted in samples, at the new batch size (on an accumulation boundary)
+            done = self.iter_in_epoch * int(saved.get("batch_size", self.cfg.batch_size))
+            it = done // self.cfg.batch_size
+            self.iter_in_epoch = min(it - it % self.cfg.accum_iter, self.iters_per_epoch)
+            notes.append(f"batch {self.iter_in_epoch} of the epoch at the new batch size")
         if du.is_main():
             print(f"resumed from {path}: epoch {self.epoch}, batch {self.iter_in_epoch}, step {self.step}")
-        return True
+            if overrides:
+                taken = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in overrides.items())
+                print(f"resume: new values taken over the checkpoint's (--resume_override): {taken}"
+                      + (f"; {'; '.join(notes)}" if notes else ""))
+            self.logger.log("resume", self.step, checkpoint=str(path), epoch=self.epoch, iter_in_epoch=self.iter_in_epoch,
+                            overrides={k: [a, b] for k, (a, b) in overrides.items()})
 
     # ---- non-finite guard ---------------------------------------------------------------------
-    def check_finite(self) -> None:
-        """One host sync: did any rank see a non-finite loss since the last check?"""
-        flag = du.all_reduce_sum(self.train_step.nonfinite.float())
-        if flag.item() > 0:
-            where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
-            raise NonFiniteError(
-                f"loss is not finite (NaN/inf) by step {self.step} (epoch {self.epoch}); stopped, {where}"
-            )
+    def _state_tensors(self) -> list[torch.Tensor]:
+        ts = float_tensors(list(self.model.state_dict().values()))
+        ts += float_tensors([st for st in self.optimizer.state.values()])
+        ts += float_tensors([m.state_dict() for m in self.extra_state.values()])
+        return ts
+
+    def check_finite(self, weights: bool = False) -> None:
+        """One host sync: did any rank see a non-finite loss since the last check (and, with ``weights``,
+        does any weight or optimizer state hold NaN/inf now)?  Stops the run with one line if so."""
+        flags = [self.train_step.nonfinite.float()]
+        if weights:
+            flags.append(nonfinite(self._state_tensors()).float().to(self.device))
+        vals = du.all_reduce_sum(torch.stack(flags)).tolist()
+        bad_loss, bad_weights = vals[0] > 0, len(vals) > 1 and vals[1] > 0
+        if not (bad_loss or bad_weights):
+            if weights:
+                self._verified_at = self.step
+            return
+        if bad_loss:
+            firsts = [s for s in du.all_gather_object(int(self._first_bad)) if s > 0]
+            what = f"loss is not finite (NaN/inf) at step {min(firsts) if firsts else self.step} (epoch {self.epoch})"
+        else:
+            names = nonfinite_names(self.model.state_dict())
+            what = (f"weights are not finite (NaN/inf) after step {self.step} (epoch {self.epoch}): "
+                    + (f"{len(names)} of {len(self.model.state_dict())} model tensors (first {names[0]!r})" if names
+                       else "in the optimizer (or EMA) state"))
+        msg = None
+        if du.is_main():
+            msg = f"{what}; stopped, {self._last_finite()}"
+        raise NonFiniteError(du.broadcast_object(msg))
+
+    def _last_finite(self) -> str:
+        """Names the last checkpoint-last.pth of this run — after re-reading it to be sure it is finite."""
+        path = self.last_good
+        if path is None or not path.is_file():
+            return "no checkpoint was written"
+        try:
+            ckpt = load_file(path)
+        except UserError:
+            return f"{path} is no longer readable"
+        if not isinstance(ckpt, dict) or checkpoint_nonfinite(ckpt):
+            return f"{path} is not finite either"
+        return f"the last finite checkpoint is {path} (step {ckpt.get('step', '?')})"
+
+    # ---- stopping on a signal -----------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        """Every rank calls this at the same points: do all agree that some rank got a stop signal?"""
+        return self.stop_vote.poll(bool(self.signals.signum))
+
+    def _stop(self) -> None:
+        """Checkpoint where the run stands (a step boundary), say so in one line, exit with EXIT_REQUEUE."""
+        self.signals.saving = True  # from here to the exit no signal interrupts (a second Ctrl-C included)
+        self.stop_vote.close()  # every rank is here: finish the vote in flight
+        if self._saved_at != (self.epoch, self.iter_in_epoch, self.step):
+            self.save(LAST)
+        msg = (f"stopped by {self.signals.name} after step {self.step} (epoch {self.epoch}, batch {self.iter_in_epoch}): "
+               f"wrote {self.last_path}; exit status {EXIT_REQUEUE}: continue with --resume auto")
+        if du.is_main():
+            self.logger.log("stop", self.step, signal=self.signals.name, epoch=self.epoch, iter_in_epoch=self.iter_in_epoch)
+            print(msg, file=sys.stderr, flush=True)
+        raise Preempted(msg)
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        resumed = self.resume() if cfg.resume else False
-        if not resumed and (old := self.logger.set_aside()) is not None:
-            print(f"{self.logger.path} was from an earlier run: moved to {old.name}")
+        ckpt, path, overrides = self._claim()
         last_eval: dict[str, Any] = {}
         t_start = time.time()
+        finished = False
         try:
+            if ckpt is not None:
+                assert path is not None
+                self._load(ckpt, path, overrides)
+                del ckpt
+            self.signals.install()
             while self.epoch < cfg.epochs and not self._done():
+                if self._stop_requested():
+                    self._stop()
                 epoch = self.epoch
                 self.train_one_epoch()
                 last_eval = self._epoch_end(epoch, complete=self.epoch > epoch)
+            finished = True
         finally:
+            self.signals.restore()
+            if finished:
+                self.stop_vote.close()
             self.logger.close()
+            self.lock.release()
         summary = {"steps": self.step, "epochs": self.epoch, "time_s": time.time() - t_start, **last_eval}
         return summary
 
@@ -376,12 +684,13 @@ class Trainer:
         cfg = self.cfg
         results: dict[str, Any] = {}
         final = self.epoch >= cfg.epochs or self._done()
+        self.check_finite(weights=True)  # before evaluating NaN weights or drawing them
         if self.evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or final):
             self.model.eval()
             with torch.no_grad():
                 results = self.evaluate(self.model, epoch)
             self.logger.log("eval", self.step, epoch=epoch, **results)
-        names = ["checkpoint-last.pth"] if complete else []
+        names = [LAST] if complete else []
         if cfg.keep_every and ((epoch + 1) % cfg.keep_every == 0 or final):
             names.append(f"checkpoint-{epoch}.pth")
         if cfg.best_key and cfg.best_key in results and results[cfg.best_key] > self.best:
@@ -392,6 +701,21 @@ class Trainer:
         if self.on_epoch_end is not None and du.is_main():
             self.on_epoch_end(self.model, epoch)
         return results
+
+    def _batches(self):
+        """The loader's batches; a worker's UserError (too many bad files…) comes out as its own one line."""
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except UserError as e:
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:  # the other workers stop too (no more warnings after the error line)
+                    shutdown()
+                raise UserError(worker_error_line(e)) from None
+            yield batch
 
     def train_one_epoch(self) -> None:
         cfg = self.cfg
@@ -410,7 +734,7 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
-        for batch in self.loader:
+        for batch in self._batches():
             it = self.iter_in_epoch
             if it >= self.iters_per_epoch:
                 break
@@ -430,6 +754,8 @@ class Trainer:
                 continue
             self.train_step.update()
             self.step += 1
+            # the first step with a non-finite loss, kept on the device (no sync): the stop line names it
+            self._first_bad = torch.where((self._first_bad == 0) & self.train_step.nonfinite, self.step, self._first_bad)
             if self.after_step is not None:
                 self.after_step(self.model, self.step)
             if self.step % cfg.log_every == 0 or self._done():
@@ -444,13 +770,16 @@ class Trainer:
             if self._done():
                 break
             if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
-                self.save("checkpoint-last.pth")
+                self.save(LAST)
+            if self._stop_requested():
+                bar.close()
+                self._stop()
         bar.close()
         if self.iter_in_epoch >= self.iters_per_epoch:
             self.epoch += 1
             self.iter_in_epoch = 0
         elif self._done():
-            self.save("checkpoint-last.pth")
+            self.save(LAST)
 
     @staticmethod
     def _mean(v: torch.Tensor, key: str, n: int) -> float:
@@ -458,6 +787,15 @@ class Trainer:
         if key.startswith("n_"):
             return float(du.all_reduce_sum(v).item())
         return float(du.all_reduce_mean(v / n).item())
+
+
+def _jsonable(v: Any) -> Any:
+    """A saved arg and a command-line one compare as they read in args.json (tuples are lists)."""
+    return json.loads(json.dumps(v, default=str))
+
+
+def _show(v: Any) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
 def config_from_args(args: Any, **overrides: Any) -> EngineConfig:
@@ -488,6 +826,11 @@ def add_engine_args(parser) -> None:
     g.add_argument("--eval_every", type=positive_int, default=1)
     g.add_argument("--max_steps", type=non_negative_int, default=0, help="stop after N optimizer steps (smoke runs)")
     g.add_argument("--resume", default="", help="'auto' (output_dir/checkpoint-last.pth) or a checkpoint path")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a folder holding checkpoints: they are moved to previous-N/, not deleted")
+    g.add_argument("--resume_override", default="", metavar="KEY[,KEY...]",
+                   help="on resume, take these schedule flags (batch_size, lr, epochs…; 'all') from the command line "
+                        "instead of refusing a change")
     g.add_argument("--no_progress", dest="progress", action="store_false")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -500,9 +843,12 @@ def dump_args(args: Any) -> dict[str, Any]:
 
 
 __all__ = [
+    "EXIT_REQUEUE",
+    "SCHEDULE_KEYS",
     "EngineConfig",
     "NonFiniteError",
     "NonFiniteLossError",
+    "Preempted",
     "TrainStep",
     "Trainer",
     "add_engine_args",

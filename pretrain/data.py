@@ -7,7 +7,7 @@ from pathlib import Path
 import torchvision.transforms as T
 from torchvision.transforms import InterpolationMode
 
-from maecore.data import ImageFiles, check_dir, list_images
+from maecore.data import MAX_SUBSTITUTES, ImageFiles, check_dir, list_images, try_load_rgb
 from maecore.vit import to_2tuple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,11 +53,19 @@ def build_pretrain_dataset(
 
 
 def fixed_images(data_path: str | Path, n: int) -> list[Path]:
-    """A fixed, spread-out choice of images (from ``val`` if present) for figures across epochs."""
+    """A fixed, spread-out choice of ``n`` readable images (from ``val`` if present) for figures across
+    epochs; an unreadable candidate is reported once here and replaced by the next readable file."""
     root = check_dir(data_path)
     src = root / "val" if (root / "val").is_dir() else resolve_train_dir(root)
     files = list_images(src)
-    if not files:
+    if not files or n <= 0:
         return []
     step = max(1, len(files) // n)
-    return files[::step][:n]
+    order = files[::step] + [f for i, f in enumerate(files) if i % step]  # the spread first, then the rest
+    chosen: list[Path] = []
+    for f in order[: n + MAX_SUBSTITUTES]:  # a folder of bad files is not read to the end for a figure
+        if len(chosen) == n:
+            break
+        if try_load_rgb(f) is not None:
+            chosen.append(f)
+    return chosen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from maecore.data import load_rgb
+from maecore.data import try_load_rgb
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from pretrain.model import MaskedAutoencoderViT
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
@@ -81,9 +84,12 @@ def save_grid(panels: dict[str, torch.Tensor], path: str | Path, title: str = ""
     return path
 
 
-def load_images(paths: Sequence[str | Path], input_size: int | tuple[int, int]) -> torch.Tensor:
+def load_images(paths: Sequence[str | Path], input_size: int | tuple[int, int]) -> torch.Tensor | None:
+    """The readable ones of ``paths`` as a normalised batch (an unreadable file is skipped with one warning
+    line, as in training); ``None`` when none is readable."""
     tf = eval_transform(input_size)
-    return torch.stack([tf(load_rgb(p)) for p in paths])
+    imgs = [tf(im) for im in map(try_load_rgb, paths) if im is not None]
+    return torch.stack(imgs) if imgs else None
 
 
 def reconstruction_figure(
@@ -95,10 +101,15 @@ def reconstruction_figure(
     patch_stats: bool = False,
     title: str = "",
     seed: int = 0,
-) -> Path:
+) -> Path | None:
+    """Draw the figure for the readable images among ``paths``; with none readable, no figure: one warning
+    line and ``None`` (a figure never stops a training run)."""
     device = next(model.parameters()).device
-    imgs = load_images(paths, input_size).to(device)
-    panels = reconstruct(model, imgs, mask_ratio, seed=seed, patch_stats=patch_stats)
+    imgs = load_images(paths, input_size)
+    if imgs is None:
+        log.warning("no readable image among the %d for %s: figure not drawn", len(paths), out)
+        return None
+    panels = reconstruct(model, imgs.to(device), mask_ratio, seed=seed, patch_stats=patch_stats)
     panels = {k: v.cpu() for k, v in panels.items()}
     if model.norm_pix_loss:
         title += "  [de-normalised with each target patch's mean/std]" if patch_stats else "  [normalised-pixel output, not de-normalised]"

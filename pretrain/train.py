@@ -31,6 +31,10 @@ from pretrain.evaluate import reconstruction_figure
 from pretrain.model import build_mae
 from pretrain.recipes import RECIPES
 
+# what defines the network: a resumed run must match the checkpoint's saved values
+MODEL_KEYS = ("model", "input_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+              "decoder_num_heads", "norm_pix_loss", "encoder_mask_tokens")
+
 
 def get_parser() -> argparse.ArgumentParser:
     p = OneLineParser("python -m pretrain", description=__doc__)
@@ -142,8 +146,6 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
         n_enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("decoder", "mask_token")))
         print(f"{args.model}: {n_enc / 1e6:.2f}M encoder params; {len(dataset)} images; "
               f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {du.world_size()}; lr {args.lr:.3g}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(dump_args(args), indent=1))
 
     vis_paths = fixed_images(args.data_path, args.vis_images) if args.vis_every else []
 
@@ -155,7 +157,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
 
     cfg = config_from_args(args)
     return Trainer(cfg, model, optimizer, dataset, make_step_fn(args.mask_ratio), schedule, device, args=dump_args(args),
-                   on_epoch_end=on_epoch_end)
+                   on_epoch_end=on_epoch_end, model_keys=MODEL_KEYS)
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -220,8 +220,6 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
         print(f"UperNet {args.model}: {n_bb / 1e6:.2f}M backbone / {n_all / 1e6:.2f}M total params; "
               f"{len(dataset)} train / {len(val)} val images; eff. batch {eff}; {args.max_iters} iterations "
               f"= {args.epochs} epochs of {spe:g} steps; lr {args.lr:g}, layer decay {args.layer_decay}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(dump_args(args), indent=1))
 
     def step_fn(m, batch):
         img, label, skipped, n_oor = batch
@@ -235,7 +233,8 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
         return res
 
     cfg = config_from_args(args, max_steps=args.max_iters, best_key="mIoU")
-    return Trainer(cfg, model, optimizer, dataset, step_fn, schedule, device, args=dump_args(args), evaluate=evaluate)
+    return Trainer(cfg, model, optimizer, dataset, step_fn, schedule, device, args=dump_args(args), evaluate=evaluate,
+                   model_keys=ARCH_KEYS)
 
 
 def train(args: argparse.Namespace, device: torch.device) -> dict:

@@ -87,7 +87,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_pat
     digest = hashlib.sha256(last.read_bytes()).hexdigest()
     # an absurd learning rate blows the weights up: the loss turns inf/NaN within a few steps
     p = run([*TINY, "--data_path", data, "--output_dir", str(out), "--epochs", "3", "--num_workers", "0",
-             "--resume", "auto", "--lr", "1e38", "--save_every_steps", "100"], check=False)
+             "--resume", "auto", "--lr", "1e38", "--save_every_steps", "100", "--resume_override", "epochs,lr"], check=False)
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
     assert err[-1].startswith("error: loss is not finite") and "checkpoint-last.pth" in err[-1]
@@ -190,6 +190,6 @@ def test_fresh_run_in_a_used_folder_sets_the_old_log_aside(tiny_world, tmp_path)
             "--num_workers", "0", "--max_steps", "2", "--device", "cpu"]
     main(args)
     first = (out / "log.jsonl").read_text()
-    main(args)
+    main([*args, "--overwrite"])  # a fresh run into a folder holding a checkpoint must say so
     assert (out / "log.1.jsonl").read_text() == first
     assert [r["step"] for r in read_log(out, "train")] == [1, 2]
