@@ -105,8 +105,24 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: refused to load (not plain checkpoint data): {first}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint (truncated or another format?): {first}") from None
+        raise UserError(f"{path}: not a readable checkpoint ({_why_unreadable(path, e)})") from None
+
+
+def _why_unreadable(path: Path, e: BaseException) -> str:
+    """Say what the file is instead of torch's internal message (a text file gives ``KeyError: 101``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return str(err)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return "a truncated or damaged zip archive: an interrupted copy or save?"
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch zip archive, or a pickle (protocol 2+)
+        return f"neither a torch zip archive, a pickle nor safetensors; it starts with {head!r}"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"truncated or damaged: {first}"
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maecore.cli import run_cli
+from maecore.engine import Preempted
 from maecore.errors import UserError
 
 # The demo: a ViT-tiny/8 on the 64-px synthetic world, every stage in CPU minutes.  Each task's list is
@@ -67,7 +68,8 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-COMMON = ["--no_progress", "--seed", "0"]
+# --overwrite: a rerun of a stage (`--from-stage`, `make demo` again) starts it afresh; earlier checkpoints are set aside
+COMMON = ["--no_progress", "--seed", "0", "--overwrite"]
 
 
 @dataclass
@@ -89,6 +91,9 @@ class Context:
         t0 = time.time()
         try:
             res = entry_main(entry)(args)
+        except Preempted:  # the stage checkpointed on SIGTERM/SIGUSR1/SIGINT: so does the pipeline
+            print(f"[{stage}] stopped by a signal; rerun with --from-stage {stage}", flush=True)
+            raise
         except SystemExit as e:  # argparse rejected the stage's arguments
             raise UserError(f"bad arguments (exit {e.code})") from None
         res = dict(res) if isinstance(res, dict) else {}

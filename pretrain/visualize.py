@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from maecore.cli import run_cli
+from maecore.cli import OneLineParser, non_negative_int, positive_int, ratio, run_cli
 from maecore.convert import infer_arch, is_decoder_key, load_source, load_weights
 from maecore.errors import UserError
 from pretrain.evaluate import reconstruction_figure
@@ -39,13 +39,13 @@ def load_mae(checkpoint: str | os.PathLike, norm_pix_loss: bool | None = None) -
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m pretrain.visualize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--mask_ratio", type=float, default=0.75)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
-    p.add_argument("--input_size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--mask_ratio", type=ratio(0.0, 1.0, lo_open=True, hi_open=True), default=0.75, help="in (0, 1)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random mask")
+    p.add_argument("--input_size", type=positive_int, default=None, help="default: the checkpoint's")
     p.add_argument("--norm_pix_loss", choices=["auto", "yes", "no"], default="auto",
                    help="was the model trained on normalised pixels (auto: from the checkpoint's args)")
     p.add_argument("--no_patch_stats", dest="patch_stats", action="store_false",
@@ -57,12 +57,16 @@ def main(argv: list[str] | None = None) -> Path:
     if missing:
         raise UserError(f"image not found: {missing[0]}")
     h, w = model.img_size
+    if args.input_size is not None and args.input_size % model.patch_size:
+        p.error(f"--input_size {args.input_size} is not a multiple of the patch size {model.patch_size}")
     size = args.input_size or (h if h == w else (h, w))  # an int keeps eval_transform's resize-and-crop
     try:
         out = reconstruction_figure(model, args.images, args.output, size, args.mask_ratio,
                                     patch_stats=args.patch_stats, title=Path(args.checkpoint).name, seed=args.seed)
     except OSError as e:
         raise UserError(f"cannot read an image: {e}") from None
+    if out is None:  # the protected loader skipped every image (each reason was printed)
+        raise UserError(f"none of the {len(args.images)} images could be read: no figure written")
     print(f"wrote {out}")
     return out
 

@@ -95,10 +95,11 @@ def test_nan_stop_names_a_finite_checkpoint_and_never_writes_a_nonfinite_one(tin
     from maecore.errors import NonFiniteError, UserError
 
     before = (used / "checkpoint-last.pth").read_bytes()
-    # lr inf: step 8's update turns the weights to NaN; --save_every_steps 1 tries to checkpoint them at once
+    # weight decay 1e300 (lr x wd overflows float32 at once; --lr inf is refused as a flag): step 8 turns the
+    # weights to inf/NaN; --save_every_steps 1 tries to checkpoint them at once
     with pytest.raises(NonFiniteError) as e:
         main(["--data_path", tiny_world["imagenet"], "--output_dir", used, "--epochs", "2", "--num_workers", "0",
-              "--resume", "auto", "--resume_override", "epochs,lr", "--lr", "inf", "--save_every_steps", "1"])
+              "--resume", "auto", "--resume_override", "epochs,weight_decay", "--weight_decay", "1e300", "--save_every_steps", "1"])
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("weights are not finite (NaN/inf) after step 8")
     assert msg.endswith(f"the last finite checkpoint is {used / 'checkpoint-last.pth'} (step 7)")
@@ -123,7 +124,7 @@ def test_nan_stop_without_any_checkpoint_says_so(tiny_world, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(NonFiniteError, match=r"^weights are not finite .* after step 1 .*; stopped, no checkpoint was written$"):
         main(["--data_path", tiny_world["imagenet"], "--output_dir", out, "--epochs", "1", "--num_workers", "0",
-              "--lr", "inf", "--save_every_steps", "1"])
+              "--weight_decay", "1e300", "--warmup_epochs", "0", "--save_every_steps", "1"])
     assert not list(out.glob("*.pth"))
 
 
