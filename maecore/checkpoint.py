@@ -102,14 +102,19 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if (what := _not_a_checkpoint(path)) is not None:  # text or other bytes: not a refusal for safety
+            raise UserError(f"{path}: not a readable checkpoint ({what})") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: refused to load (not plain checkpoint data): {first}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError) as e:
-        raise UserError(f"{path}: not a readable checkpoint ({_why_unreadable(path, e)})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = _not_a_checkpoint(path) or f"truncated or damaged: {first}"
+        raise UserError(f"{path}: not a readable checkpoint ({what})") from None
 
 
-def _why_unreadable(path: Path, e: BaseException) -> str:
-    """Say what the file is instead of torch's internal message (a text file gives ``KeyError: 101``)."""
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What a file that torch could not read is, when that is not a checkpoint at all (torch's own message for
+    a text file is ``KeyError: 101``); None for a zip archive or a pickle (protocol 2+), which torch writes."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -117,12 +122,13 @@ def _why_unreadable(path: Path, e: BaseException) -> str:
         return str(err)
     if not head:
         return "the file is empty"
-    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path):
+        return None
+    if head.startswith(b"PK"):
         return "a truncated or damaged zip archive: an interrupted copy or save?"
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch zip archive, or a pickle (protocol 2+)
+    if head[:1] != b"\x80":
         return f"neither a torch zip archive, a pickle nor safetensors; it starts with {head!r}"
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"truncated or damaged: {first}"
+    return None
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:

@@ -404,6 +404,13 @@ def test_refuses_truncated_and_non_checkpoint_files(tmp_path, files, capsys):
     (tmp_path / "trunc.pkl").write_bytes(pickle.dumps({"model": {}})[:-3])
     for name in ("trunc.pth", "notes.pth", "trunc.pkl", "missing.pth"):
         _one_error_line(*run([tmp_path / name, "-o", tmp_path / "o.pth", "--to", "official"], capsys)[::2])
+    # the message says what the file is, not torch's internals ("KeyError: 101" for a text file)
+    assert "neither a torch zip archive, a pickle nor safetensors" in _one_error_line(
+        *run([tmp_path / "notes.pth", "-o", tmp_path / "o.pth", "--to", "official"], capsys)[::2])
+    assert "truncated or damaged zip archive" in _one_error_line(
+        *run([tmp_path / "trunc.pth", "-o", tmp_path / "o.pth", "--to", "official"], capsys)[::2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert "the file is empty" in _one_error_line(*run([tmp_path / "empty.pth", "-o", tmp_path / "o.pth", "--to", "official"], capsys)[::2])
     hf_like = tmp_path / "emptydir"
     hf_like.mkdir()
     _one_error_line(*run([hf_like, "-o", tmp_path / "o.pth", "--to", "official"], capsys)[::2])

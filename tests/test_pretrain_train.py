@@ -150,7 +150,7 @@ def test_ddp_two_processes_gloo(tiny_world, tmp_path):
     assert load_file(out / "checkpoint-last.pth")["args"]["batch_size"] == 4
 
 
-def test_visualize_tool(tiny_world, tmp_path):
+def test_visualize_tool(tiny_world, tmp_path, capsys):
     from pretrain.model import MaskedAutoencoderViT
 
     m = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
@@ -169,6 +169,20 @@ def test_visualize_tool(tiny_world, tmp_path):
     assert w > 4 * 32 and h > 3 * 32
     p = subprocess.run([*tool, str(enc), *imgs, "-o", str(tmp_path / "x.png")], capture_output=True, text=True, env=env)
     assert p.returncode == 2 and "encoder-only" in p.stderr and "Traceback" not in p.stderr
+
+    # bad values and unreadable images: one line, exit 2, no figure (in-process: the same main as the tool)
+    from pretrain.visualize import cli
+
+    bad_img = tmp_path / "empty.jpg"
+    bad_img.write_bytes(b"")
+    for argv, expect in [([str(full), *imgs, "-o", str(tmp_path / "y.png"), "--mask_ratio", "1.5"], "--mask_ratio"),
+                         ([str(full), *imgs, "-o", str(tmp_path / "y.png"), "--input_size", "60"], "not a multiple of the patch"),
+                         ([str(full), str(bad_img), "-o", str(tmp_path / "y.png")], "none of the 1 images could be read")]:
+        with pytest.raises(SystemExit) as e:
+            cli(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("error: ") and expect in err[-1], err
+        assert not (tmp_path / "y.png").exists()
 
 
 def test_size_overrides_build_a_smaller_encoder():
