@@ -70,8 +70,10 @@ def to_coco_results(det: dict, image_id: int, cat_ids: Sequence[int], mask_thres
     return out
 
 
-def run_cocoeval(coco_gt, results: list[dict], img_ids: Sequence[int], iou_type: str) -> dict[str, float]:
-    """AP, AP50, AP75, APs, APm, APl in percent (detectron2's scale) for ``bbox`` or ``segm``."""
+def run_cocoeval(coco_gt, results: list[dict], img_ids: Sequence[int], iou_type: str,
+                 summary: list[str] | None = None) -> dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl in percent (detectron2's scale) for ``bbox`` or ``segm``.  COCOeval's own
+    12-line summary is appended to ``summary`` (evaluate_coco writes it to a file) instead of being printed."""
     if not results:
         log.warning("no detections: %s AP is 0", iou_type)
         return {k: 0.0 for k in STAT_NAMES}
@@ -84,10 +86,19 @@ def run_cocoeval(coco_gt, results: list[dict], img_ids: Sequence[int], iou_type:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    if du.is_main():
-        print(f"COCOeval {iou_type}:\n{buf.getvalue().rstrip()}")
+    if summary is not None:
+        summary.append(f"COCOeval {iou_type}:\n{buf.getvalue().rstrip()}")
     # -1 marks "no ground truth in this size range"; report it as nan rather than a fake -100
     return {k: (float(v) * 100 if v >= 0 else float("nan")) for k, v in zip(STAT_NAMES, ev.stats[:6])}
+
+
+def one_line(metrics: dict[str, float]) -> str:
+    """The evaluation in one line: box and mask AP / AP50 / AP75 and what was evaluated."""
+    def part(t: str) -> str:
+        return f"{t} AP {metrics[f'{t}/AP']:.1f} (AP50 {metrics[f'{t}/AP50']:.1f}, AP75 {metrics[f'{t}/AP75']:.1f})"
+
+    return (f"COCO eval: {part('bbox')}, {part('segm')} on {int(metrics['n_images'])} images, "
+            f"{int(metrics['n_detections'])} detections")
 
 
 def merge_shards(parts: Sequence[dict[int, list[dict]]]) -> dict[int, list[dict]]:
@@ -133,16 +144,19 @@ def evaluate_coco(
         merged = merge_shards(gathered)
         results = [r for img in sorted(merged) for r in merged[img]]
         img_ids = sorted(merged)
+        summary: list[str] = []
         for iou_type in ("bbox", "segm"):
-            for k, v in run_cocoeval(dataset.coco, results, img_ids, iou_type).items():
+            for k, v in run_cocoeval(dataset.coco, results, img_ids, iou_type, summary).items():
                 metrics[f"{iou_type}/{k}"] = v
         metrics["n_images"] = float(len(img_ids))
         metrics["n_detections"] = float(len(results))
+        print(one_line(metrics))  # the whole table goes to cocoeval.txt (and metrics.json)
         if output_dir is not None:
             out = Path(output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "coco_instances_results.json").write_text(json.dumps(results))
             (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            (out / "cocoeval.txt").write_text("\n\n".join(summary) + "\n")
             if vis_images:
                 overlay_figure(dataset, merged, out / vis_name, vis_images)
     return du.all_gather_object(metrics)[0]

@@ -64,7 +64,7 @@ def task_bench(name: str, args: argparse.Namespace, device: torch.device) -> dic
         if e.name and modname.startswith(e.name):
             return {"status": "not available", "module": modname}
         raise
-    amp = resolve_amp(args.amp, device)
+    amp = resolve_amp(args.amp, device, cpu_bf16=False)
     size = {"arch": args.task_arch, "input_size": args.task_input_size, "patch_size": args.task_patch_size}
     out, err = io.StringIO(), io.StringIO()
     try:
@@ -131,7 +131,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_ratio", type=float, default=0.75)
     g.add_argument("--decoder_depth", type=int, default=8)
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
-                   help="ours: auto = bf16 on GPUs that support it, fp32 on CPU")
+                   help="ours: auto = bf16 on GPUs that support it, fp32 on CPU (fp32 vs fp32; give bf16 for CPU bf16)")
     g.add_argument("--compile", action="store_true", help="torch.compile our model (baseline never is)")
     g.add_argument("--baseline", action="store_true", help="also run the official recipe on the same weights")
     g.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 2 CPU / 10 GPU)")
@@ -219,13 +219,14 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if "pretrain" in args.bench:
         res["pretrain"] = pretrain_bench.pretrain_bench(
             device, timing(args), model_name=args.model, batch_size=args.batch_size, input_size=args.input_size,
-            mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth, amp=resolve_amp(args.amp, device),
+            mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth, amp=resolve_amp(args.amp, device, cpu_bf16=False),
             compile_model=args.compile,
             baseline=args.baseline, seed=args.seed)
     if "mask_tokens" in args.bench:
         res["mask_tokens"] = pretrain_bench.mask_tokens_bench(
             device, model_name=args.mt_model, batch_size=args.mt_batch_size, input_size=args.input_size,
-            mask_ratio=args.mask_ratio, decoder_depth=args.mt_decoder_depth, amp=resolve_amp(args.amp, device), seed=args.seed,
+            mask_ratio=args.mask_ratio, decoder_depth=args.mt_decoder_depth, amp=resolve_amp(args.amp, device, cpu_bf16=False),
+            seed=args.seed,
             warmup=args.mt_warmup, windows=args.mt_windows, optimizer=args.mt_optimizer, fvcore=args.fvcore)
     if "data" in args.bench:
         model_rate = res["pretrain"]["variants"]["ours"]["img_per_s"] if "pretrain" in res else None

@@ -51,7 +51,10 @@ def test_train_a_few_steps_then_cocoeval_and_eval_only(coco64, tmp_path, capsys)
     results = json.loads((out / "coco_instances_results.json").read_text())
     assert len(results) == summary["n_detections"] and {"bbox", "segmentation", "score", "category_id"} <= set(results[0])
     assert (out / "predictions.png").stat().st_size > 1000
-    assert "COCOeval segm" in capsys.readouterr().out
+    # one line per evaluation on the terminal (#15); COCOeval's own table goes to cocoeval.txt
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("COCO eval: bbox AP ")]
+    assert len(printed) == 1 and ", segm AP " in printed[0] and "on 3 images" in printed[0]
+    assert "COCOeval segm" in (out / "cocoeval.txt").read_text()
 
     # --eval on the saved checkpoint reproduces the numbers
     again = main(["--data_path", str(coco64), "--output_dir", str(tmp_path / "ev"), *SMALL, "--eval",
