@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import shlex
 import time
 import traceback
@@ -175,7 +176,7 @@ def _classify(ctx: Context, stage: str, name: str, slug: str, extra: list[str]) 
         res = ctx.run(stage, "-m classification", ["--data_path", str(ctx.world / "imagenet"), "--output_dir", str(out),
                                                    *COMMON, *extra, *_init_args(ctx, "classification", init)])
         rows[f"{name}|{init}"] = {"metric": "top-1", "value": res.get("acc1"), "wall_s": res["wall_s"],
-                                  "tuned_params": res.get("tuned_params")}
+                                  "tuned_params": res.get("tuned_params"), "n": res.get("n")}
 
 
 def stage_linprobe(ctx: Context) -> None:
@@ -198,8 +199,9 @@ def stage_detection(ctx: Context) -> None:
         out = ctx.out / "detection" / init
         res = ctx.run("detection", "-m detection", ["--data_path", str(ctx.world / "coco"), "--output_dir", str(out),
                                                     *COMMON, *ctx.cfg["detection"], *_init_args(ctx, "detection", init)])
-        rows[f"detection (box AP)|{init}"] = {"metric": "box AP", "value": res.get("bbox/AP"), "wall_s": res["wall_s"]}
-        rows[f"detection (mask AP)|{init}"] = {"metric": "mask AP", "value": res.get("segm/AP"), "wall_s": res["wall_s"]}
+        n = res.get("n_images")
+        rows[f"detection (box AP)|{init}"] = {"metric": "box AP", "value": res.get("bbox/AP"), "wall_s": res["wall_s"], "n": n}
+        rows[f"detection (mask AP)|{init}"] = {"metric": "mask AP", "value": res.get("segm/AP"), "wall_s": res["wall_s"], "n": n}
 
 
 def stage_segmentation(ctx: Context) -> None:
@@ -210,7 +212,8 @@ def stage_segmentation(ctx: Context) -> None:
         res = ctx.run("segmentation", "-m segmentation", ["--data_path", str(ctx.world / "ade"), "--output_dir", str(out),
                                                           *COMMON, *ctx.cfg["segmentation"], *extra,
                                                           *_init_args(ctx, "segmentation", init)])
-        rows[f"segmentation (mIoU)|{init}"] = {"metric": "mIoU", "value": res.get("mIoU"), "wall_s": res["wall_s"]}
+        rows[f"segmentation (mIoU)|{init}"] = {"metric": "mIoU", "value": res.get("mIoU"), "wall_s": res["wall_s"],
+                                               "n": res.get("n_images")}
 
 
 def loss_curve(run_dir: Path, png: Path) -> None:
@@ -237,21 +240,53 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None or v != v else f"{v:.1f}"
 
 
+def top1_se(pct: float, n: int) -> float:
+    """Standard error, in points, of a top-1 accuracy ``pct`` measured on ``n`` images (binomial)."""
+    p = min(max(pct / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / n)
+
+
 def results_table(rows: dict[str, dict], inits: list[str]) -> list[str]:
+    """The report's table: each init's value (± its standard error where one is known: top-1 on n images), the
+    MAE − random difference (with '(> 2 SE)' when it is beyond two standard errors of the difference), the
+    number of val images, wall times.  AP and mIoU have no closed-form error: their noise is the seed spread of
+    the study preset."""
     tasks = list(dict.fromkeys(k.split("|")[0] for k in rows))
-    head = "| task | metric | " + " | ".join(f"{i} init" for i in inits) + " | MAE − random | wall time (s) |"
-    lines = [head, "|" + "---|" * (len(inits) + 4)]
+    head = "| task | metric | " + " | ".join(f"{i} init" for i in inits) + " | MAE − random | val images | wall time (s) |"
+    lines = [head, "|" + "---|" * (len(inits) + 5)]
     for t in tasks:
         cells = [rows.get(f"{t}|{i}") for i in inits]
         metric = next(c["metric"] for c in cells if c)
-        vals = [_fmt(c["value"] if c else None) for c in cells]
+        ses = [top1_se(c["value"], c["n"]) if c and metric == "top-1" and c.get("n") and c.get("value") is not None else None
+               for c in cells]
+        vals = [_fmt(c["value"] if c else None) + (f" ± {se:.1f}" if se is not None else "") for c, se in zip(cells, ses)]
         try:
-            delta = f"{float(vals[inits.index('mae')]) - float(vals[inits.index('random')]):+.1f}"
-        except (ValueError, IndexError):
+            i_mae, i_rnd = inits.index("mae"), inits.index("random")
+            diff = float(cells[i_mae]["value"]) - float(cells[i_rnd]["value"])  # type: ignore[index]
+            delta = f"{diff:+.1f}"
+            if ses[i_mae] is not None and ses[i_rnd] is not None:
+                se_diff = math.hypot(ses[i_mae], ses[i_rnd])
+                delta += " (> 2 SE)" if abs(diff) > 2 * se_diff else f" (< 2 SE = {2 * se_diff:.1f})"
+        except (ValueError, IndexError, TypeError, KeyError):
             delta = "–"
+        n = next((c.get("n") for c in cells if c and c.get("n")), None)
         walls = " / ".join(f"{c['wall_s']:.0f}" for c in cells if c)
-        lines.append(f"| {t} | {metric} | " + " | ".join(vals) + f" | {delta} | {walls} |")
+        lines.append(f"| {t} | {metric} | " + " | ".join(vals) + f" | {delta} | {int(n) if n else '–'} | {walls} |")
     return lines
+
+
+def machine_line() -> str:
+    """Where the numbers came from: they are bit-reproducible only on the same CPU kind, thread count and
+    precision (README, "Reproducibility"), so the report says which."""
+    import platform
+
+    import torch
+
+    from maecore.engine import describe_amp, resolve_amp
+
+    cpu = torch.device("cpu")
+    return (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+            f"{describe_amp('auto', resolve_amp('auto', cpu), cpu)} unless a stage's command says otherwise.")
 
 
 def stage_report(ctx: Context) -> None:
@@ -276,7 +311,10 @@ def stage_report(ctx: Context) -> None:
         f"Pretraining: loss {pre.get('first_loss', float('nan')):.4f} -> {pre.get('last_loss', float('nan')):.4f} over "
         f"{pre.get('steps', '?')} steps ({pre.get('wall_s', 0):.0f} s). Transfer, each from the converted MAE "
         "checkpoint and from random initialisation with the same budget (final-epoch numbers, val split; "
-        f"AP and mIoU in %).{chance}",
+        f"AP and mIoU in %).{chance} ± is one standard error of a top-1 number (binomial over the val images);"
+        " AP and mIoU carry no closed-form error: the study preset's seed spread is their noise.",
+        "",
+        machine_line(),
         "",
         *table,
         "",
