@@ -1,5 +1,5 @@
-"""ImageNet-layout datasets (``DIR/train/<class>/…``, ``DIR/val/<class>/…``) and the transforms of
-the official fine-tuning / linear-probe scripts."""
+"""ImageNet-layout datasets (``DIR/train/<class>/…``, ``DIR/val/<class>/…``, or a packed copy of such a root:
+``maecore.packed``) and the transforms of the official fine-tuning / linear-probe scripts."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torchvision.transforms import InterpolationMode
 from classification.evaluate import eval_loader  # noqa: F401  (re-exported: the loaders live with the evaluation)
 from maecore.data import ImageFiles, check_dir
 from maecore.errors import UserError
+from maecore.packed import INDEX_NAME, PackedImages, split_dir
 from maecore.vit import to_2tuple
 
 __all__ = ["FeatureDataset", "build_datasets", "eval_loader", "eval_transform", "finetune_transform", "linprobe_transform"]
@@ -104,26 +105,35 @@ def build_datasets(
 
     A val class that the index space lacks is an error; a class absent from val is fine.
     Returns (train or None, val, class names)."""
+    if split_dir(data_path) is not None:
+        raise UserError(f"{data_path} is one packed folder; classification needs a root with train/ and val/ "
+                        f"(pack the ImageNet-layout root itself)")
     root = check_dir(data_path, "data")
     for split in ("train", "val") if need_train else ("val",):
         if not (root / split).is_dir():
             raise UserError(f"{root} has no {split}/ sub-directory (expected the ImageNet layout {root}/{{train,val}}/<class>/*)")
     train = None
     if need_train:
-        train = ImageFiles(root / "train", train_tf)
-        if not train.classes:
-            raise UserError(f"{root / 'train'}: no class sub-folders (expected train/<class>/*.jpg)")
+        train = _open_split(root / "train", train_tf)
         if classes is None:
             classes = list(train.classes)
         else:
             _reindex(train, classes, "train")
-    val = ImageFiles(root / "val", val_tf)
-    if not val.classes:
-        raise UserError(f"{root / 'val'}: no class sub-folders (expected val/<class>/*.jpg)")
+    val = _open_split(root / "val", val_tf)
     if classes is None:
         classes = list(val.classes)
     _reindex(val, classes, "val")
     return train, val, list(classes)
+
+
+def _open_split(folder: Path, tf) -> ImageFiles:
+    """A split's class folders, or its packed copy (found by its index); one without classes is refused."""
+    packed = split_dir(folder) is not None
+    ds = PackedImages(folder, tf) if packed else ImageFiles(folder, tf)
+    if not ds.classes:
+        raise UserError(f"{folder}: packed without class labels (its {INDEX_NAME} lists no classes; pack a folder of class "
+                        f"sub-folders)" if packed else f"{folder}: no class sub-folders (expected {folder.name}/<class>/*.jpg)")
+    return ds
 
 
 def _reindex(ds: ImageFiles, classes: Sequence[str], split: str) -> None:

@@ -7,12 +7,13 @@ where a resumed run restarts.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -87,12 +88,19 @@ def to_rgb(im: Image.Image) -> Image.Image:
         raise UnusableImage(f"{mode} image: {e}") from None
 
 
-def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
+ImageSource = str | Path | bytes | BinaryIO
+"""What :func:`load_rgb` decodes: a file path, the encoded bytes (a record of a packed dataset), or an open
+binary file positioned at the image."""
+
+
+def load_rgb(source: ImageSource, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image as 8-bit RGB (see :func:`to_rgb` for other depths and alpha).  With ``draft_size`` a
     JPEG is decoded at the smallest 1/2, 1/4, 1/8 scale that is still at least that size (libjpeg's DCT
-    scaling) — much cheaper for big photos.  Raises one of :data:`UNREADABLE` for a file it cannot use."""
+    scaling) — much cheaper for big photos.  Raises one of :data:`UNREADABLE` for a source it cannot use."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        source = io.BytesIO(source)
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             if draft_size is not None and im.format == "JPEG":
                 im.draft("RGB", draft_size)
             im.load()
@@ -101,12 +109,22 @@ def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Ima
         raise UnusableImage(str(e)) from None
 
 
-def try_load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Image.Image | None:
-    """:func:`load_rgb`, or ``None`` and one warning line for a file it cannot use (figures, tools)."""
+def describe(source: ImageSource) -> str:
+    """A source as warnings name it: the path, a named record's name, else its kind and size (never the bytes)."""
+    if isinstance(source, str | Path):
+        return str(source)
+    name = getattr(source, "name", None)
+    if isinstance(name, str):
+        return name
+    return f"<{len(source)} bytes>" if isinstance(source, bytes | bytearray | memoryview) else f"<{type(source).__name__}>"
+
+
+def try_load_rgb(source: ImageSource, draft_size: tuple[int, int] | None = None) -> Image.Image | None:
+    """:func:`load_rgb`, or ``None`` and one warning line for a source it cannot use (figures, tools)."""
     try:
-        return load_rgb(path, draft_size)
+        return load_rgb(source, draft_size)
     except UNREADABLE as e:
-        log.warning("skipping unreadable image %s: %s", path, e)
+        log.warning("skipping unreadable image %s: %s", describe(source), e)
         return None
 
 
@@ -175,14 +193,19 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, source: Any) -> Image.Image:
+        """Decode one sample's source (here a file path) with the protected loader; a subclass that stores
+        its images elsewhere (``maecore.packed.PackedImages``) overrides this and keeps :meth:`load`."""
+        return load_rgb(source, self.draft_size)
+
     def load(self, index: int) -> tuple[Image.Image, int, int]:
         """(image, target, number of unreadable files skipped to get it)."""
         for tried in range(MAX_SUBSTITUTES):
-            path, target = self.samples[(index + tried) % len(self.samples)]
+            source, target = self.samples[(index + tried) % len(self.samples)]
             try:
-                return load_rgb(path, self.draft_size), target, tried
+                return self.read(source), target, tried
             except UNREADABLE as e:
-                log.warning("skipping unreadable image %s: %s", path, e)
+                log.warning("skipping unreadable image %s: %s", source, e)
         raise UserError(f"{MAX_SUBSTITUTES} unreadable images in a row near {self.samples[index][0]}")
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:

@@ -1,14 +1,19 @@
-"""Pretraining data: any image folder, with or without class sub-folders; crop + flip only."""
+"""Pretraining data: any image folder, with or without class sub-folders, or a packed copy of one
+(``maecore.packed``); crop + flip only."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torchvision.transforms as T
 from torchvision.transforms import InterpolationMode
 
 from maecore.data import MAX_SUBSTITUTES, ImageFiles, check_dir, list_images, try_load_rgb
+from maecore.packed import NamedBytes, PackedImages, split_dir
 from maecore.vit import to_2tuple
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,32 +45,56 @@ def eval_transform(input_size: int | tuple[int, int]) -> T.Compose:
 
 
 def resolve_train_dir(data_path: str | Path) -> Path:
-    """``data_path/train`` when it exists (the official scripts' convention), else ``data_path``."""
+    """``data_path/train`` when it exists (the official scripts' convention), else ``data_path``; a packed
+    folder (or its index file) is a training set itself."""
+    packed = split_dir(data_path)
+    if packed is not None:
+        return packed
     root = check_dir(data_path)
     return root / "train" if (root / "train").is_dir() else root
+
+
+def open_images(folder: Path, transform=None, draft_size: tuple[int, int] | None = None) -> ImageFiles:
+    """The dataset of ``folder``: a packed one (found by its index) or an image folder."""
+    if split_dir(folder) is not None:
+        return PackedImages(folder, transform, draft_size)
+    return ImageFiles(folder, transform, draft_size)
 
 
 def build_pretrain_dataset(
     data_path: str | Path, input_size: int | tuple[int, int], jpeg_draft: bool = False
 ) -> ImageFiles:
+    """The training images of ``data_path``: a folder or a packed dataset (its ``train/`` when present)."""
     size = to_2tuple(input_size)
-    return ImageFiles(resolve_train_dir(data_path), pretrain_transform(size), draft_size=size if jpeg_draft else None)
+    return open_images(resolve_train_dir(data_path), pretrain_transform(size), draft_size=size if jpeg_draft else None)
 
 
-def fixed_images(data_path: str | Path, n: int) -> list[Path]:
+def fixed_images(data_path: str | Path, n: int) -> list[Path] | list[NamedBytes]:
     """A fixed, spread-out choice of ``n`` readable images (from ``val`` if present) for figures across
-    epochs; an unreadable candidate is reported once here and replaced by the next readable file."""
-    root = check_dir(data_path)
-    src = root / "val" if (root / "val").is_dir() else resolve_train_dir(root)
-    files = list_images(src)
-    if not files or n <= 0:
+    epochs; an unreadable candidate is reported once here and replaced by the next readable file.  From a
+    packed dataset the images are their encoded bytes (named by their record), which the figures decode alike."""
+    src = resolve_train_dir(data_path)
+    if split_dir(data_path) is None and (Path(data_path) / "val").is_dir():
+        src = Path(data_path) / "val"
+    if n <= 0:
         return []
-    step = max(1, len(files) // n)
-    order = files[::step] + [f for i, f in enumerate(files) if i % step]  # the spread first, then the rest
-    chosen: list[Path] = []
-    for f in order[: n + MAX_SUBSTITUTES]:  # a folder of bad files is not read to the end for a figure
+    packed = PackedImages(src) if split_dir(src) is not None else None
+    files = list_images(src) if packed is None else []
+    get = files.__getitem__ if packed is None else packed.image_bytes
+    count = len(files) if packed is None else len(packed)
+    step = max(1, count // n)
+    order = list(range(0, count, step)) + [i for i in range(count) if i % step]  # the spread first, then the rest
+    chosen = []
+    for i in order[: n + MAX_SUBSTITUTES]:  # a folder of bad files is not read to the end for a figure
         if len(chosen) == n:
             break
-        if try_load_rgb(f) is not None:
-            chosen.append(f)
+        try:
+            item = get(i)
+        except OSError as e:  # a packed record whose bytes cannot be read is as unreadable as a bad file
+            log.warning("skipping unreadable image %s: %s", packed.samples[i][0] if packed else files[i], e)
+            continue
+        if try_load_rgb(item) is not None:
+            chosen.append(item)
+    if packed is not None:
+        packed.close()
     return chosen

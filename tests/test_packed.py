@@ -1,0 +1,265 @@
+"""Packed datasets (maecore.packed): pack -> read round trip, skip-and-count of bad images at pack and read
+time, rank shards and exact resume on packed data, the same losses as the folder, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from maecore.data import ImageFiles, ResumableSampler, SeededDataset
+from maecore.engine import read_log
+from maecore.errors import UserError
+from maecore.packed import INDEX_NAME, PackedImages, iter_tar_samples, pack
+from pretrain.data import build_pretrain_dataset, fixed_images, pretrain_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--input_size", "32", "--decoder_depth", "1",
+        "--decoder_embed_dim", "64", "--decoder_num_heads", "4", "--batch_size", "8", "--no_progress",
+        "--vis_every", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--log_every", "1"]
+RUN = ["--epochs", "3", "--num_workers", "1", "--save_every_steps", "2"]  # 56 images / 8 = 7 steps x 3 epochs
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_world, tmp_path_factory) -> Path:
+    """The tiny ImageNet world packed as it is (train/ and val/), in several small shards."""
+    dst = tmp_path_factory.mktemp("packed") / "imagenet"
+    pack(tiny_world["imagenet"], dst, shard_size=8 * 1024, say=quiet)
+    return dst
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def pretrain(args, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "pretrain", *map(str, args)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(out, "train")}
+
+
+def record_bytes(ds: PackedImages, i: int) -> bytes:
+    return ds.read_bytes(ds.samples[i][0])
+
+
+# ---- round trip ----------------------------------------------------------------------------------------
+def test_round_trip_same_samples_labels_and_bytes_as_the_folder(tiny_world, packed):
+    for split, n in (("train", 56), ("val", 14)):
+        folder = ImageFiles(tiny_world["imagenet"] / split)
+        ds = PackedImages(packed / split)
+        assert len(ds) == n and ds.classes == folder.classes and len(ds.classes) == 7
+        assert ds.targets == folder.targets  # same order as the folder's sorted listing, labels kept
+        assert all(record_bytes(ds, i) == p.read_bytes() for i, (p, _) in enumerate(folder.samples))  # originals kept
+        assert ds.skipped_at_pack == 0
+    index = json.loads((packed / "train" / INDEX_NAME).read_text())
+    assert len(index["shards"]) > 2 and sum(s["samples"] for s in index["shards"]) == 56
+    # a plain tar reader sees {key}.jpg + {key}.cls per sample, the label as text, the keys of the index
+    seen = [(k, sorted(g), int(g["cls"])) for s in index["shards"] for k, g in iter_tar_samples(packed / "train" / s["name"])]
+    assert [k for k, _, _ in seen] == index["samples"]["key"]
+    assert all(exts == ["cls", "jpg"] for _, exts, _ in seen)
+    assert [t for _, _, t in seen] == index["samples"]["label"] == ImageFiles(tiny_world["imagenet"] / "train").targets
+    with tarfile.open(packed / "train" / index["shards"][0]["name"]) as tar:  # the recorded offset is the member's data
+        m = tar.getmember(index["samples"]["key"][0] + ".jpg")
+        assert m.offset_data == index["samples"]["offset"][0] and m.size == index["samples"]["size"][0]
+
+
+def test_every_image_once_per_epoch_across_ranks_and_exact_resume(tiny_world, packed):
+    ds = SeededDataset(build_pretrain_dataset(packed, 32))
+    folder = SeededDataset(build_pretrain_dataset(tiny_world["imagenet"], 32))
+    assert isinstance(ds.base, PackedImages)
+    for epoch in (0, 1):
+        shards = []
+        for rank in range(2):
+            s = ResumableSampler(len(ds), True, seed=5, rank=rank, world_size=2)
+            s.set_epoch(epoch)
+            shards.append([i for i, _ in s])
+        assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(56))
+    s = ResumableSampler(len(ds), True, seed=5, rank=1, world_size=2)
+    s.set_epoch(1)
+    keys = list(s)
+    full = [ds[k] for k in keys]
+    s.set_epoch(1, start=11)  # a restart part-way through rank 1's shard
+    resumed = [ds[k] for k in s]
+    assert len(resumed) == len(full) - 11
+    assert all(torch.equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(full[11:], resumed))
+    assert all(torch.equal(a[0], folder[k][0]) for a, k in zip(full[:6], keys))  # the folder's crops, bit for bit
+    # DataLoader workers each open their own shard handles: the same batches as in-process reading
+    loader = lambda nw: [b for b in DataLoader(ds, batch_size=8, sampler=keys, num_workers=nw)]
+    for a, b in zip(loader(0), loader(2)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_figures_read_packed_images(packed):
+    imgs = fixed_images(packed, 3)
+    assert len(imgs) == 3 and all(str(packed / "val") in b.name for b in imgs)
+    from pretrain.evaluate import load_images
+
+    assert load_images(imgs, 32).shape == (3, 3, 32, 32)
+
+
+# ---- bad images ----------------------------------------------------------------------------------------
+def test_corrupt_sources_skipped_and_counted_at_pack_time(tiny_world, tmp_path, capsys):
+    from maecore.packed import main
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_world["imagenet"] / "train", src)
+    (src / "circle" / "zero.jpg").write_bytes(b"")
+    (src / "cross" / "text.jpg").write_text("this is not an image\n")
+    good = sorted((src / "star").glob("*.jpg"))[0].read_bytes()
+    (src / "star" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    assert main([str(src), str(tmp_path / "dst"), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped unreadable") == 3 and "3 unreadable skipped" in out
+    index = json.loads((tmp_path / "dst" / INDEX_NAME).read_text())
+    assert index["skipped"]["count"] == 3
+    assert sorted(f["path"] for f in index["skipped"]["files"]) == ["circle/zero.jpg", "cross/text.jpg", "star/truncated.jpg"]
+    ds = PackedImages(tmp_path / "dst")
+    assert len(ds) == 56 and ds.skipped_at_pack == 3 and ds.targets == ImageFiles(tiny_world["imagenet"] / "train").targets
+
+
+def test_record_corrupted_after_packing_is_skipped_and_counted_at_read_time(packed, tmp_path, caplog):
+    copy = tmp_path / "copy"
+    shutil.copytree(packed / "train", copy)
+    ds = PackedImages(copy)
+    rec = ds.samples[9][0]
+    with open(ds.shard_paths[rec.shard], "r+b") as f:  # same size, garbage content: the index still matches
+        f.seek(rec.offset)
+        f.write(b"\0" * rec.size)
+    ds = PackedImages(copy, pretrain_transform(32))
+    img, target, skipped = ds[9]
+    assert skipped == 1 and target == ds.targets[10]
+    assert f"{rec.key}.jpg" in caplog.text and "skipping unreadable image" in caplog.text
+    s = ResumableSampler(len(ds), True, seed=0)
+    assert sum(SeededDataset(ds)[k][2] for k in s) == 1  # counted once per epoch, as n_skipped for a folder
+
+
+# ---- runs: DDP, resume, folder == packed -----------------------------------------------------------------
+def test_torchrun_two_processes_on_packed_data(packed, tmp_path, run_module):
+    out = tmp_path / "ddp"
+    p = run_module("pretrain", [*TINY, "--data_path", packed, "--output_dir", out, "--epochs", "1", "--num_workers", "0",
+                                "--batch_size", "4", "--max_steps", "2"], nproc=2)
+    assert "56 images" in p.stdout and "4 x 1 x 2" in p.stdout
+    assert [r["step"] for r in read_log(out, "train")] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def packed_ref(packed, tmp_path_factory) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("ref") / "packed"
+    pretrain([*TINY, *RUN, "--data_path", packed, "--output_dir", out])
+    got = losses(out)
+    assert len(got) == 21
+    return got
+
+
+def test_folder_and_packed_copy_give_identical_losses(tiny_world, packed_ref, tmp_path):
+    out = tmp_path / "folder"
+    pretrain([*TINY, *RUN, "--data_path", tiny_world["imagenet"], "--output_dir", out])
+    assert losses(out) == packed_ref  # same samples, same order, same bytes: bit-identical
+
+
+def test_sigkill_then_resume_on_packed_data_gives_identical_losses(packed, packed_ref, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pretrain", *TINY, *RUN, "--data_path", str(packed), "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if max(losses(out), default=0) >= 10:  # mid-epoch 2 (steps 8-14)
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    pretrain([*TINY, *RUN, "--data_path", packed, "--output_dir", out, "--resume", "auto"])
+    assert losses(out) == packed_ref  # bit-identical, every step
+
+
+# ---- classification -----------------------------------------------------------------------------------
+def test_classification_reads_a_packed_root(tiny_world, packed):
+    from classification.data import build_datasets
+
+    train, val, classes = build_datasets(packed, None, None)
+    ref_train, ref_val, ref_classes = build_datasets(tiny_world["imagenet"], None, None)
+    assert isinstance(train, PackedImages) and isinstance(val, PackedImages)
+    assert classes == ref_classes and train.targets == ref_train.targets and val.targets == ref_val.targets
+    _, val2, _ = build_datasets(packed, None, None, need_train=False, classes=list(reversed(classes)))  # re-indexed
+    assert val2.targets == [6 - t for t in ref_val.targets] and val2[0][1] == val2.targets[0]
+
+
+# ---- one-line errors ----------------------------------------------------------------------------------
+def _error(cli, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_pack_tool_errors(tiny_world, packed, tmp_path, capsys):
+    from maecore.packed import cli
+
+    (tmp_path / "empty").mkdir()
+    assert "no images found" in _error(cli, [tmp_path / "empty", tmp_path / "d1", "--workers", "0"], capsys)
+    assert not (tmp_path / "d1").exists() and not list(tmp_path.glob(".d1*"))  # nothing left behind
+    assert "not found" in _error(cli, [tmp_path / "nope", tmp_path / "d2"], capsys)
+    assert "already exists" in _error(cli, [tiny_world["imagenet"], packed], capsys)
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    assert "not a packed dataset" in _error(cli, [tiny_world["imagenet"], tmp_path / "precious", "--force"], capsys)
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+    assert "--shard_size" in _error(cli, [tiny_world["imagenet"], tmp_path / "d3", "--shard_size", "lots"], capsys)
+    assert "--short_side" in _error(cli, [tiny_world["imagenet"], tmp_path / "d3", "--short_side", "64", "--max_side", "64"], capsys)
+    # --force replaces a packed dataset; a capped re-encode shrinks the images to the cap
+    again = tmp_path / "again"
+    pack(tiny_world["imagenet"] / "val", again, say=quiet)
+    cli([str(tiny_world["imagenet"] / "val"), str(again), "--force", "--max_side", "16", "--workers", "0"])
+    ds = PackedImages(again)
+    assert len(ds) == 14 and ds.load(0)[0].size == (16, 16) and all(r.ext == "jpg" for r, _ in ds.samples)
+    assert json.loads((again / INDEX_NAME).read_text())["reencode"]["count"] == 14
+
+
+def test_training_errors_on_bad_packed_data(tiny_world, packed, tmp_path, capsys):
+    from classification.train import cli as cls_cli
+    from pretrain.train import cli as pre_cli
+
+    args = [*TINY, "--output_dir", tmp_path / "o", "--epochs", "1", "--num_workers", "0"]
+    cut = tmp_path / "cut"
+    shutil.copytree(packed, cut)
+    shard = cut / "train" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    assert "truncated" in _error(pre_cli, [*args, "--data_path", cut], capsys)
+    (cut / "train" / INDEX_NAME).unlink()
+    assert "no packed-index.json" in _error(pre_cli, [*args, "--data_path", cut], capsys)
+    # classification needs classes: a packed folder is refused as a root, and a split packed without classes too
+    cls_args = ["--model", "vit_tiny_patch16", "--patch_size", "8", "--depth", "2", "--input_size", "32",
+                "--output_dir", tmp_path / "c", "--num_workers", "0", "--epochs", "1"]
+    assert "train/ and val/" in _error(cls_cli, [*cls_args, "--data_path", packed / "train"], capsys)
+    flat = tmp_path / "flat"
+    for split in ("train", "val"):
+        (flat / split).mkdir(parents=True)
+        for p in sorted((tiny_world["imagenet"] / split / "star").glob("*.jpg")):
+            shutil.copy(p, flat / split / p.name)
+    pack(flat, tmp_path / "flat_packed", say=quiet)
+    assert "without class labels" in _error(cls_cli, [*cls_args, "--data_path", tmp_path / "flat_packed"], capsys)
+    with pytest.raises(UserError, match="not a packed dataset"):
+        PackedImages(flat / "train")
