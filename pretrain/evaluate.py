@@ -94,7 +94,7 @@ def load_images(paths: Sequence[str | Path], input_size: int | tuple[int, int]) 
 
 def reconstruction_figure(
     model: MaskedAutoencoderViT,
-    paths: Sequence[str | Path],
+    paths: Sequence[str | Path | bytes],  # files, or encoded images (a packed dataset's records)
     out: str | Path,
     input_size: int | tuple[int, int],
     mask_ratio: float = 0.75,
