@@ -27,9 +27,20 @@ from classification.train import MODEL_KEYS, build_model, check_args, get_parser
 from maecore.checkpoint import checkpoint_args, unwrap_state_dict
 from maecore.cli import OneLineParser, fill_from_checkpoint, positive_int, run_cli, upgrade_saved_args
 from maecore.convert import load_weights
+from maecore.convert.onnx_export import OnnxModule
 from maecore.engine import autocast
 from maecore.errors import UserError
-from maecore.predict import Progress, add_predict_args, expand_inputs, input_batches, load_task_checkpoint, prepare_output, setup_runtime
+from maecore.predict import (
+    Progress,
+    add_predict_args,
+    check_task_checkpoint,
+    expand_inputs,
+    input_batches,
+    load_task_checkpoint,
+    prepare_output,
+    setup_runtime,
+)
+from maecore.vit import to_2tuple
 
 
 def get_predict_parser() -> argparse.ArgumentParser:
@@ -109,6 +120,15 @@ def predict(argv: list[str] | None = None) -> list[dict[str, Any]]:
             progress.advance(len(good))
     progress.close(out_file)
     return records
+
+
+def onnx_module(path: str, ckpt: Any) -> OnnxModule:
+    """The classifier for ``python -m maecore.convert CKPT --to onnx`` (:mod:`maecore.convert.onnx_export`)."""
+    model, args, names = load_classifier(path, check_task_checkpoint(ckpt, path, "classification"))
+    h, w = to_2tuple(args.input_size)
+    return OnnxModule(model, torch.randn(2, 3, h, w), "images", ["logits"],
+                      f"normalised images (B, 3, {h}, {w}) -> logits (B, {len(names)}); resize, centre crop and normalise "
+                      "(classification.data.eval_transform) on the host")
 
 
 def cli(argv: list[str] | None = None) -> None:

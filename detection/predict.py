@@ -32,10 +32,12 @@ from detection.evaluate import to_coco_results
 from detection.train import MODEL_KEYS, build_model, check_args, get_parser
 from maecore.checkpoint import checkpoint_args, unwrap_state_dict
 from maecore.cli import OneLineParser, fill_from_checkpoint, ratio, run_cli, upgrade_saved_args
+from maecore.convert.onnx_export import OnnxModule
 from maecore.errors import UserError
 from maecore.predict import (
     Progress,
     add_predict_args,
+    check_task_checkpoint,
     expand_inputs,
     input_batches,
     load_task_checkpoint,
@@ -169,6 +171,26 @@ def predict(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"{len(results)} detections on {len(images)} images (>= {margs.score_thresh:g}) in "
           f"{out / 'coco_instances_results.json'}" + (f"; overlays in {out / 'overlays'}" if args.overlays else ""))
     return results
+
+
+class PyramidOutputs(nn.Module):
+    """The detector's backbone (trunk + feature pyramid) with the levels as a tuple: what ``--to onnx`` exports."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.backbone(images).values())
+
+
+def onnx_module(path: str, ckpt: Any) -> OnnxModule:
+    """The detector's backbone for ``python -m maecore.convert CKPT --to onnx``."""
+    model, args, _, _ = load_detector(path, check_task_checkpoint(ckpt, path, "detection"))
+    s = args.input_size
+    return OnnxModule(PyramidOutputs(model.backbone).eval(), torch.randn(2, 3, s, s), "images", ["p2", "p3", "p4", "p5", "p6"],
+                      f"the backbone, normalised padded images (B, 3, {s}, {s}) -> pyramid p2..p6; the test view "
+                      "(detection.data.LSJ) on the host, torchvision's RPN and RoI heads in PyTorch")
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -122,7 +122,11 @@ def input_batches(paths: Sequence[Path], transform: Callable[[Any], Any] | None,
 def load_task_checkpoint(path: str | os.PathLike, task: str) -> dict[str, Any]:
     """A trained checkpoint of ``task`` written by this toolkit's trainer, read safely; a checkpoint of another
     task, a pretraining checkpoint or a file without saved args is a one-line :class:`UserError`."""
-    ckpt = load_file(path)
+    return check_task_checkpoint(load_file(path), path, task)
+
+
+def check_task_checkpoint(ckpt: Any, path: str | os.PathLike, task: str) -> dict[str, Any]:
+    """``ckpt`` (read from ``path``) if it is a trained ``task`` checkpoint with saved args, else the one-line error."""
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not a checkpoint of this toolkit (no dict of weights)")
     found = task_of(ckpt)
@@ -225,5 +229,5 @@ def prepare_output(path: str | os.PathLike) -> Path:
     return out
 
 
-__all__ = ["ImageInputs", "Progress", "add_predict_args", "expand_inputs", "input_batches", "load_task_checkpoint",
+__all__ = ["ImageInputs", "Progress", "add_predict_args", "check_task_checkpoint", "expand_inputs", "input_batches", "load_task_checkpoint",
            "output_stems", "prepare_output", "resolve_device", "setup_runtime"]

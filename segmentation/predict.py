@@ -27,11 +27,13 @@ from PIL import Image
 
 from maecore.checkpoint import checkpoint_args, unwrap_state_dict
 from maecore.cli import OneLineParser, fill_from_checkpoint, positive_int, run_cli, upgrade_saved_args
+from maecore.convert.onnx_export import OnnxModule
 from maecore.engine import autocast
 from maecore.errors import UserError
 from maecore.predict import (
     Progress,
     add_predict_args,
+    check_task_checkpoint,
     expand_inputs,
     input_batches,
     load_task_checkpoint,
@@ -114,6 +116,15 @@ def predict(argv: list[str] | None = None) -> dict[str, Any]:
             progress.advance(1)
     progress.close(out)
     return written
+
+
+def onnx_module(path: str, ckpt: Any) -> OnnxModule:
+    """One sliding window of the segmentor for ``python -m maecore.convert CKPT --to onnx``."""
+    model, args = load_segmentor(path, check_task_checkpoint(ckpt, path, "segmentation"))
+    s = args.input_size
+    return OnnxModule(model, torch.randn(2, 3, s, s), "images", ["logits"],
+                      f"one window, normalised (B, 3, {s}, {s}) -> logits (B, {args.num_classes}, {s}, {s}); the sliding "
+                      "windows, their averaging and the resize to the image (segmentation.evaluate.predict) on the host")
 
 
 def cli(argv: list[str] | None = None) -> None:

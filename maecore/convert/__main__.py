@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="convert.py", description=__doc__.splitlines()[0])
     p.add_argument("src", help="checkpoint file (.pth/.bin/.pkl/.safetensors) or HF model directory")
     p.add_argument("-o", "--output", required=True, help="destination file (a directory for --to hf)")
-    p.add_argument("--to", required=True, choices=formats.targets(), help="target format")
+    p.add_argument("--to", required=True, choices=(*formats.targets(), "onnx"),
+                   help="target format (onnx: a trained task checkpoint's network as a graph, checked with onnxruntime)")
     p.add_argument("--from", dest="src_format", default="auto", choices=formats.sources(), help="source format (default: detect)")
     p.add_argument("--img-size", type=parse_size, default=None,
                    help="resample pos_embed (and decoder_pos_embed) to this input size: N or HxW")
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
+    if args.to == "onnx":
+        return _export_onnx(args, t0)
     loaded = None
     if args.src_format == "auto" and Path(args.src).is_file():
         loaded = read_checkpoint(args.src)
@@ -102,6 +105,33 @@ def _export_trained(args: argparse.Namespace, loaded: object, task: str, t0: flo
           f"patch {a.patch_size}, grid {a.grid[0]}x{a.grid[1]})")
     print(f"target: {args.to} (the whole trained model) -> {', '.join(str(w) for w in written)}")
     print(conv.report.table())
+    print(f"done in {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace, t0: float) -> int:
+    """``--to onnx``: the task package that owns the network builds it (see :mod:`maecore.convert.onnx_export`)."""
+    import importlib
+
+    from maecore.convert.onnx_export import export_onnx, require_onnx
+    from maecore.convert.trained import TASKS
+
+    given = [f for f, v in (("--img-size", args.img_size), ("--patch-size", args.patch_size), ("--pool", args.pool)) if v]
+    if given:
+        raise UserError(f"{', '.join(given)}: not for --to onnx, which exports the network as it was trained")
+    require_onnx()
+    loaded = read_checkpoint(args.src)
+    task = task_of(loaded)
+    if task not in TASKS:
+        raise UserError(f"{args.src} is {describe_task(task)}: --to onnx takes a trained classification, detection or "
+                        "segmentation checkpoint of this toolkit")
+    spec = importlib.import_module(f"{task}.predict").onnx_module(args.src, loaded)
+    checked = export_onnx(spec, args.output, force=args.force)
+    diffs = ", ".join(f"{k} {v:.2g}" for k, v in checked["max_abs_diff"].items())
+    print(f"source: {args.src}  ({describe_task(task)} of this toolkit)")
+    print(f"target: onnx -> {args.output}{' (+ .data)' if checked['external_data'] else ''}")
+    print(f"graph:  {spec.covers}; dynamic batch")
+    print(f"check:  onnxruntime vs PyTorch on a batch of {checked['batch_checked']}: largest difference {diffs}")
     print(f"done in {time.perf_counter() - t0:.2f}s")
     return 0
 
