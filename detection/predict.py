@@ -168,7 +168,7 @@ def predict(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, cat_names)],
     }))
     progress.close(out)
-    print(f"{len(results)} detections on {len(images)} images (>= {margs.score_thresh:g}) in "
+    print(f"{len(results)} detections (score >= {margs.score_thresh:g}) on {len(images)} images in "
           f"{out / 'coco_instances_results.json'}" + (f"; overlays in {out / 'overlays'}" if args.overlays else ""))
     return results
 

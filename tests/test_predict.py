@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -269,13 +268,26 @@ def test_bad_inputs_are_one_line(cls_ckpt, seg_ckpt, det_ckpt, inputs, tmp_path,
     assert "MAE pretraining checkpoint" in line
 
 
-def test_python_m_dispatches_predict_and_training(cls_ckpt, inputs, tmp_path):
-    """``python -m classification predict …`` runs predict; anything else is still the training CLI."""
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "-m", "classification", "predict", str(cls_ckpt), str(inputs / "other_size.png"),
-                        "-o", str(tmp_path), *COMMON], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_python_m_dispatches_predict(task, cls_ckpt, inputs, tmp_path, monkeypatch, capsys):
+    """``python -m TASK predict …`` (run as ``__main__``) is that task's predict: it refuses a classifier's file."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [task, "predict", str(cls_ckpt), str(inputs / "other_size.png"), "-o", str(tmp_path), *COMMON])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module(task, run_name="__main__")
+    assert e.value.code == 2 and "classification checkpoint" in capsys.readouterr().err
+
+
+def test_python_m_runs_predict_and_keeps_training(cls_ckpt, inputs, tmp_path, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["classification", "predict", str(cls_ckpt), str(inputs / "other_size.png"), "-o", str(tmp_path),
+                                      *COMMON])
+    runpy.run_module("classification", run_name="__main__")
     assert json.loads((tmp_path / "predictions.jsonl").read_text())["image"].endswith("other_size.png")
-    p = subprocess.run([sys.executable, "-m", "classification", "--data_path", str(tmp_path / "nowhere"), "--output_dir",
-                        str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "not found" in p.stderr and "Traceback" not in p.stderr
+    monkeypatch.setattr(sys, "argv", ["classification", "--data_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("classification", run_name="__main__")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not found" in err and "Traceback" not in err
