@@ -137,7 +137,7 @@ def test_segmentor_to_mmseg_and_back_same_logits(segmentor, tmp_path, capsys):
     dst = tmp_path / "upernet_mmseg.pth"
     code, out, err = run([ckpt, "-o", dst, "--to", "mmseg"], capsys)
     assert code == 0, err
-    assert "read back: all" in out and "model.decode_head.num_classes=5" in out
+    assert "read back: all" in out and "model.decode_head.num_classes=5" in out and "model.backbone.out_indices=(0, 1, 2, 3)" in out
     ck = torch.load(dst, weights_only=True)
     sd = ck["state_dict"]
     assert MMSEG_NAMES <= set(sd) and not any(".blocks." in k or "norm1" in k for k in sd)
@@ -147,6 +147,13 @@ def test_segmentor_to_mmseg_and_back_same_logits(segmentor, tmp_path, capsys):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
+
+
+def test_mmseg_config_taps_the_blocks_the_segmentor_taps():
+    from maecore.convert.trained import _default_out_indices
+    from segmentation.model import default_out_indices
+
+    assert all(_default_out_indices(d) == default_out_indices(d) for d in range(1, 41))
 
 
 def test_segmentor_in_mmsegmentation(segmentor, tmp_path, capsys):

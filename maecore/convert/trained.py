@@ -302,7 +302,7 @@ def segmentation_to_mmseg(state: dict[str, torch.Tensor], args: dict[str, Any]) 
         "model.backbone.img_size": (h, w), "model.backbone.patch_size": arch.patch_size,
         "model.backbone.embed_dims": arch.embed_dim, "model.backbone.num_layers": arch.depth,
         "model.backbone.num_heads": arch.num_heads, "model.backbone.mlp_ratio": arch.mlp_hidden // arch.embed_dim,
-        "model.backbone.out_indices": tuple(args.get("out_indices") or ()),
+        "model.backbone.out_indices": tuple(args.get("out_indices") or _default_out_indices(arch.depth)),
         "model.neck.embed_dim": arch.embed_dim, "model.decode_head.in_channels": [arch.embed_dim] * 4,
         "model.decode_head.channels": int(state["decode_head.conv_seg.weight"].shape[1]),
         "model.decode_head.num_classes": num_classes,
@@ -314,14 +314,21 @@ def segmentation_to_mmseg(state: dict[str, torch.Tensor], args: dict[str, Any]) 
     else:
         cfg["model.auxiliary_head"] = None
         rep.notes.append("trained without the auxiliary FCN head (--aux_weight 0): set auxiliary_head=None")
-    if not cfg["model.backbone.out_indices"]:
-        cfg.pop("model.backbone.out_indices")
     cfg.update({"model.test_cfg.crop_size": (h, w), "crop_size": (h, w)})
     rep.notes.append("segmentation/configs/mmseg/ with " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     meta: dict[str, Any] = {"converter": "tools/convert.py", "task": "segmentation", "config_overrides": _jsonable(cfg)}
     if num_classes != 150:  # else mmseg's ADE20K names and palette apply
         meta["dataset_meta"] = {"classes": [str(i) for i in range(num_classes)]}
     return TrainedExport("mmseg", out, rep, arch, meta=meta, task="segmentation", source_state=dict(state))
+
+
+def _default_out_indices(depth: int) -> tuple[int, ...]:
+    """The blocks a segmentor trained without ``--out_indices`` taps: the rule of
+    ``segmentation.model.default_out_indices`` (which ``maecore`` cannot import; a test keeps the two equal)."""
+    idx = [max(0, round(k * depth / 12) - 1) for k in (4, 6, 8)] + [depth - 1]
+    for i in range(1, 4):
+        idx[i] = min(max(idx[i], idx[i - 1] + 1), depth - 1)
+    return tuple(idx)
 
 
 def _write_mmseg(conv: TrainedExport, dst: Path, force: bool) -> list[Path]:
