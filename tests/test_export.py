@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import maecore.convert.__main__ as CLI
-from maecore.convert.trained import detectron2_to_detection, mmseg_to_segmentation
+from maecore.convert.trained import detectron2_to_detection, mmseg_to_segmentation, task_of
 from maecore.engine import dump_args
 
 TOL = 1e-5
@@ -142,6 +142,7 @@ def test_segmentor_to_mmseg_and_back_same_logits(segmentor, tmp_path, capsys):
     sd = ck["state_dict"]
     assert MMSEG_NAMES <= set(sd) and not any(".blocks." in k or "norm1" in k for k in sd)
     assert ck["meta"]["dataset_meta"]["classes"] == ["0", "1", "2", "3", "4"]
+    assert task_of(ck) is None  # mmseg's names: not a checkpoint of ours (its --to mmseg is the trunk, as before)
     back = build_model(args).eval()
     back.load_state_dict(mmseg_to_segmentation(sd), strict=True)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -231,6 +232,7 @@ def test_detector_to_detectron2_and_back_same_detections(detector, tmp_path, cap
     from maecore.convert.io import read_checkpoint
 
     sd = unwrap_state_dict(read_checkpoint(dst))
+    assert task_of(sd) is None  # detectron2's names: not a checkpoint of ours
     assert D2_HEAD_NAMES <= set(sd) and not any(k.startswith(("rpn.", "roi_heads.box_head.0", "roi_heads.mask_predictor")) for k in sd)
     ours = model.state_dict()
     # detectron2: classes 0..K-1 then background; class-specific boxes and masks for the K classes only

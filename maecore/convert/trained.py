@@ -95,9 +95,10 @@ def task_of_keys(keys: Iterable[str]) -> str | None:
     """``classification``, ``detection``, ``segmentation``, ``pretrain`` (an MAE) or ``None`` from state-dict keys."""
     keys = list(keys)
     starts = lambda *p: any(k.startswith(p) for k in keys)  # noqa: E731
-    if starts("decode_head.") and starts("backbone."):
+    # our own names only: an mmseg UperNet (backbone.layers.*) or a detectron2 detector (proposal_generator.*) is not ours
+    if starts("decode_head.") and "backbone.patch_embed.proj.weight" in keys:
         return "segmentation"
-    if starts("roi_heads.", "rpn.") and starts("backbone.net."):
+    if starts("rpn.head.") and "backbone.net.patch_embed.proj.weight" in keys:
         return "detection"
     if starts("decoder_embed.", "decoder_blocks."):
         return "pretrain"
