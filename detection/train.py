@@ -201,6 +201,11 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
             if ds is not None:
                 print(ds.summary())
     args.num_classes = resolve_classes(args, len(val_set.cat_ids), val_set.ann_file)
+    # saved with the checkpoint: predict writes the dataset's category ids and names without the annotations
+    if not getattr(args, "category_ids", None):
+        args.category_ids = list(val_set.cat_ids)
+    if not getattr(args, "category_names", None):
+        args.category_names = list(val_set.class_names)
     model = build_model(args, args.num_classes)
     amp = resolve_amp(args.amp, device)
 

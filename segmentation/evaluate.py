@@ -44,26 +44,46 @@ def window_logits(model: nn.Module, crop: torch.Tensor, window: tuple[int, int])
     return model(crop)[..., :h, :w]
 
 
+def window_grid(h: int, w: int, window: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """The sliding windows (y0, y1, x0, x1) over an h x w image, row by row (mmseg's grid: a window every
+    ``stride``, the last one flush with the border).  All have the same size, min(window, image) per side."""
+    (wh, ww), (sh, sw) = window, stride
+    rows = max(h - wh + sh - 1, 0) // sh + 1
+    cols = max(w - ww + sw - 1, 0) // sw + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y1, x1 = min(r * sh + wh, h), min(c * sw + ww, w)
+            boxes.append((max(y1 - wh, 0), y1, max(x1 - ww, 0), x1))
+    return boxes
+
+
 def slide_inference(
     model: nn.Module,
     img: torch.Tensor,
     num_classes: int,
     window: tuple[int, int],
     stride: tuple[int, int],
+    window_batch: int = 1,
 ) -> torch.Tensor:
     """(B, 3, H, W) normalised images -> (B, classes, H, W) logits from overlapping windows (mmseg's grid:
-    windows every ``stride``, the last one flush with the border, logits averaged over overlaps)."""
+    windows every ``stride``, the last one flush with the border, logits averaged over overlaps).
+    ``window_batch`` windows go through the model in one forward pass (1: one at a time, as evaluation runs)."""
     b, _, h, w = img.shape
-    (wh, ww), (sh, sw) = window, stride
-    rows = max(h - wh + sh - 1, 0) // sh + 1
-    cols = max(w - ww + sw - 1, 0) // sw + 1
     out = img.new_zeros((b, num_classes, h, w), dtype=torch.float32)
     count = img.new_zeros((1, 1, h, w), dtype=torch.float32)
-    for r in range(rows):
-        for c in range(cols):
-            y1, x1 = min(r * sh + wh, h), min(c * sw + ww, w)
-            y0, x0 = max(y1 - wh, 0), max(x1 - ww, 0)
+    boxes = window_grid(h, w, window, stride)
+    if window_batch <= 1:
+        for y0, y1, x0, x1 in boxes:
             out[:, :, y0:y1, x0:x1] += window_logits(model, img[:, :, y0:y1, x0:x1], window).float()
+            count[:, :, y0:y1, x0:x1] += 1
+        return out / count
+    for s in range(0, len(boxes), window_batch):
+        chunk = boxes[s : s + window_batch]
+        crops = torch.cat([img[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])  # same size: see window_grid
+        logits = window_logits(model, crops, window).float().view(len(chunk), b, num_classes, *crops.shape[-2:])
+        for (y0, y1, x0, x1), lg in zip(chunk, logits):
+            out[:, :, y0:y1, x0:x1] += lg
             count[:, :, y0:y1, x0:x1] += 1
     return out / count
 
@@ -84,9 +104,11 @@ def predict(
     flip: bool = False,
     device: torch.device | str = "cpu",
     amp: str = "none",
+    window_batch: int = 1,
 ) -> torch.Tensor:
     """Class map (H, W) at the image's original size.  Test scale ``(4·crop, crop)`` keeping ratio,
-    times each of ``scales``; several passes (scales × flips) average their softmax probabilities."""
+    times each of ``scales``; several passes (scales × flips) average their softmax probabilities.
+    ``window_batch``: sliding windows per forward pass (:func:`slide_inference`)."""
     stride = stride or default_stride(window)
     h0, w0 = image.height, image.width
     passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
@@ -98,7 +120,7 @@ def predict(
             x = x.flip(-1)
         ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
         with ctx:
-            logits = slide_inference(model, x, num_classes, window, stride)
+            logits = slide_inference(model, x, num_classes, window, stride, window_batch)
         if f:
             logits = logits.flip(-1)
         logits = F.interpolate(logits, size=(h0, w0), mode="bilinear", align_corners=False)

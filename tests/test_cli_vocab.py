@@ -52,6 +52,10 @@ def test_every_readme_command_parses() -> None:
     commands = readme_commands()
     assert {m for m, _ in commands} == set(CLIS) and len(commands) >= 15, commands
     for module, argv in commands:
+        if argv[:1] == ["predict"]:  # python -m X predict CKPT INPUT… -o OUT: the task's predict parser
+            args = importlib.import_module(f"{module}.predict").get_predict_parser().parse_args(argv[1:])
+            assert args.checkpoint and args.inputs and args.output, (module, argv)
+            continue
         args = train_module(module).parse_args(argv)
         family = "mae_vit_" if module == "pretrain" else "vit_"
         assert args.model.startswith(family), (module, argv, args.model)

@@ -18,6 +18,8 @@ Everything goes through one *canonical* naming, the official MAE / timm one (``c
 * :mod:`.pipeline` maps a canonical source into a target format (:func:`convert`) and writes it
   (:func:`write_converted`), asking the format's record wherever formats differ;
 * :mod:`.load` loads weights into a model (:func:`load_weights`, :func:`load_backbone`);
+* :mod:`.trained` tells a trained task checkpoint's task and converts the whole trained model (classifier ->
+  timm, UperNet -> mmseg, ViTDet Mask R-CNN -> detectron2), :mod:`.onnx_export` writes ``--to onnx`` graphs;
 * ``python -m maecore.convert SRC -o DST --to …`` is the command line (also ``tools/convert.py``).
 """
 

@@ -4,6 +4,10 @@ detectron2 ViTDet, mmsegmentation, mmdetection and our task backbones.
 Example: python -m maecore.convert mae_pretrain_vit_base.pth -o vitdet_b_init.pth --to detectron2
 (``python tools/convert.py`` is the same command).
 
+A trained task checkpoint of this toolkit converts whole (:mod:`maecore.convert.trained`): a classifier
+``--to timm`` (with its head; a folder name writes timm's local model folder), a segmentor ``--to mmseg``
+(backbone, neck and heads), a detector ``--to detectron2`` (trunk, pyramid, RPN, box and mask heads).
+
 The source format is detected from the file (``--from`` overrides).  A table of what happened to every
 key is printed: converted, renamed, dropped (and why), new in the target (and how it starts),
 position tables resampled.  Unknown keys and shape mismatches are refused by name; DST is never
@@ -14,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from maecore.cli import OneLineParser, run_cli, size_type
 from maecore.convert import formats
-from maecore.convert.io import load_source
+from maecore.convert.io import load_source, read_checkpoint
 from maecore.convert.keys import infer_arch
 from maecore.convert.pipeline import convert, write_converted
+from maecore.convert.trained import convert_trained, describe_task, task_of, trained_route, write_trained
+from maecore.errors import UserError
 
 parse_size = size_type(1)
 
@@ -38,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="convert.py", description=__doc__.splitlines()[0])
     p.add_argument("src", help="checkpoint file (.pth/.bin/.pkl/.safetensors) or HF model directory")
     p.add_argument("-o", "--output", required=True, help="destination file (a directory for --to hf)")
-    p.add_argument("--to", required=True, choices=formats.targets(), help="target format")
+    p.add_argument("--to", required=True, choices=(*formats.targets(), "onnx"),
+                   help="target format (onnx: a trained task checkpoint's network as a graph, checked with onnxruntime)")
     p.add_argument("--from", dest="src_format", default="auto", choices=formats.sources(), help="source format (default: detect)")
     p.add_argument("--img-size", type=parse_size, default=None,
                    help="resample pos_embed (and decoder_pos_embed) to this input size: N or HxW")
@@ -62,7 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    source = load_source(args.src, args.src_format)
+    if args.to == "onnx":
+        return _export_onnx(args, t0)
+    loaded = None
+    if args.src_format == "auto" and Path(args.src).is_file():
+        loaded = read_checkpoint(args.src)
+        task = trained_route(loaded, args.to)
+        if task is not None:
+            return _export_trained(args, loaded, task, t0)
+        if task_of(loaded) == "segmentation":
+            raise UserError(f"{args.src} is a trained segmentation checkpoint: it converts whole with --to mmseg")
+    source = load_source(args.src, args.src_format, loaded=loaded)
     a = infer_arch(source.state, {**source.hints, **({"num_heads": args.num_heads} if args.num_heads else {})})
     conv = convert(source, args.to, img_size=args.img_size, pool=args.pool, fc_norm=args.fc_norm,
                    num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads, patch_size=args.patch_size)
@@ -71,6 +89,49 @@ def main(argv: list[str] | None = None) -> int:
           f"grid {a.grid[0]}x{a.grid[1]}" + (f", decoder {a.decoder_dim}d x{a.decoder_depth}" if a.decoder_dim else "") + ")")
     print(f"target: {args.to} -> {', '.join(str(w) for w in written)}")
     print(conv.report.table())
+    print(f"done in {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
+def _export_trained(args: argparse.Namespace, loaded: object, task: str, t0: float) -> int:
+    """A trained task checkpoint of ours, converted whole (:mod:`maecore.convert.trained`)."""
+    given = [f for f, v in (("--img-size", args.img_size), ("--patch-size", args.patch_size), ("--pool", args.pool)) if v]
+    if given:
+        raise UserError(f"{', '.join(given)}: not for a trained {task} model, which converts as it was trained")
+    conv = convert_trained(loaded, task)
+    written = write_trained(conv, args.output, force=args.force)
+    a = conv.arch
+    print(f"source: {args.src}  ({describe_task(task)} of this toolkit; ViT {a.embed_dim}d x{a.depth}, {a.num_heads} heads, "
+          f"patch {a.patch_size}, grid {a.grid[0]}x{a.grid[1]})")
+    print(f"target: {args.to} (the whole trained model) -> {', '.join(str(w) for w in written)}")
+    print(conv.report.table())
+    print(f"done in {time.perf_counter() - t0:.2f}s")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace, t0: float) -> int:
+    """``--to onnx``: the task package that owns the network builds it (see :mod:`maecore.convert.onnx_export`)."""
+    import importlib
+
+    from maecore.convert.onnx_export import export_onnx, require_onnx
+    from maecore.convert.trained import TASKS
+
+    given = [f for f, v in (("--img-size", args.img_size), ("--patch-size", args.patch_size), ("--pool", args.pool)) if v]
+    if given:
+        raise UserError(f"{', '.join(given)}: not for --to onnx, which exports the network as it was trained")
+    require_onnx()
+    loaded = read_checkpoint(args.src)
+    task = task_of(loaded)
+    if task not in TASKS:
+        raise UserError(f"{args.src} is {describe_task(task)}: --to onnx takes a trained classification, detection or "
+                        "segmentation checkpoint of this toolkit")
+    spec = importlib.import_module(f"{task}.predict").onnx_module(args.src, loaded)
+    checked = export_onnx(spec, args.output, force=args.force)
+    diffs = ", ".join(f"{k} {v:.2g}" for k, v in checked["max_abs_diff"].items())
+    print(f"source: {args.src}  ({describe_task(task)} of this toolkit)")
+    print(f"target: onnx -> {args.output}{' (+ .data)' if checked['external_data'] else ''}")
+    print(f"graph:  {spec.covers}; dynamic batch")
+    print(f"check:  onnxruntime vs PyTorch on a batch of {checked['batch_checked']}: largest difference {diffs}")
     print(f"done in {time.perf_counter() - t0:.2f}s")
     return 0
 

@@ -113,8 +113,17 @@ def _all_tensors(obj: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Any supported source -> canonical names
 # --------------------------------------------------------------------------------------------------
-def load_source(src: str | os.PathLike | dict[str, Any], fmt: str = "auto") -> Source:
-    """Read a checkpoint of any supported format into canonical (official MAE / timm) names."""
+def read_checkpoint(src: str | os.PathLike) -> Any:
+    """The object a checkpoint file (or HF model directory) holds, read as :func:`load_source` reads it."""
+    p = Path(src)
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {p}")
+    return _load_path(p)
+
+
+def load_source(src: str | os.PathLike | dict[str, Any], fmt: str = "auto", loaded: Any = None) -> Source:
+    """Read a checkpoint of any supported format into canonical (official MAE / timm) names.  ``loaded``: the
+    object :func:`read_checkpoint` already read from the path ``src`` (it is not read twice)."""
     forced = None if fmt == "auto" else formats.source_format(fmt)
     path = "<state dict>"
     if isinstance(src, dict):
@@ -122,9 +131,12 @@ def load_source(src: str | os.PathLike | dict[str, Any], fmt: str = "auto") -> S
     else:
         p = Path(src)
         path = str(p)
-        if not p.exists():
+        if loaded is not None:
+            obj = loaded
+        elif not p.exists():
             raise UserError(f"checkpoint not found: {p}")
-        obj = _load_path(p)
+        else:
+            obj = _load_path(p)
     hints: dict[str, Any] = {}
     config = None
     if not isinstance(src, dict) and Path(src).is_file() and (Path(src).parent / "config.json").is_file():
