@@ -1,16 +1,24 @@
-"""torchrun / torch.distributed helpers: gloo on CPU, nccl on GPU, single process otherwise."""
+"""torchrun / torch.distributed helpers: gloo on CPU, nccl on GPU, single process otherwise.
+
+Every collective has a timeout (``--dist_timeout``, minutes): a rank that died or hangs never leaves the
+others waiting forever.  A collective that fails (a peer's connection lost, a timeout) is turned by
+:func:`launch` into one line that names this process: ``rank 0 of 16 (host node3): …``.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
 import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from maecore.errors import UserError
 
 
 def is_dist() -> bool:
@@ -29,22 +37,76 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_distributed(device: str = "auto") -> torch.device:
+DEFAULT_TIMEOUT_MIN = 30.0
+_timeout = datetime.timedelta(minutes=DEFAULT_TIMEOUT_MIN)  # the process group's; AnyRank's group uses it too
+
+
+class RankFailure(UserError):
+    """A collective failed on this rank (another process died, hangs, or the network broke): one line
+    that says which rank this is, on which host, and what happened."""
+
+
+def init_distributed(device: str = "auto", timeout_min: float | None = None) -> torch.device:
     """Start the process group when launched by torchrun (RANK/WORLD_SIZE set); pick the device.
 
     ``device`` is "auto", "cpu" or "cuda".  Multi-node works the same way (torchrun sets
-    MASTER_ADDR/PORT); the backend follows the device.
+    MASTER_ADDR/PORT); the backend follows the device.  ``timeout_min`` (default
+    :data:`DEFAULT_TIMEOUT_MIN`) bounds every collective, the start-up rendezvous included: past it a
+    waiting rank fails (see :func:`launch`) instead of hanging on a dead or stuck peer.
     """
+    global _timeout
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but no CUDA device is available")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda and local_rank >= torch.cuda.device_count() == 1:
+        local_rank = 0  # a launcher that binds one GPU to each task (SLURM --gpu-bind) shows each process one device
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_dist():
+        if timeout_min is not None:
+            if not timeout_min > 0:
+                raise UserError(f"--dist_timeout must be > 0 minutes, got {timeout_min:g}")
+            _timeout = datetime.timedelta(minutes=timeout_min)
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=_timeout)
     return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+
+
+def timeout() -> datetime.timedelta:
+    """The collectives' timeout of this process group."""
+    return _timeout
+
+
+def _span(td: datetime.timedelta) -> str:
+    s = td.total_seconds()
+    return f"{s:g} s" if s < 120 else f"{s / 60:g} min"
+
+
+# what gloo / nccl / c10d say when a peer is gone or silent (gloo's are plain RuntimeErrors)
+_DIST_MARKERS = ("gloo", "nccl", "c10d", "connection reset", "connection closed", "closed by peer", "broken pipe",
+                 "connection refused")
+
+
+def comm_failure(e: BaseException) -> str | None:
+    """One line for a failed collective (naming this rank), or None if ``e`` is not one."""
+    text = str(e).strip()
+    low = text.lower()
+    if not (isinstance(e, getattr(dist, "DistError", ())) or (isinstance(e, RuntimeError) and any(m in low for m in _DIST_MARKERS))):
+        return None
+    timed_out = "timed out" in low or "timeout" in low or isinstance(e, getattr(dist, "DistStoreError", ()))
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    first = first.split("] ", 1)[-1] if first.startswith("[") else first  # drop gloo's source location
+    first = first.split(" This is typically", 1)[0]
+    if len(first) > 160:
+        first = first[:157] + "..."
+    who = f"rank {rank()} of {world_size()} (host {socket.gethostname()})"
+    if timed_out:
+        what = (f"no answer from the other ranks within {_span(_timeout)} (--dist_timeout): one of them hangs or died "
+                "(see their logs)")
+    else:
+        what = "lost the connection to another rank (it died or was killed: see its log)"
+    return f"{who}: {what} [{first}]"
 
 
 def barrier() -> None:
@@ -92,7 +154,7 @@ class AnyRank:
     call, one call after the first rank raised its flag.  In a single process the local flag is the answer."""
 
     def __init__(self) -> None:
-        self.group = dist.new_group(backend="gloo") if is_dist() else None
+        self.group = dist.new_group(backend="gloo", timeout=_timeout) if is_dist() else None
         self.buf = torch.zeros(1, dtype=torch.int32)
         self.work = None
 
@@ -127,9 +189,14 @@ def seed_everything(seed: int) -> None:
 
 
 def launch(run: Callable[[Any, torch.device], Any], args: Any) -> Any:
-    """Start the process group (under torchrun), call ``run(args, device)``, always tear down."""
-    device = init_distributed(args.device)
+    """Start the process group (under torchrun), call ``run(args, device)``, always tear down.  A failed
+    collective becomes a :class:`RankFailure` naming this rank (one ``error: …`` line from the CLIs)."""
+    device = init_distributed(args.device, getattr(args, "dist_timeout", None))
     try:
         return run(args, device)
+    except RuntimeError as e:
+        if is_dist() and (msg := comm_failure(e)):
+            raise RankFailure(msg) from e
+        raise
     finally:
         cleanup()

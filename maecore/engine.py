@@ -67,7 +67,7 @@ from maecore.checkpoint import (
     set_aside,
     set_rng_state,
 )
-from maecore.cli import non_negative_float, non_negative_int, positive_int
+from maecore.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from maecore.data import ResumableSampler, SeededDataset, ignore_stop_signals, worker_error_line
 from maecore.errors import NonFiniteError, UserError
 from maecore.optim import set_lr
@@ -910,6 +910,9 @@ def add_engine_args(parser) -> None:
     g.add_argument("--no_progress", dest="progress", action="store_false")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dist_timeout", type=positive_float, default=du.DEFAULT_TIMEOUT_MIN, metavar="MIN",
+                   help="under torchrun: minutes a collective waits for the other ranks before failing with a line "
+                        "naming this rank (a dead or stuck rank never hangs the job forever)")
 
 
 def dump_args(args: Any) -> dict[str, Any]:

@@ -1,0 +1,186 @@
+"""Ready for the cluster (issue #17): collective timeouts that name the rank, multi-node torchrun (two torchrun
+"nodes" on 127.0.0.1), elastic restarts (torchrun --max-restarts after a SIGKILLed rank), the submitit launcher
+with its requeue protocol (local executor), activation checkpointing and FSDP2 on CPU (gloo).
+
+Every multi-process run is 2 gloo processes of one thread each on the tiny world; the pretraining runs share one
+uninterrupted reference (``torchrun --standalone --nproc_per_node 2``) and must end with exactly its parameters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from maecore.checkpoint import load_file
+from maecore.engine import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+# a 2-block ViT-tiny/8 MAE on 32 px, fp32; 4 images per rank: 56 / (4 x 2) = 7 steps an epoch
+PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--depth", "2", "--input_size", "32", "--decoder_depth", "1",
+            "--decoder_embed_dim", "64", "--decoder_num_heads", "4", "--batch_size", "4", "--no_progress", "--vis_every", "0",
+            "--warmup_epochs", "1", "--blr", "1e-3", "--log_every", "1", "--device", "cpu", "--amp", "none", "--num_workers", "0"]
+PRETRAIN_EPOCHS = ["--epochs", "3", "--save_every_steps", "2"]  # 21 steps
+FINETUNE = ["--model", "vit_tiny_patch16", "--patch_size", "8", "--depth", "2", "--input_size", "32", "--batch_size", "4",
+            "--num_workers", "0", "--no_progress", "--log_every", "1", "--device", "cpu", "--amp", "none", "--epochs", "1",
+            "--max_steps", "3", "--warmup_epochs", "1"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # never inherit a launcher's
+        if k not in extra:
+            e.pop(k, None)
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_standalone(module: str, args: list[str], *launch: str) -> list[str]:
+    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *launch, "-m", module, *map(str, args)]
+
+
+def torchrun_node(k: int, port: int, module: str, args: list[str]) -> list[str]:
+    """Node ``k`` of a 2-node job with one process per node, c10d rendezvous on 127.0.0.1:port."""
+    return [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(k),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "test", "-m", module, *map(str, args)]
+
+
+def check_run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def two_nodes(module: str, args: list[str], timeout: float = 300) -> None:
+    """Two torchrun agents, one "node" each, meeting at a free port of 127.0.0.1; both must exit 0."""
+    port = free_port()
+    procs = [subprocess.Popen(torchrun_node(k, port, module, args), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for k, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"node {k} exit {p.returncode}\n{out[-3000:]}"
+
+
+def same_parameters(a: Path, b: Path) -> None:
+    """torch.equal on every tensor of the two checkpoints' models (and the step they are at)."""
+    ca, cb = load_file(a), load_file(b)
+    assert ca["step"] == cb["step"]
+    assert sorted(ca["model"]) == sorted(cb["model"])
+    differ = [k for k in ca["model"] if not torch.equal(ca["model"][k], cb["model"][k])]
+    assert not differ, f"{len(differ)} tensors differ, first {differ[0]}"
+
+
+def same_optimizer(a: Path, b: Path) -> None:
+    oa, ob = load_file(a)["optimizer"], load_file(b)["optimizer"]
+    assert sorted(oa["state"]) == sorted(ob["state"])
+    for i in oa["state"]:
+        for k, v in oa["state"][i].items():
+            assert torch.equal(v, ob["state"][i][k]), (i, k)
+
+
+def losses(out: Path) -> dict[int, float]:
+    """step -> loss, the latest entry winning (a resumed run re-logs the steps after its checkpoint)."""
+    got: dict[int, float] = {}
+    for r in read_log(out, "train"):
+        got[r["step"]] = r["loss"]
+    return got
+
+
+def last_step(out: Path) -> int:
+    path = out / "log.jsonl"
+    steps = [0]
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if '"type": "train"' in line:
+            try:
+                steps.append(int(line.split('"step": ', 1)[1].split(",", 1)[0]))
+            except (IndexError, ValueError):
+                pass  # a line being written
+    return max(steps)
+
+
+@pytest.fixture(scope="module")
+def pretrain_ref(tiny_world, tmp_path_factory) -> Path:
+    """The uninterrupted reference: ``torchrun --standalone --nproc_per_node 2``, 21 steps."""
+    out = tmp_path_factory.mktemp("cluster") / "ref"
+    check_run(torchrun_standalone("pretrain", [*PRETRAIN, *PRETRAIN_EPOCHS, "--data_path", tiny_world["imagenet"],
+                                               "--output_dir", out]))
+    assert sorted(losses(out)) == list(range(1, 22))
+    return out
+
+
+# ---- 1. collective timeouts; a failure names the rank ------------------------------------------------
+def test_a_stuck_rank_fails_the_other_within_dist_timeout_naming_its_rank(tiny_world, tmp_path):
+    # two processes as torchrun starts them (RANK/WORLD_SIZE/MASTER_*); rank 1 is frozen (SIGSTOP) mid-run: rank 0
+    # must not wait the default 30 minutes but fail after --dist_timeout (0.1 min) with one line naming itself
+    out = tmp_path / "out"
+    port = str(free_port())
+    args = [*PRETRAIN, "--epochs", "50", "--data_path", str(tiny_world["imagenet"]), "--output_dir", str(out),
+            "--dist_timeout", "0.1"]
+    procs = [subprocess.Popen([PY, "-m", "pretrain", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in (0, 1)]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and procs[0].poll() is None and last_step(out) < 2:
+            time.sleep(0.01)
+        assert last_step(out) >= 2, "the run did not start"
+        procs[1].send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=120)
+        waited = time.time() - t0
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert procs[0].returncode == 2, err[-2000:]
+    assert waited < 60
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: rank 0 of 2 (host ") and "within 6 s (--dist_timeout)" in line, line
+
+
+def test_comm_failures_are_one_line_naming_the_rank(monkeypatch):
+    from maecore import distributed as du
+
+    monkeypatch.setattr(du, "rank", lambda: 3)
+    monkeypatch.setattr(du, "world_size", lambda: 8)
+    lost = RuntimeError("[/x/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:1234: Connection reset by peer. This is "
+                        "typically caused by a remote worker hanging or bugs in the application.")
+    msg = du.comm_failure(lost)
+    assert msg.startswith("rank 3 of 8 (host ") and "lost the connection to another rank" in msg
+    assert msg.endswith("[Read error [10.0.0.2]:1234: Connection reset by peer.]") and "\n" not in msg
+    hung = RuntimeError("[/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 1800000ms for recv operation to complete")
+    assert "no answer from the other ranks within 30 min (--dist_timeout)" in du.comm_failure(hung)
+    assert du.comm_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None  # a bug stays a traceback
+    assert du.comm_failure(RuntimeError("DataLoader timed out after 5 seconds")) is None
+    assert du.comm_failure(ValueError("gloo")) is None
+
+
+# ---- 2. several nodes: torchrun --nnodes 2 --rdzv_backend c10d ----------------------------------------
+def test_two_nodes_pretrain_exactly_as_one_node(tiny_world, tmp_path, pretrain_ref):
+    out = tmp_path / "nodes"
+    two_nodes("pretrain", [*PRETRAIN, *PRETRAIN_EPOCHS, "--data_path", tiny_world["imagenet"], "--output_dir", out])
+    same_parameters(out / "checkpoint-last.pth", pretrain_ref / "checkpoint-last.pth")
+    same_optimizer(out / "checkpoint-last.pth", pretrain_ref / "checkpoint-last.pth")
+    assert losses(out) == losses(pretrain_ref)
+
+
+def test_two_nodes_finetune_exactly_as_one_node(tiny_world, tmp_path):
+    # classification fine-tuning (RandAugment, mixup/cutmix, drop path: all the per-rank randomness), 3 steps + eval
+    args = [*FINETUNE, "--data_path", tiny_world["imagenet"]]
+    ref, out = tmp_path / "ref", tmp_path / "nodes"
+    check_run(torchrun_standalone("classification", [*args, "--output_dir", ref]))
+    two_nodes("classification", [*args, "--output_dir", out])
+    same_parameters(out / "checkpoint-last.pth", ref / "checkpoint-last.pth")
+    assert read_log(out, "eval") == read_log(ref, "eval")
