@@ -69,8 +69,29 @@ def init_distributed(device: str = "auto", timeout_min: float | None = None) -> 
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=_timeout)
+        dist.init_process_group(backend=backend, timeout=_timeout, **_restart_store())
     return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+
+
+def _restart_store() -> dict[str, Any]:
+    """Under ``torchrun --max-restarts`` on one node: the agent's store with this restart's own key prefix.
+
+    torchrun's c10d rendezvous shares one TCPStore across restarts without separating them (pytorch#135712):
+    a restarted rank can read the address a dead rank published in the previous attempt and fail to connect
+    (gloo "connectFullMesh ... Connection refused", nccl likewise).  The restart count is the same for every
+    worker of one agent, so on one node it keys each attempt apart; across nodes the agents count restarts
+    independently, and ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (set for torchrun) is the remedy."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
+    world = int(os.environ["WORLD_SIZE"])
+    one_node = int(os.environ.get("LOCAL_WORLD_SIZE", -1)) == world
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and not one_node and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0) or 0) and os.environ.get("RANK") == "0":
+        print("note: torchrun --max-restarts over several nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, "
+              "or a restart may fail to connect (pytorch#135712)", flush=True)
+    if not (restart and one_node and shared):
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=_timeout)
+    return {"store": dist.PrefixStore(f"maecore/restart_{restart}", store), "rank": int(os.environ["RANK"]), "world_size": world}
 
 
 def timeout() -> datetime.timedelta:

@@ -184,3 +184,44 @@ def test_two_nodes_finetune_exactly_as_one_node(tiny_world, tmp_path):
     two_nodes("classification", [*args, "--output_dir", out])
     same_parameters(out / "checkpoint-last.pth", ref / "checkpoint-last.pth")
     assert read_log(out, "eval") == read_log(ref, "eval")
+
+
+# ---- 3. elastic restart: torchrun --max-restarts 1 after a SIGKILLed rank ------------------------------
+def worker_pid(agent: int, rank: int) -> int | None:
+    """The pid of the worker with RANK=``rank`` that torchrun (pid ``agent``) started, if it runs."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (d / "environ").read_bytes().split(b"\0") if ppid == agent else []
+        except (OSError, IndexError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(d.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_elastic_restart_after_a_killed_rank_resumes_exactly(tiny_world, tmp_path, pretrain_ref):
+    out = tmp_path / "elastic"
+    cmd = torchrun_standalone("pretrain", [*PRETRAIN, *PRETRAIN_EPOCHS, "--data_path", tiny_world["imagenet"], "--output_dir", out,
+                                           "--resume", "auto"], "--max-restarts", "1", "--monitor-interval", "0.2")
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed_at = 0
+    deadline = time.time() + 200
+    while time.time() < deadline and agent.poll() is None:
+        if last_step(out) >= 3 and (out / "checkpoint-last.pth").exists() and (pid := worker_pid(agent.pid, 1)):
+            os.kill(pid, signal.SIGKILL)  # rank 1 dies mid-run, with a --save_every_steps checkpoint on disk
+            killed_at = last_step(out)
+            break
+        time.sleep(0.005)
+    log, _ = agent.communicate(timeout=300)
+    assert killed_at, "the run ended before rank 1 could be killed"
+    assert agent.returncode == 0, log[-3000:]
+    assert killed_at < 21
+    resumed = read_log(out, "resume")
+    assert len(resumed) == 1 and 2 <= resumed[0]["step"] <= killed_at + 1, resumed
+    same_parameters(out / "checkpoint-last.pth", pretrain_ref / "checkpoint-last.pth")
+    same_optimizer(out / "checkpoint-last.pth", pretrain_ref / "checkpoint-last.pth")
+    assert losses(out) == losses(pretrain_ref)  # every step, the re-run ones included
