@@ -11,7 +11,7 @@ import datetime
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -169,26 +169,32 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 class AnyRank:
     """Agree, at the same call on every rank, whether any rank has raised a flag (a stop signal) — cheaply:
-    no device sync, no blocking collective per step.  Each :meth:`poll` starts a background all-reduce of
-    one integer over a CPU (gloo) group and returns the result of the one started by the previous call, long
-    finished by then; every rank calls ``poll`` at the same points, so all see the same answer at the same
-    call, one call after the first rank raised its flag.  In a single process the local flag is the answer."""
+    no device sync, no blocking collective per step.  Each :meth:`poll` starts a background all-reduce (max)
+    of ``width`` integers over a CPU (gloo) group and returns the result of the one started by the previous
+    call, long finished by then; every rank calls ``poll`` at the same points, so all see the same answer at
+    the same call, one call after the first rank raised its flag.  :attr:`agreed` holds that answer flag by
+    flag (which signals were received, anywhere).  In a single process the local flags are the answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 1) -> None:
         self.group = dist.new_group(backend="gloo", timeout=_timeout) if is_dist() else None
-        self.buf = torch.zeros(1, dtype=torch.int32)
+        self.width = width
+        self.buf = torch.zeros(width, dtype=torch.int32)
         self.work = None
+        self.agreed = [False] * width
 
-    def poll(self, local: bool) -> bool:
+    def poll(self, local: bool | Sequence[bool]) -> bool:
+        flags = [bool(local)] if isinstance(local, bool) else [bool(f) for f in local]
+        if len(flags) != self.width:
+            raise ValueError(f"AnyRank({self.width}).poll got {len(flags)} flags")
         if self.group is None:
-            return local
-        agreed = False
+            self.agreed = flags
+            return any(flags)
         if self.work is not None:
             self.work.wait()
-            agreed = bool(self.buf.item())
-        self.buf = torch.tensor([int(local)], dtype=torch.int32)
-        self.work = dist.all_reduce(self.buf, group=self.group, async_op=True)
-        return agreed
+            self.agreed = [bool(v) for v in self.buf.tolist()]
+        self.buf = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        self.work = dist.all_reduce(self.buf, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return any(self.agreed)
 
     def close(self) -> None:
         """Finish the all-reduce in flight (every rank started it, so it completes)."""

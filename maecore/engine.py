@@ -23,11 +23,12 @@ Nothing is lost, and a failure is one line (``error: …``, status 2), never a t
   unless ``--resume_override KEY[,KEY…]`` (or ``all``) takes the new value, which is printed and logged.
 * A failed save (disk full, quota…) is one line naming the file; the previous checkpoint stays intact.  A
   DataLoader worker's error is unwrapped to its own line.
-* SIGTERM, SIGUSR1 and SIGINT (what SLURM / Kubernetes send before a kill, and Ctrl-C) finish the current
-  optimizer step, write ``checkpoint-last.pth`` atomically, print one line and exit with status
+* SIGTERM, SIGUSR1, SIGUSR2 and SIGINT (what SLURM / Kubernetes send before a kill, submitit's time-limit signal,
+  and Ctrl-C) finish the current optimizer step, write ``checkpoint-last.pth`` atomically, print one line and exit with status
   :data:`EXIT_REQUEUE` = 75 (``EX_TEMPFAIL``: "try again"): a job script requeues on 75 and the run continues
   with ``--resume auto`` to the same numbers as an uninterrupted run.  Under DDP every rank stops at the
-  same step.  Further signals while stopping are ignored (a second Ctrl-C outside the save aborts at once;
+  same step, and every rank learns which signals were received (:attr:`Preempted.signals`: a launcher requeues on
+  its own signal only).  Further signals while stopping are ignored (a second Ctrl-C outside the save aborts at once;
   the save itself is atomic either way).
 """
 
@@ -75,7 +76,7 @@ from maecore.optim import set_lr
 NonFiniteLossError = NonFiniteError  # the older name
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL (sysexits.h): stopped on a signal, checkpointed; requeue and --resume auto
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT") if hasattr(signal, n))
 LAST = "checkpoint-last.pth"
 # flags that change the optimisation or the data order, not the network: a resumed run keeps the checkpoint's
 # values unless --resume_override names them (keys a task does not have are skipped)
@@ -86,11 +87,13 @@ SCHEDULE_KEYS = ("batch_size", "accum_iter", "lr", "blr", "min_lr", "epochs", "w
 
 class Preempted(SystemExit):
     """Raised by :meth:`Trainer.fit` after a stop signal, once ``checkpoint-last.pth`` is written: uncaught, the
-    process exits with status :data:`EXIT_REQUEUE` (75) and no traceback."""
+    process exits with status :data:`EXIT_REQUEUE` (75) and no traceback.  ``signals``: the names of the stop
+    signals any rank received (the same on every rank), e.g. ``("SIGUSR2",)``."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, signals: Sequence[str] = ()) -> None:
         super().__init__(EXIT_REQUEUE)
         self.message = message
+        self.signals = tuple(signals)
 
 
 class StopSignals:
@@ -99,7 +102,8 @@ class StopSignals:
     always during a save; a second SIGINT outside a save raises KeyboardInterrupt (the user insists)."""
 
     def __init__(self) -> None:
-        self.signum = 0
+        self.signum = 0  # the first one
+        self.received: set[int] = set()
         self.saving = False
         self._old: dict[int, Any] = {}
 
@@ -116,6 +120,7 @@ class StopSignals:
         self._old.clear()
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        self.received.add(signum)
         if not self.signum:
             self.signum = signum
         elif signum == getattr(signal, "SIGINT", None) and not self.saving:
@@ -421,7 +426,7 @@ class Trainer:
                                     runner=self.runner, ddp=self.ddp)
         self.scaler = self.train_step.scaler
         self.signals = StopSignals()
-        self.stop_vote = du.AnyRank()
+        self.stop_vote = du.AnyRank(len(STOP_SIGNALS))  # one flag per signal: every rank learns which were sent
 
         self.epoch = 0
         self.iter_in_epoch = 0
@@ -659,7 +664,7 @@ class Trainer:
     # ---- stopping on a signal -----------------------------------------------------------------
     def _stop_requested(self) -> bool:
         """Every rank calls this at the same points: do all agree that some rank got a stop signal?"""
-        return self.stop_vote.poll(bool(self.signals.signum))
+        return self.stop_vote.poll([s in self.signals.received for s in STOP_SIGNALS])
 
     def _stop(self) -> None:
         """Checkpoint where the run stands (a step boundary), say so in one line, exit with EXIT_REQUEUE."""
@@ -667,12 +672,14 @@ class Trainer:
         self.stop_vote.close()  # every rank is here: finish the vote in flight
         if self._saved_at != (self.epoch, self.iter_in_epoch, self.step):
             self.save(LAST)
-        msg = (f"stopped by {self.signals.name} after step {self.step} (epoch {self.epoch}, batch {self.iter_in_epoch}): "
+        agreed = [signal.Signals(s).name for s, on in zip(STOP_SIGNALS, self.stop_vote.agreed) if on]
+        name = self.signals.name if self.signals.signum else (f"{'/'.join(agreed)} on another rank" if agreed else self.signals.name)
+        msg = (f"stopped by {name} after step {self.step} (epoch {self.epoch}, batch {self.iter_in_epoch}): "
                f"wrote {self.last_path}; exit status {EXIT_REQUEUE}: continue with --resume auto")
         if du.is_main():
-            self.logger.log("stop", self.step, signal=self.signals.name, epoch=self.epoch, iter_in_epoch=self.iter_in_epoch)
+            self.logger.log("stop", self.step, signal=name, signals=agreed, epoch=self.epoch, iter_in_epoch=self.iter_in_epoch)
             print(msg, file=sys.stderr, flush=True)
-        raise Preempted(msg)
+        raise Preempted(msg, agreed)
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

@@ -225,3 +225,96 @@ def test_elastic_restart_after_a_killed_rank_resumes_exactly(tiny_world, tmp_pat
     same_parameters(out / "checkpoint-last.pth", pretrain_ref / "checkpoint-last.pth")
     same_optimizer(out / "checkpoint-last.pth", pretrain_ref / "checkpoint-last.pth")
     assert losses(out) == losses(pretrain_ref)  # every step, the re-run ones included
+
+
+# ---- 4. SLURM through submitit: the requeue protocol, on submitit's local executor -----------------------
+def child_pid(parent: int, **environ: str) -> int | None:
+    """A child process of ``parent`` whose environment holds every KEY=VALUE of ``environ``."""
+    want = [f"{k}={v}".encode() for k, v in environ.items()]
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env_vars = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if all(w in env_vars for w in want):
+            return int(d.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the job's tasks through /proc")
+def test_submitit_job_requeues_itself_on_the_time_limit_signal_and_resumes_exactly(tiny_world, tmp_path, pretrain_ref, monkeypatch):
+    pytest.importorskip("submitit")
+    from pipeline.submit import submit
+
+    for k, v in env().items():  # the local executor's tasks inherit this process's environment
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    out = tmp_path / "job"
+    job = submit(["--task", "pretrain", "--cluster", "local", "--tasks_per_node", "2", "--gpus_per_node", "0", "--timeout_min", "30",
+                  "--", *PRETRAIN, *PRETRAIN_EPOCHS, "--data_path", str(tiny_world["imagenet"]), "--output_dir", str(out)])
+    sent = 0
+    try:
+        deadline = time.time() + 200
+        while time.time() < deadline and job.state == "RUNNING":
+            # SLURM's "time limit in --signal_delay_s" signal (SIGUSR2), here to one task only: the ranks agree
+            if last_step(out) >= 3 and (pid := child_pid(job._process.pid, SUBMITIT_LOCAL_GLOBALID="1")):
+                os.kill(pid, signal.SIGUSR2)
+                sent = last_step(out)
+                break
+            time.sleep(0.005)
+        results = job.results()  # waits for the requeued job
+    finally:
+        job.cancel(check=False)
+    assert sent, "the job ended before it could be signalled"
+    assert [r["steps"] for r in results] == [21, 21]
+    stops, resumes = read_log(out, "stop"), read_log(out, "resume")
+    assert len(stops) == 1 and stops[0]["signals"] == ["SIGUSR2"] and sent <= stops[0]["step"] <= sent + 2  # the vote is one step behind
+    assert len(resumes) == 1 and resumes[0]["step"] == stops[0]["step"]
+    log0 = "".join((out / "submitit" / f"{job.job_id}_0_log.{x}").read_text() for x in ("out", "err"))
+    assert "requeueing the job (submitit)" in log0 and "Requeued job" in log0  # ours, then submitit's
+    same_parameters(out / "checkpoint-last.pth", pretrain_ref / "checkpoint-last.pth")
+    same_optimizer(out / "checkpoint-last.pth", pretrain_ref / "checkpoint-last.pth")
+    assert losses(out) == losses(pretrain_ref)
+
+
+def test_submit_command_line(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    from pipeline.submit import cli, dist_env, job_port
+
+    out = tmp_path / "o"
+    task = ["--data_path", str(tmp_path), "--output_dir", str(out), "--model", "mae_vit_large_patch16", "--norm_pix_loss"]
+    cli(["--task", "pretrain", "--cluster", "slurm", "--nodes", "2", "--gpus_per_node", "8", "--partition", "P", "--timeout_min", "4320",
+         "--dry_run", "--", *task])
+    script = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=P",
+                 "#SBATCH --time=4320", "#SBATCH --signal=USR2@120", "#SBATCH --job-name=mae-pretrain"):
+        assert line in script.splitlines(), line
+    assert f"srun --unbuffered --output {out}/submitit/%j_%t_log.out" in script
+    assert script.strip().splitlines()[-1].endswith(f"--norm_pix_loss --output_dir {out} --resume auto")
+
+    # bad combinations are one line, before anything is submitted
+    for extra, task_flags, expect in [
+        ([], ["--data_path", "d"], "give the task's --output_dir"),
+        ([], ["--data_path", "d", "--output_dir", "o", "--resume", "x.pth"], "the job resumes with --resume auto"),
+        ([], ["--data_path", "d", "--output_dir", "o", "--overwrite"], "--overwrite starts afresh"),
+        ([], [], "no task flags"),
+        (["--cluster", "local", "--nodes", "2"], ["--data_path", "d", "--output_dir", "o"], "--nodes must be 1"),
+        ([], ["--data_path", "d", "--output_dir", "o", "--mask_ratio", "2"], "--mask_ratio"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli(["--task", "pretrain", *extra, "--", *task_flags] if task_flags else ["--task", "pretrain", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("error: ") and expect in err[-1], err
+
+    class Env:  # what submitit's JobEnvironment says in task 11 of a 2 x 8 job
+        global_rank, local_rank, num_tasks, num_nodes, node, hostnames, job_id = 11, 3, 16, 2, 1, ["n7", "n8"], "123"
+
+    got = dist_env(Env(), job_port("123"))
+    assert got == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "1",
+                   "MASTER_ADDR": "n7", "MASTER_PORT": str(job_port("123"))}
+    assert 20000 <= job_port("123") < 40000 and job_port("123") == job_port("123") != job_port("124")
