@@ -176,14 +176,20 @@ def test_two_nodes_pretrain_exactly_as_one_node(tiny_world, tmp_path, pretrain_r
     assert losses(out) == losses(pretrain_ref)
 
 
-def test_two_nodes_finetune_exactly_as_one_node(tiny_world, tmp_path):
-    # classification fine-tuning (RandAugment, mixup/cutmix, drop path: all the per-rank randomness), 3 steps + eval
-    args = [*FINETUNE, "--data_path", tiny_world["imagenet"]]
-    ref, out = tmp_path / "ref", tmp_path / "nodes"
-    check_run(torchrun_standalone("classification", [*args, "--output_dir", ref]))
-    two_nodes("classification", [*args, "--output_dir", out])
-    same_parameters(out / "checkpoint-last.pth", ref / "checkpoint-last.pth")
-    assert read_log(out, "eval") == read_log(ref, "eval")
+@pytest.fixture(scope="module")
+def finetune_ref(tiny_world, tmp_path_factory) -> Path:
+    """Classification fine-tuning (RandAugment, mixup/cutmix, drop path: all the per-rank randomness), 3 steps and
+    the evaluation, under ``torchrun --standalone --nproc_per_node 2``."""
+    out = tmp_path_factory.mktemp("cluster") / "ft_ref"
+    check_run(torchrun_standalone("classification", [*FINETUNE, "--data_path", tiny_world["imagenet"], "--output_dir", out]))
+    return out
+
+
+def test_two_nodes_finetune_exactly_as_one_node(tiny_world, tmp_path, finetune_ref):
+    out = tmp_path / "nodes"
+    two_nodes("classification", [*FINETUNE, "--data_path", tiny_world["imagenet"], "--output_dir", out])
+    same_parameters(out / "checkpoint-last.pth", finetune_ref / "checkpoint-last.pth")
+    assert read_log(out, "eval") == read_log(finetune_ref, "eval")
 
 
 # ---- 3. elastic restart: torchrun --max-restarts 1 after a SIGKILLed rank ------------------------------
@@ -318,3 +324,65 @@ def test_submit_command_line(tmp_path, capsys):
     assert got == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "1",
                    "MASTER_ADDR": "n7", "MASTER_PORT": str(job_port("123"))}
     assert 20000 <= job_port("123") < 40000 and job_port("123") == job_port("123") != job_port("124")
+
+
+# ---- 5. memory: activation checkpointing, FSDP2 -------------------------------------------------------
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_world):
+    from pretrain.model import build_mae
+    from pretrain.train import build_trainer, parse_args
+
+    torch.manual_seed(0)
+    m = build_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=2, decoder_depth=1, decoder_embed_dim=64, decoder_num_heads=4)
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    calls = []
+    m.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def run(enable: bool):
+        m.zero_grad(set_to_none=True)
+        m.set_grad_checkpointing(enable)
+        calls.clear()
+        loss, _, _ = m(imgs, mask_ratio=0.75, noise=noise)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, len(calls)
+
+    plain, ckpt = run(False), run(True)
+    assert plain[2] == 1 and ckpt[2] == 2  # the block's forward runs again in the backward pass: checkpointing is on
+    assert torch.equal(plain[0], ckpt[0])
+    assert plain[1].keys() == ckpt[1].keys() and all(torch.equal(plain[1][k], ckpt[1][k]) for k in plain[1])
+
+    # the pretraining flag turns it on for the encoder blocks
+    args = parse_args([*PRETRAIN, "--data_path", str(tiny_world["imagenet"]), "--output_dir", "unused", "--grad_checkpointing"])
+    assert build_trainer(args, torch.device("cpu")).model.grad_checkpointing
+
+
+def test_fsdp_without_torchrun_is_one_line(tiny_world, tmp_path):
+    from maecore.errors import UserError
+    from pretrain.train import main
+
+    with pytest.raises(UserError, match="--fsdp shards the model over the processes of a torchrun job"):
+        main([*PRETRAIN, "--data_path", str(tiny_world["imagenet"]), "--output_dir", str(tmp_path / "o"), "--fsdp"])
+
+
+def test_fsdp_pretraining_equals_ddp_and_resumes_exactly(tiny_world, tmp_path, pretrain_ref):
+    # FSDP2 on CPU over gloo: sharded per block; stopped at step 9 and resumed from its (gathered, full) checkpoint,
+    # it ends with exactly the DDP run's parameters and optimizer state.  A reconstruction figure every epoch is
+    # drawn by rank 0 alone (the weights are gathered for it; its fixed-seed masks leave the RNG alone).
+    out = tmp_path / "fsdp"
+    args = [*PRETRAIN, *PRETRAIN_EPOCHS, "--data_path", tiny_world["imagenet"], "--output_dir", out, "--fsdp",
+            "--vis_every", "1", "--vis_images", "2"]
+    check_run(torchrun_standalone("pretrain", [*args, "--max_steps", "9"]))
+    assert load_file(out / "checkpoint-last.pth")["step"] == 9
+    check_run(torchrun_standalone("pretrain", [*args, "--resume", "auto"]))
+    assert [r["step"] for r in read_log(out, "resume")] == [9]
+    same_parameters(out / "checkpoint-last.pth", pretrain_ref / "checkpoint-last.pth")  # same keys: the official layout
+    same_optimizer(out / "checkpoint-last.pth", pretrain_ref / "checkpoint-last.pth")
+    assert losses(out) == losses(pretrain_ref)
+    assert (out / "recon" / "epoch_0002.png").is_file()
+
+
+def test_fsdp_finetune_equals_ddp(tiny_world, tmp_path, finetune_ref):
+    out = tmp_path / "fsdp"
+    check_run(torchrun_standalone("classification", [*FINETUNE, "--data_path", tiny_world["imagenet"], "--output_dir", out, "--fsdp"]))
+    same_parameters(out / "checkpoint-last.pth", finetune_ref / "checkpoint-last.pth")
+    same_optimizer(out / "checkpoint-last.pth", finetune_ref / "checkpoint-last.pth")
+    assert read_log(out, "eval") == read_log(finetune_ref, "eval")  # evaluated with the gathered weights
