@@ -119,7 +119,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = OneLineParser("python -m pipeline.submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--cluster", default="auto", choices=["auto", "slurm", "local", "debug"],
-                   help="auto: slurm where srun is found, else local (this machine); debug: in this process")
+                   help="auto = slurm (refused where srun is not found); local: this machine; debug: in this process")
     p.add_argument("--nodes", type=positive_int, default=1)
     p.add_argument("--gpus_per_node", type=non_negative_int, default=8, help="one process per GPU")
     p.add_argument("--tasks_per_node", type=positive_int, default=None, help="processes per node (default: --gpus_per_node; 1 without)")
@@ -170,9 +170,13 @@ def task_argv(task: str, argv: list[str]) -> list[str]:
 
 
 def resolve_cluster(opts: argparse.Namespace) -> str:
-    if opts.cluster == "auto":
-        return "slurm" if shutil.which("srun") else "local"
-    return opts.cluster
+    """``auto`` is SLURM; never a silent local run of a job meant for a cluster."""
+    if opts.cluster != "auto":
+        return opts.cluster
+    if shutil.which("srun") is None and not opts.dry_run:
+        raise UserError("no SLURM here (srun not found): submit from a SLURM login node, or give --cluster local to run "
+                        "the job on this machine")
+    return "slurm"
 
 
 def slurm_parameters(opts: argparse.Namespace) -> dict[str, Any]:

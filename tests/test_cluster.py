@@ -316,6 +316,7 @@ def test_submit_command_line(tmp_path, capsys):
         ([], ["--data_path", "d", "--output_dir", "o", "--overwrite"], "--overwrite starts afresh"),
         ([], [], "no task flags"),
         (["--cluster", "local", "--nodes", "2"], ["--data_path", "d", "--output_dir", "o"], "--nodes must be 1"),
+        ([], ["--data_path", "d", "--output_dir", "o"], "no SLURM here (srun not found)"),
         ([], ["--data_path", "d", "--output_dir", "o", "--mask_ratio", "2"], "--mask_ratio"),
     ]:
         with pytest.raises(SystemExit) as e:
