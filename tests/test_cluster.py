@@ -294,7 +294,7 @@ def test_submitit_job_requeues_itself_on_the_time_limit_signal_and_resumes_exact
     assert (out / "recon" / "epoch_0002.png").is_file()
 
 
-def test_submit_command_line(tmp_path, capsys):
+def test_submit_command_line(tmp_path, capsys, monkeypatch):
     pytest.importorskip("submitit")
     from pipeline.submit import cli, dist_env, job_port
 
@@ -310,6 +310,7 @@ def test_submit_command_line(tmp_path, capsys):
     assert script.strip().splitlines()[-1].endswith(f"--norm_pix_loss --output_dir {out} --resume auto")
 
     # bad combinations are one line, before anything is submitted
+    monkeypatch.setattr("pipeline.submit.shutil.which", lambda _: None)  # a machine without SLURM
     for extra, task_flags, expect in [
         ([], ["--data_path", "d"], "give the task's --output_dir"),
         ([], ["--data_path", "d", "--output_dir", "o", "--resume", "x.pth"], "the job resumes with --resume auto"),
