@@ -1,8 +1,9 @@
 """The one training engine every task uses.
 
 Loop with gradient accumulation, per-iteration lr schedule with per-group ``lr_scale`` (layer decay),
-mixed precision (bf16 autocast; fp16 + GradScaler on request), grad clipping, DDP, checkpoints that
-resume mid-epoch to the exact same numbers, progress bar, TensorBoard and JSON-lines logs.
+mixed precision (bf16 autocast; fp16 + GradScaler on request), grad clipping, DDP or FSDP2 (``--fsdp``: sharded
+per transformer block, checkpoints gathered whole in the DDP layout), checkpoints that resume mid-epoch to the
+exact same numbers, progress bar, TensorBoard and JSON-lines logs.
 
 A task supplies the model, the optimizer, the dataset and a ``step_fn(model, batch) -> (loss, logs)``.
 Host syncs happen only every ``log_every`` steps and at checkpoints, never per iteration.
