@@ -1,8 +1,9 @@
 """The one training engine every task uses.
 
 Loop with gradient accumulation, per-iteration lr schedule with per-group ``lr_scale`` (layer decay),
-mixed precision (bf16 autocast; fp16 + GradScaler on request), grad clipping, DDP, checkpoints that
-resume mid-epoch to the exact same numbers, progress bar, TensorBoard and JSON-lines logs.
+mixed precision (bf16 autocast; fp16 + GradScaler on request), grad clipping, DDP or FSDP2 (``--fsdp``: sharded
+per transformer block, checkpoints gathered whole in the DDP layout), checkpoints that resume mid-epoch to the
+exact same numbers, progress bar, TensorBoard and JSON-lines logs.
 
 A task supplies the model, the optimizer, the dataset and a ``step_fn(model, batch) -> (loss, logs)``.
 Host syncs happen only every ``log_every`` steps and at checkpoints, never per iteration.
@@ -23,11 +24,12 @@ Nothing is lost, and a failure is one line (``error: …``, status 2), never a t
   unless ``--resume_override KEY[,KEY…]`` (or ``all``) takes the new value, which is printed and logged.
 * A failed save (disk full, quota…) is one line naming the file; the previous checkpoint stays intact.  A
   DataLoader worker's error is unwrapped to its own line.
-* SIGTERM, SIGUSR1 and SIGINT (what SLURM / Kubernetes send before a kill, and Ctrl-C) finish the current
-  optimizer step, write ``checkpoint-last.pth`` atomically, print one line and exit with status
+* SIGTERM, SIGUSR1, SIGUSR2 and SIGINT (what SLURM / Kubernetes send before a kill, submitit's time-limit signal,
+  and Ctrl-C) finish the current optimizer step, write ``checkpoint-last.pth`` atomically, print one line and exit with status
   :data:`EXIT_REQUEUE` = 75 (``EX_TEMPFAIL``: "try again"): a job script requeues on 75 and the run continues
   with ``--resume auto`` to the same numbers as an uninterrupted run.  Under DDP every rank stops at the
-  same step.  Further signals while stopping are ignored (a second Ctrl-C outside the save aborts at once;
+  same step, and every rank learns which signals were received (:attr:`Preempted.signals`: a launcher requeues on
+  its own signal only).  Further signals while stopping are ignored (a second Ctrl-C outside the save aborts at once;
   the save itself is atomic either way).
 """
 
@@ -40,6 +42,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +70,7 @@ from maecore.checkpoint import (
     set_aside,
     set_rng_state,
 )
-from maecore.cli import non_negative_float, non_negative_int, positive_int
+from maecore.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from maecore.data import ResumableSampler, SeededDataset, ignore_stop_signals, worker_error_line
 from maecore.errors import NonFiniteError, UserError
 from maecore.optim import set_lr
@@ -75,7 +78,7 @@ from maecore.optim import set_lr
 NonFiniteLossError = NonFiniteError  # the older name
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL (sysexits.h): stopped on a signal, checkpointed; requeue and --resume auto
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT") if hasattr(signal, n))
 LAST = "checkpoint-last.pth"
 # flags that change the optimisation or the data order, not the network: a resumed run keeps the checkpoint's
 # values unless --resume_override names them (keys a task does not have are skipped)
@@ -86,11 +89,13 @@ SCHEDULE_KEYS = ("batch_size", "accum_iter", "lr", "blr", "min_lr", "epochs", "w
 
 class Preempted(SystemExit):
     """Raised by :meth:`Trainer.fit` after a stop signal, once ``checkpoint-last.pth`` is written: uncaught, the
-    process exits with status :data:`EXIT_REQUEUE` (75) and no traceback."""
+    process exits with status :data:`EXIT_REQUEUE` (75) and no traceback.  ``signals``: the names of the stop
+    signals any rank received (the same on every rank), e.g. ``("SIGUSR2",)``."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, signals: Sequence[str] = ()) -> None:
         super().__init__(EXIT_REQUEUE)
         self.message = message
+        self.signals = tuple(signals)
 
 
 class StopSignals:
@@ -99,7 +104,8 @@ class StopSignals:
     always during a save; a second SIGINT outside a save raises KeyboardInterrupt (the user insists)."""
 
     def __init__(self) -> None:
-        self.signum = 0
+        self.signum = 0  # the first one
+        self.received: set[int] = set()
         self.saving = False
         self._old: dict[int, Any] = {}
 
@@ -116,6 +122,7 @@ class StopSignals:
         self._old.clear()
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        self.received.add(signum)
         if not self.signum:
             self.signum = signum
         elif signum == getattr(signal, "SIGINT", None) and not self.saving:
@@ -156,6 +163,7 @@ class EngineConfig:
     progress: bool = True
     compile: bool = False
     find_unused_parameters: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state per block over the ranks (FSDP2)
     best_key: str | None = None  # eval metric whose maximum is kept as checkpoint-best.pth
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -220,7 +228,8 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn, device: torch.device,
                  amp: str = "none", accum_iter: int = 1, clip_grad: float | None = None,
-                 runner: nn.Module | None = None, ddp: DistributedDataParallel | None = None) -> None:
+                 runner: nn.Module | None = None, ddp: DistributedDataParallel | None = None,
+                 fsdp: nn.Module | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.step_fn = step_fn
@@ -230,12 +239,15 @@ class TrainStep:
         self.clip_grad = clip_grad
         self.runner = runner if runner is not None else model
         self.ddp = ddp
+        self.fsdp = fsdp  # the FSDP2 root: gradient reduction is switched off on non-boundary micro-batches
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
     def backward(self, batch: Any, sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward and backward of one micro-batch; ``sync=False`` skips DDP's gradient all-reduce (not an
         accumulation boundary).  Returns the (unscaled) loss and the step function's logs."""
+        if self.fsdp is not None:
+            self.fsdp.set_requires_gradient_sync(sync)
         with contextlib.nullcontext() if (sync or self.ddp is None) else self.ddp.no_sync():
             with autocast(self.device, self.amp):
                 loss, logs = self.step_fn(self.runner, batch)
@@ -409,7 +421,15 @@ class Trainer:
             raise UserError(f"an epoch has {self.iters_per_epoch} batches, fewer than --accum_iter {cfg.accum_iter}")
 
         self.ddp = None
-        if du.is_dist():
+        self.fsdp_modules: list[nn.Module] = []
+        if cfg.fsdp:
+            if not du.is_dist():
+                raise UserError("--fsdp shards the model over the processes of a torchrun job: launch it with torchrun")
+            if self.extra_state or after_step is not None:
+                raise UserError("--fsdp does not keep an EMA of the weights (it would need them whole on every rank): "
+                                "drop --model_ema, or train without --fsdp")
+            self.fsdp_modules = shard_model(self.model, optimizer)
+        elif du.is_dist():
             self.ddp = DistributedDataParallel(
                 self.model,
                 device_ids=[device.index] if device.type == "cuda" else None,
@@ -418,10 +438,10 @@ class Trainer:
         runner = self.ddp or self.model
         self.runner = torch.compile(runner) if cfg.compile else runner
         self.train_step = TrainStep(self.model, optimizer, step_fn, device, self.amp, cfg.accum_iter, cfg.clip_grad,
-                                    runner=self.runner, ddp=self.ddp)
+                                    runner=self.runner, ddp=self.ddp, fsdp=self.model if self.fsdp_modules else None)
         self.scaler = self.train_step.scaler
         self.signals = StopSignals()
-        self.stop_vote = du.AnyRank()
+        self.stop_vote = du.AnyRank(len(STOP_SIGNALS))  # one flag per signal: every rank learns which were sent
 
         self.epoch = 0
         self.iter_in_epoch = 0
@@ -439,9 +459,12 @@ class Trainer:
         return self.out / LAST
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint; under ``--fsdp`` the model and optimizer state are gathered whole (on rank 0, on the
+        CPU; the other ranks' entries are empty), so every checkpoint has the same plain layout."""
+        sharded = bool(self.fsdp_modules)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": full_model_state(self.model) if sharded else self.model.state_dict(),
+            "optimizer": full_optimizer_state(self.optimizer) if sharded else self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch,  # the epoch to continue in …
             "iter_in_epoch": self.iter_in_epoch,  # … after this many of its batches
@@ -576,9 +599,12 @@ class Trainer:
 
     def _load(self, ckpt: dict[str, Any], path: Path, overrides: dict[str, tuple[Any, Any]]) -> None:
         """Continue from ``ckpt`` (checked by :meth:`_check_resume`)."""
-        self.model.load_state_dict(ckpt["model"])
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.fsdp_modules:
+            load_sharded(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if overrides:  # the optimizer's hyper-parameters (weight decay, lr scales…) are this run's, not the checkpoint's
             for g, f in zip(self.optimizer.param_groups, fresh):
                 g.update(f)
@@ -611,12 +637,29 @@ class Trainer:
             self.logger.log("resume", self.step, checkpoint=str(path), epoch=self.epoch, iter_in_epoch=self.iter_in_epoch,
                             overrides={k: [a, b] for k, (a, b) in overrides.items()})
 
+    @contextlib.contextmanager
+    def whole_weights(self):
+        """Under ``--fsdp``: every block's parameters gathered for the block (forward passes then run no collective,
+        so ranks may evaluate unequal numbers of batches and rank 0 may draw alone), sharded again after."""
+        if not self.fsdp_modules:
+            yield
+            return
+        for m in self.fsdp_modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in self.fsdp_modules:
+                m.reshard()
+                m.set_reshard_after_forward(m is not self.model, recurse=False)
+
     # ---- non-finite guard ---------------------------------------------------------------------
     def _state_tensors(self) -> list[torch.Tensor]:
         ts = float_tensors(list(self.model.state_dict().values()))
         ts += float_tensors([st for st in self.optimizer.state.values()])
         ts += float_tensors([m.state_dict() for m in self.extra_state.values()])
-        return ts
+        return [t for t in map(_local, ts) if t.numel()]  # under --fsdp each rank checks its shards
 
     def check_finite(self, weights: bool = False) -> None:
         """One host sync: did any rank see a non-finite loss since the last check (and, with ``weights``,
@@ -634,7 +677,7 @@ class Trainer:
             firsts = [s for s in du.all_gather_object(int(self._first_bad)) if s > 0]
             what = f"loss is not finite (NaN/inf) at step {min(firsts) if firsts else self.step} (epoch {self.epoch})"
         else:
-            names = nonfinite_names(self.model.state_dict())
+            names = nonfinite_names({k: _local(v) for k, v in self.model.state_dict().items()})
             what = (f"weights are not finite (NaN/inf) after step {self.step} (epoch {self.epoch}): "
                     + (f"{len(names)} of {len(self.model.state_dict())} model tensors (first {names[0]!r})" if names
                        else "in the optimizer (or EMA) state"))
@@ -659,7 +702,7 @@ class Trainer:
     # ---- stopping on a signal -----------------------------------------------------------------
     def _stop_requested(self) -> bool:
         """Every rank calls this at the same points: do all agree that some rank got a stop signal?"""
-        return self.stop_vote.poll(bool(self.signals.signum))
+        return self.stop_vote.poll([s in self.signals.received for s in STOP_SIGNALS])
 
     def _stop(self) -> None:
         """Checkpoint where the run stands (a step boundary), say so in one line, exit with EXIT_REQUEUE."""
@@ -667,12 +710,14 @@ class Trainer:
         self.stop_vote.close()  # every rank is here: finish the vote in flight
         if self._saved_at != (self.epoch, self.iter_in_epoch, self.step):
             self.save(LAST)
-        msg = (f"stopped by {self.signals.name} after step {self.step} (epoch {self.epoch}, batch {self.iter_in_epoch}): "
+        agreed = [signal.Signals(s).name for s, on in zip(STOP_SIGNALS, self.stop_vote.agreed) if on]
+        name = self.signals.name if self.signals.signum else (f"{'/'.join(agreed)} on another rank" if agreed else self.signals.name)
+        msg = (f"stopped by {name} after step {self.step} (epoch {self.epoch}, batch {self.iter_in_epoch}): "
                f"wrote {self.last_path}; exit status {EXIT_REQUEUE}: continue with --resume auto")
         if du.is_main():
-            self.logger.log("stop", self.step, signal=self.signals.name, epoch=self.epoch, iter_in_epoch=self.iter_in_epoch)
+            self.logger.log("stop", self.step, signal=name, signals=agreed, epoch=self.epoch, iter_in_epoch=self.iter_in_epoch)
             print(msg, file=sys.stderr, flush=True)
-        raise Preempted(msg)
+        raise Preempted(msg, agreed)
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -718,7 +763,7 @@ class Trainer:
         self.check_finite(weights=True)  # before evaluating NaN weights or drawing them
         if self.evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or final):
             self.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), self.whole_weights():
                 results = self.evaluate(self.model, epoch)
             self.logger.log("eval", self.step, epoch=epoch, **results)
         names = [LAST] if complete else []
@@ -729,8 +774,10 @@ class Trainer:
             names.append("checkpoint-best.pth")
         if names:
             self.save(*names)
-        if self.on_epoch_end is not None and du.is_main():
-            self.on_epoch_end(self.model, epoch)
+        if self.on_epoch_end is not None:
+            with self.whole_weights():  # rank 0 alone draws: no collective may run in its forward passes
+                if du.is_main():
+                    self.on_epoch_end(self.model, epoch)
         return results
 
     def _batches(self):
@@ -826,6 +873,93 @@ class Trainer:
         return float(du.all_reduce_mean(v / n).item())
 
 
+# ---- FSDP2 (--fsdp) -----------------------------------------------------------------------------------
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """What ``--fsdp`` shards one unit at a time: every transformer block (the encoder's and the MAE decoder's);
+    the rest (embeddings, norms, heads) goes with the root."""
+    from maecore.vit import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[nn.Module]:
+    """Shard ``model`` in place with FSDP2 (``fully_shard`` per block, then the root) over the default process
+    group; returns the FSDP modules.  Rank 0's initial weights are broadcast first (what DDP does at
+    construction: ranks seed differently), and the optimizer, built on the unsharded parameters, is pointed at
+    the sharded ones (same groups, same order: its checkpoints keep the layout of a DDP run's)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if any(optimizer.state.values()):
+        raise RuntimeError("shard_model needs an optimizer that has not stepped yet")
+    names = {id(p): n for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, 0)
+    # the MAE returns views (pred = x[:, 1:]); FSDP2 warns that an in-place op on one would skip its hook: no step
+    # function of the toolkit modifies a model output in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    units = fsdp_units(model)
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(model)
+    now = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [now[names[id(p)]] for p in group["params"]]
+    return [*units, model]
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) parameter or state; a plain tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP-sharded model, official key names, on rank 0's CPU (empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered whole (a collective: all ranks call it,
+    in the same order), on rank 0's CPU; empty on the other ranks.  Integer parameter ids as usual."""
+    sd = optimizer.state_dict()
+    main = du.is_main()
+    state: dict[int, dict[str, Any]] = {}
+    for i, st in sd["state"].items():
+        whole = {k: v.full_tensor() if _is_dtensor(v) else v for k, v in st.items()}
+        if main:
+            state[i] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in whole.items()}
+    return {"state": state, "param_groups": sd["param_groups"]} if main else {}
+
+
+def _shard_like(full: Any, like: Any) -> Any:
+    """``full`` (a whole tensor every rank holds) cut like the sharded ``like`` (no communication)."""
+    if not (_is_dtensor(like) and torch.is_tensor(full) and full.dim() and tuple(full.shape) == tuple(like.shape)):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any], optim_state: dict[str, Any]) -> None:
+    """Load a whole (checkpoint) model and optimizer state into an FSDP-sharded model and its optimizer; every rank
+    holds the checkpoint and keeps its own shards."""
+    mine = model.state_dict()
+    model.load_state_dict({k: _shard_like(v, mine[k]) if k in mine else v for k, v in model_state.items()})
+    by_id = {pid: p for saved, group in zip(optim_state["param_groups"], optimizer.param_groups)
+             for pid, p in zip(saved["params"], group["params"])}
+    state = {i: {k: _shard_like(v, by_id[i]) for k, v in st.items()} for i, st in optim_state["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": optim_state["param_groups"]})
+
+
 STATUS_EVERY_S = 10.0
 
 
@@ -910,6 +1044,9 @@ def add_engine_args(parser) -> None:
     g.add_argument("--no_progress", dest="progress", action="store_false")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dist_timeout", type=positive_float, default=du.DEFAULT_TIMEOUT_MIN, metavar="MIN",
+                   help="under torchrun: minutes a collective waits for the other ranks before failing with a line "
+                        "naming this rank (a dead or stuck rank never hangs the job forever)")
 
 
 def dump_args(args: Any) -> dict[str, Any]:

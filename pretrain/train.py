@@ -49,6 +49,10 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder_embed_dim", type=positive_int, default=512)
     g.add_argument("--decoder_depth", type=non_negative_int, default=8)
     g.add_argument("--decoder_num_heads", type=positive_int, default=16)
+    g = p.add_argument_group("memory")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute each encoder block's activations in the backward pass (the decoder's are kept)")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state per block (FSDP2)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--weight_decay", type=non_negative_float, default=0.05)
     g.add_argument("--lr", type=non_negative_float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
@@ -134,6 +138,8 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     out = Path(args.output_dir)
     dataset = build_pretrain_dataset(args.data_path, args.input_size, args.jpeg_draft)
     model = build_model(args)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
 
     eff_batch = args.batch_size * args.accum_iter * du.world_size()
     if args.lr is None:
