@@ -72,8 +72,6 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# --overwrite: a rerun of a stage (`--from-stage`, `make demo` again) starts it afresh; earlier checkpoints are set aside
-COMMON = ["--no_progress", "--seed", "0", "--overwrite"]
 
 
 @dataclass
@@ -103,6 +101,17 @@ class Context:
         res = dict(res) if isinstance(res, dict) else {}
         res["wall_s"] = time.time() - t0
         return res
+
+
+# the study: the demo's pipeline, every row from both inits, three training seeds on the same world (seed 0);
+# `<output>/seed<N>/` holds each seed's whole demo run, `<output>/results.md` the mean ± std and curves
+PRESETS["study"] = {**json.loads(json.dumps(PRESETS["demo"])), "dense_inits": ["mae", "random"], "seeds": [0, 1, 2]}
+
+
+def common(ctx: Context) -> list[str]:
+    # --overwrite: a rerun of a stage (`--from-stage`, `make demo` again) starts it afresh; earlier checkpoints
+    # are set aside
+    return ["--no_progress", "--seed", str(ctx.cfg.get("seed", 0)), "--overwrite"]
 
 
 # The command line each stage shows (``python <entry> ARGS``) -> the module whose ``main(argv)`` runs it.
@@ -143,7 +152,7 @@ def stage_data(ctx: Context) -> None:
 def stage_pretrain(ctx: Context) -> None:
     out = ctx.out / "pretrain"
     res = ctx.run("pretrain", "-m pretrain", ["--data_path", str(ctx.world / "imagenet"), "--output_dir", str(out),
-                                             "--vis_every", "10", *COMMON, *ctx.cfg["pretrain"]])
+                                             "--vis_every", "10", *common(ctx), *ctx.cfg["pretrain"]])
     from maecore.engine import read_log
 
     log = read_log(out, "train")
@@ -177,7 +186,7 @@ def _classify(ctx: Context, stage: str, name: str, slug: str, extra: list[str]) 
     for init in ctx.cfg["inits"]:
         out = ctx.out / stage / f"{slug}-{init}"
         res = ctx.run(stage, "-m classification", ["--data_path", str(ctx.world / "imagenet"), "--output_dir", str(out),
-                                                   *COMMON, *extra, *_init_args(ctx, "classification", init)])
+                                                   *common(ctx), *extra, *_init_args(ctx, "classification", init)])
         rows[f"{name}|{init}"] = {"metric": "top-1", "value": res.get("acc1"), "wall_s": res["wall_s"],
                                   "tuned_params": res.get("tuned_params"), "n": res.get("n")}
 
@@ -196,12 +205,17 @@ def stage_finetune(ctx: Context) -> None:
     _classify(ctx, "finetune", "fine-tune", "finetune", ctx.cfg["finetune"])
 
 
+def dense_inits(ctx: Context) -> list[str]:
+    """Detection and segmentation may compare fewer inits than the classification rows (budget)."""
+    return ctx.cfg.get("dense_inits", ctx.cfg["inits"])
+
+
 def stage_detection(ctx: Context) -> None:
     rows = ctx.results.setdefault("rows", {})
-    for init in ctx.cfg["inits"]:
+    for init in dense_inits(ctx):
         out = ctx.out / "detection" / init
         res = ctx.run("detection", "-m detection", ["--data_path", str(ctx.world / "coco"), "--output_dir", str(out),
-                                                    *COMMON, *ctx.cfg["detection"], *_init_args(ctx, "detection", init)])
+                                                    *common(ctx), *ctx.cfg["detection"], *_init_args(ctx, "detection", init)])
         n = res.get("n_images")
         rows[f"detection (box AP)|{init}"] = {"metric": "box AP", "value": res.get("bbox/AP"), "wall_s": res["wall_s"], "n": n}
         rows[f"detection (mask AP)|{init}"] = {"metric": "mask AP", "value": res.get("segm/AP"), "wall_s": res["wall_s"], "n": n}
@@ -209,11 +223,11 @@ def stage_detection(ctx: Context) -> None:
 
 def stage_segmentation(ctx: Context) -> None:
     rows = ctx.results.setdefault("rows", {})
-    for init in ctx.cfg["inits"]:
+    for init in dense_inits(ctx):
         out = ctx.out / "segmentation" / init
         extra = ctx.cfg.get("segmentation_mae", []) if init == "mae" else []
         res = ctx.run("segmentation", "-m segmentation", ["--data_path", str(ctx.world / "ade"), "--output_dir", str(out),
-                                                          *COMMON, *ctx.cfg["segmentation"], *extra,
+                                                          *common(ctx), *ctx.cfg["segmentation"], *extra,
                                                           *_init_args(ctx, "segmentation", init)])
         rows[f"segmentation (mIoU)|{init}"] = {"metric": "mIoU", "value": res.get("mIoU"), "wall_s": res["wall_s"],
                                                "n": res.get("n_images")}
@@ -352,6 +366,59 @@ STAGES: list[tuple[str, Callable[[Context], None]]] = [
 ]
 
 
+def run_pipeline(out: Path, cfg: dict, from_stage: str) -> Path:
+    """Run the stages from ``from_stage`` on into ``out``; return the report's path."""
+    names = [n for n, _ in STAGES]
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(out, cfg)
+    saved = out / "results.json"
+    start = names.index(from_stage)
+    if start:
+        if not saved.exists():
+            raise UserError(f"--from-stage {from_stage}: no earlier run in {out} (results.json missing)")
+        prev = json.loads(saved.read_text())
+        keep = set(names[:start])
+        ctx.results = prev.get("results", {})
+        ctx.commands = [tuple(c) for c in prev.get("commands", []) if c[0] in keep]
+    t0 = time.time()
+    for name, fn in STAGES[start:]:
+        try:
+            fn(ctx)
+        except Exception as e:  # noqa: BLE001 - every failure of a stage is reported the same way
+            log = out / f"{name}-error.log"
+            log.write_text(traceback.format_exc())
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"stage '{name}' failed: {first} (details: {log}); earlier stages' outputs are kept in "
+                            f"{out}; fix the cause and re-run with --from-stage {name}") from None
+        saved.write_text(json.dumps({"results": ctx.results, "commands": ctx.commands, "config": cfg,
+                                     "done": name == names[-1], "wall_s": time.time() - t0}, indent=1))
+    print(f"\ndone in {time.time() - t0:.0f} s: {out / 'report.md'}")
+    return out / "report.md"
+
+
+def run_seeds(out: Path, cfg: dict, from_stage: str) -> Path:
+    """The study: one whole pipeline per training seed on one shared world, then the aggregate report.  A seed
+    whose run finished (results.json says done) is not re-run, so an interrupted study resumes at its seed."""
+    from pipeline.results import write_results
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.get("data_root"):
+        ctx = Context(out, cfg)
+        if not (ctx.world / "imagenet").is_dir() or from_stage == "data":
+            stage_data(ctx)
+        cfg = {**cfg, "data_root": str(ctx.world)}
+    for seed in cfg["seeds"]:
+        run_dir = out / f"seed{seed}"
+        saved = run_dir / "results.json"
+        if saved.exists() and json.loads(saved.read_text()).get("done") and from_stage == STAGES[0][0]:
+            print(f"[study] seed {seed}: finished earlier ({run_dir}), kept", flush=True)
+            continue
+        print(f"\n[study] seed {seed} -> {run_dir}", flush=True)
+        run_pipeline(run_dir, {**cfg, "seed": seed}, from_stage)
+        from_stage = STAGES[0][0]  # --from-stage applies to the first unfinished seed only
+    return write_results(out, [out / f"seed{s}" for s in cfg["seeds"]])
+
+
 def main(argv: list[str] | None = None) -> Path:
     names = [n for n, _ in STAGES]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,30 +434,9 @@ def main(argv: list[str] | None = None) -> Path:
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read config {args.config}: {e}") from None
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(out, cfg)
-    saved = out / "results.json"
-    start = names.index(args.from_stage)
-    if start:
-        if not saved.exists():
-            raise UserError(f"--from-stage {args.from_stage}: no earlier run in {out} (results.json missing)")
-        prev = json.loads(saved.read_text())
-        keep = set(names[:start])
-        ctx.results = prev.get("results", {})
-        ctx.commands = [tuple(c) for c in prev.get("commands", []) if c[0] in keep]
-    t0 = time.time()
-    for name, fn in STAGES[start:]:
-        try:
-            fn(ctx)
-        except Exception as e:  # noqa: BLE001 - every failure of a stage is reported the same way
-            log = out / f"{name}-error.log"
-            log.write_text(traceback.format_exc())
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"stage '{name}' failed: {first} (details: {log}); earlier stages' outputs are kept in "
-                            f"{out}; fix the cause and re-run with --from-stage {name}") from None
-        saved.write_text(json.dumps({"results": ctx.results, "commands": ctx.commands, "config": cfg}, indent=1))
-    print(f"\ndone in {time.time() - t0:.0f} s: {out / 'report.md'}")
-    return out / "report.md"
+    if cfg.get("seeds"):
+        return run_seeds(out, cfg, args.from_stage)
+    return run_pipeline(out, cfg, args.from_stage)
 
 
 def cli(argv: list[str] | None = None) -> None:

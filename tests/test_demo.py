@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,33 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(tmp_path):
                        text=True, cwd=ROOT, env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "| linear probe |" in (out / "report.md").read_text()
+
+    # the study preset: one pipeline per seed, a finished seed is kept (not re-run), then mean ± std + curves
+    study = tmp_path / "study"
+    shutil.copytree(out / "world", study / "world")
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        shutil.copytree(out, study / f"seed{seed}", ignore=shutil.ignore_patterns("world"))
+        saved = study / f"seed{seed}" / "results.json"
+        res = json.loads(saved.read_text())
+        assert res["done"] is True
+        res["config"]["seed"] = seed
+        for r in res["results"]["rows"].values():
+            r["value"] += shift
+        saved.write_text(json.dumps(res))
+    cfg = tmp_path / "study.json"
+    cfg.write_text(json.dumps({"seeds": [0, 1]}))
+    p = subprocess.run([*DEMO, "--preset", "smoke", "--config", str(cfg), "--output", str(study)], capture_output=True,
+                       text=True, cwd=ROOT, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("finished earlier") == 2
+    md = (study / "results.md").read_text()
+    assert (study / "curves.png").stat().st_size > 0 and "Seeds (training" in md and ": 0, 1." in md
+    ft = next(line for line in md.splitlines() if line.startswith("| fine-tune |"))
+    assert "± 1.4" in ft  # two seeds 2 points apart: sample std sqrt(2)
+
+
+def test_study_seed_reaches_every_stage_command():
+    from pipeline.demo import PRESETS, Context, common
+
+    assert PRESETS["study"]["seeds"] == [0, 1, 2] and PRESETS["study"]["dense_inits"] == ["mae", "random"]
+    assert common(Context(Path("x"), {"seed": 2}))[1:3] == ["--seed", "2"]
