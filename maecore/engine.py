@@ -357,6 +357,8 @@ class Trainer:
     are checkpointed too.  ``model`` here is the bare module; the trainer wraps it in DDP.
     ``model_keys``: the ``args`` keys that define the network (a resume must match them);
     ``schedule_keys``: those a resume keeps unless ``--resume_override`` names them.
+    ``device_batch(batch) -> batch`` runs on every batch once it is on the device (``maecore.data.UInt8Normalize``:
+    uint8 images from the fast decoders normalised there); without it batches go to ``step_fn`` as loaded.
     Constructing a trainer writes nothing; :meth:`fit` claims the output folder first.
     """
 
@@ -377,8 +379,10 @@ class Trainer:
         extra_state: dict[str, nn.Module] | None = None,
         model_keys: Sequence[str] = (),
         schedule_keys: Sequence[str] = SCHEDULE_KEYS,
+        device_batch: Callable[[Any], Any] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.device_batch = device_batch  # finishes a batch on the device (e.g. uint8 -> normalised: maecore.data)
         self.device = device
         self.model = model.to(device)
         self.optimizer = optimizer
@@ -824,6 +828,8 @@ class Trainer:
                 lr = self.schedule(self.epoch + it / self.iters_per_epoch)
                 set_lr(opt, lr)
             batch = to_device(batch, self.device)
+            if self.device_batch is not None:
+                batch = self.device_batch(batch)
             loss, logs = self.train_step.backward(batch, sync=boundary)
             for k, v in {"loss": loss, **logs}.items():
                 v = v.detach().float()

@@ -146,7 +146,7 @@ class NamedBytes(bytes):
 class PackedImages(ImageFiles):
     """A packed folder as an :class:`~maecore.data.ImageFiles`: the same ``samples`` (here ``(Record,
     target)``), ``classes``, ``targets``, transforms and skip-and-count of unreadable samples (``load``);
-    only :meth:`read` differs (bytes from the shard, decoded by the same protected loader).
+    only :meth:`read` differs (bytes from the shard, decoded by the same protected loader or ``decoder``).
 
     File handles: each process opens a shard on its first read and keeps it (one handle per shard per
     DataLoader worker); a copy made by fork or pickle opens its own, so workers never share a file
@@ -157,6 +157,7 @@ class PackedImages(ImageFiles):
         root: str | Path,
         transform: Callable[[Image.Image], Any] | None = None,
         draft_size: tuple[int, int] | None = None,
+        decoder: Callable[[bytes], Any] | None = None,
     ) -> None:
         folder = split_dir(root)
         if folder is None:
@@ -164,6 +165,7 @@ class PackedImages(ImageFiles):
         self.root = folder
         self.transform = transform
         self.draft_size = draft_size
+        self.decoder = decoder
         index = read_index(folder)
         self.shard_paths: list[Path] = []
         for s in index["shards"]:
@@ -201,8 +203,8 @@ class PackedImages(ImageFiles):
             raise OSError(f"read {len(data)} of {record.size} bytes: the shard is shorter than its index says")
         return data
 
-    def read(self, source: Record) -> Image.Image:
-        return load_rgb(self.read_bytes(source), self.draft_size)
+    def read(self, source: Record) -> Any:
+        return self.decode(self.read_bytes(source))
 
     def image_bytes(self, index: int) -> NamedBytes:
         """Sample ``index``'s encoded image, named by its record (figures read these with ``try_load_rgb``)."""

@@ -5,7 +5,7 @@ Examples (see docs/benchmarks.md for measured numbers):
 
     python tools/benchmark.py --model mae_vit_base_patch16 --batch_size 8 --baseline --json runs/bench.json
     python tools/benchmark.py --bench mask_tokens --mt_model mae_vit_large_patch16 --mt_batch_size 8
-    python tools/benchmark.py --bench data --num_workers 0 1 2 --jpeg_draft
+    python tools/benchmark.py --bench data --num_workers 0 1 2 --photo_sizes 500x375 1600x1200 --data_images 256
     python tools/benchmark.py --bench finetune detection segmentation --batch_size 2
     python tools/benchmark.py --bench finetune detection segmentation --task_arch tiny --task_input_size 64 --batch_size 2
 
@@ -152,8 +152,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_images", type=int, default=64, help="images per generated set")
     g.add_argument("--synthetic_size", type=int, default=64, help="side of the synthetic-world images")
     g.add_argument("--photo_sizes", nargs="*", default=["500x375"], help="photo sets to generate, W x H")
-    g.add_argument("--num_workers", type=int, nargs="+", default=[0, 2])
-    g.add_argument("--jpeg_draft", action="store_true", help="also run with JPEG draft-mode decoding")
+    g.add_argument("--num_workers", type=int, nargs="+", default=[0, 2],
+                   help="DataLoader workers to measure; 0 = the main process alone, i.e. one core (the per-core figure; "
+                        "else 1 worker), the largest = all cores")
+    g.add_argument("--jpeg_draft", action="store_true", help="also run the official pipeline with the old JPEG draft decoding")
+    g.add_argument("--data_formats", nargs="+", default=["folder", "packed"], choices=["folder", "packed"],
+                   help="store the generated sets as image folders and/or packed (maecore.packed) copies")
     g.add_argument("--data_batch_size", type=int, default=32)
     g.add_argument("--data_batches", type=int, default=8)
     g = p.add_argument_group("task steps (finetune, detection, segmentation; also take --batch_size, --amp, --compile)")
@@ -234,7 +238,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             device, input_size=args.input_size, batch_size=args.data_batch_size, batches=args.data_batches,
             num_workers=args.num_workers, jpeg_draft=args.jpeg_draft, model_img_per_s=model_rate,
             data_path=args.data_path, data_dir=args.data_dir, data_images=args.data_images,
-            synthetic_size=args.synthetic_size, photo_sizes=args.photo_sizes, seed=args.seed)
+            synthetic_size=args.synthetic_size, photo_sizes=args.photo_sizes, seed=args.seed,
+            formats=tuple(dict.fromkeys(args.data_formats)))
     for name in TASK_BENCHMARKS:
         if name in args.bench:
             res[name] = task_bench(name, args, device)

@@ -338,37 +338,100 @@ def data_sets(work: Path, data_path: str | None, data_images: int, synthetic_siz
     return sets
 
 
-def loader_rate(dataset, batch_size: int, num_workers: int, batches: int, pin: bool) -> float:
-    """Images per second out of a DataLoader like the engine's (persistent workers, pinned memory
-    on GPU), after the workers have started and produced a first batch."""
+H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 peak
+GPU_MFU_ASSUMED = 0.45
+
+
+def gpu_rate_assumption(model_name: str = "mae_vit_base_patch16", input_size: int = 224, mask_ratio: float = 0.75) -> dict[str, Any]:
+    """The images per second one GPU would consume pretraining ``model_name`` (its default 8 x 512 decoder): the
+    analytic training FLOPs per image (2 FLOPs per multiply-add, x 3 for forward + backward: :func:`mae_macs`)
+    at 45 % of an H100's dense bf16 peak.  The model is built on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        model = build_mae(model_name, img_size=input_size)
+    macs = mae_macs(model, mask_ratio)["total"]
+    flops = 6 * macs
+    rate = GPU_MFU_ASSUMED * H100_BF16_TFLOPS * 1e12 / flops
+    return {"model": model_name, "input_size": input_size, "mask_ratio": mask_ratio, "forward_macs_per_img": macs,
+            "train_flops_per_img": flops, "peak_tflops": H100_BF16_TFLOPS, "mfu": GPU_MFU_ASSUMED, "gpu_img_per_s": rate,
+            "text": f"{model_name} ({input_size} px, mask {mask_ratio:g}, decoder 8 x 512): {flops / 1e9:.1f} GFLOP per image "
+                    f"per training step (6 x {macs / 1e9:.2f} G multiply-adds) at {GPU_MFU_ASSUMED:.0%} of "
+                    f"{H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM, dense bf16) = {rate:.0f} img/s per GPU"}
+
+
+def loader_rate(dataset, batch_size: int, num_workers: int, batches: int, pin: bool, collate_fn=None,
+                finish=None, device: torch.device | None = None) -> float:
+    """Images per second out of a DataLoader like the engine's (persistent workers, pinned memory on GPU),
+    after the workers have started and produced a first batch; each batch is then made ready for the model as
+    the engine does (``to_device``, then ``finish``: the fast path's normalisation happens here, in this process)."""
     from torch.utils.data import DataLoader, RandomSampler
 
     bs = min(batch_size, len(dataset))
     prefetch = 2
     drain = prefetch * num_workers + 1
     sampler = RandomSampler(dataset, replacement=True, num_samples=bs * (batches + drain + 1))
-    dl = DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=num_workers, pin_memory=pin,
+    dl = DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=num_workers, pin_memory=pin, collate_fn=collate_fn,
                     drop_last=True, persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers else None)
+    device = device or torch.device("cpu")
+
+    def ready(batch):
+        batch = to_device(batch, device)
+        batch = finish(batch) if finish is not None else batch
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return batch
+
     it = iter(dl)
     # start the workers and drain the batches they prefetched, so the timed ones arrive at the
     # steady-state rate (the main process consumes instantly, as a fast GPU would)
     for _ in range(drain):
-        next(it)
+        ready(next(it))
     t0 = time.perf_counter()
     for _ in range(batches):
-        next(it)
+        ready(next(it))
     dt = time.perf_counter() - t0
     del it, dl
     return batches * bs / dt
 
 
+def per_core(runs: list[dict[str, Any]]) -> float | None:
+    """img/s of one core: the run in the main process (0 workers) if measured, else the 1-worker run."""
+    by = {r["num_workers"]: r["img_per_s"] for r in runs}
+    return by.get(0, by.get(1))
+
+
+def data_summary(runs: list[dict[str, Any]], gpu_img_per_s: float) -> list[dict[str, Any]]:
+    """Per image set and storage format: official vs fast img/s on one core and on the most workers measured,
+    their ratio, and the cores each needs to feed one GPU (GPU img/s / img/s per core)."""
+    out = []
+    for ds, size, fmt_ in dict.fromkeys((r["dataset"], r["image_size"], r["format"]) for r in runs):
+        sel = [r for r in runs if (r["dataset"], r["image_size"], r["format"]) == (ds, size, fmt_) and not r["jpeg_draft"]]
+        off = [r for r in sel if r["pipeline"] == "official"]
+        fast = [r for r in sel if r["pipeline"] == "fast"]
+        if not off or not fast:
+            continue
+        most = max(r["num_workers"] for r in sel)
+        o1, f1 = per_core(off), per_core(fast)
+        oa = next(r["img_per_s"] for r in off if r["num_workers"] == most)
+        fa = next(r["img_per_s"] for r in fast if r["num_workers"] == most)
+        out.append({"dataset": ds, "image_size": size, "format": fmt_, "official_per_core": o1, "fast_per_core": f1,
+                    "ratio_per_core": f1 / o1 if o1 and f1 else None, "workers_all": most, "official_all": oa, "fast_all": fa,
+                    "ratio_all": fa / oa, "official_cores_per_gpu": gpu_img_per_s / o1 if o1 else None,
+                    "fast_cores_per_gpu": gpu_img_per_s / f1 if f1 else None})
+    return out
+
+
 def data_bench(device: torch.device, *, input_size: int, batch_size: int, batches: int, num_workers: list[int],
                jpeg_draft: bool, model_img_per_s: float | None, data_path: str | None, data_dir: str | None,
-               data_images: int, synthetic_size: int, photo_sizes: list[str], seed: int) -> dict[str, Any]:
-    """The pretraining input pipeline's img/s for each worker count (and with JPEG draft decoding) on
-    ``data_path``, or else on generated sets (written under ``data_dir`` or a temporary folder), next
-    to the model step rate ``model_img_per_s``."""
-    from pretrain.data import build_pretrain_dataset
+               data_images: int, synthetic_size: int, photo_sizes: list[str], seed: int,
+               formats: tuple[str, ...] = ("folder", "packed")) -> dict[str, Any]:
+    """The pretraining input pipeline's img/s, the official (torchvision transforms, float batches; also with
+    the old JPEG draft decoding with ``jpeg_draft``) next to the fast one (``--decode fast``: DCT scale from the
+    crop, uint8, normalised in this process), for each worker count, on ``data_path`` or else on generated sets
+    (written under ``data_dir`` or a temporary folder) stored as a folder and packed (``formats``); next to the
+    model step rate ``model_img_per_s`` and the cores each pipeline needs to feed one GPU
+    (:func:`gpu_rate_assumption`)."""
+    from maecore.packed import pack, split_dir
+    from pretrain.data import build_pretrain_dataset, pretrain_collate, pretrain_device_batch
 
     tmp = None
     if data_dir:
@@ -376,28 +439,57 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
     else:
         tmp = tempfile.TemporaryDirectory(prefix="mae-bench-")
         work = Path(tmp.name)
+    gpu = gpu_rate_assumption(input_size=input_size)
     runs = []
     try:
+        stores = []
         for name, size, folder in data_sets(work, data_path, data_images, synthetic_size, photo_sizes, seed):
-            for draft in ([False, True] if jpeg_draft else [False]):
-                ds = build_pretrain_dataset(folder, input_size, jpeg_draft=draft)
-                for nw in num_workers:
-                    rate = loader_rate(ds, batch_size, nw, batches, device.type == "cuda")
-                    runs.append({"dataset": name, "image_size": size, "jpeg_draft": draft, "num_workers": nw,
-                                 "img_per_s": rate, "img_per_s_per_worker": rate / max(nw, 1),
+            if data_path:
+                stores.append((name, size, "packed" if split_dir(folder) is not None else "folder", folder))
+                continue
+            for fmt_ in formats:
+                if fmt_ == "packed":
+                    dst = work / "packed" / f"{name}_{size}"
+                    pack(folder, dst, force=True, workers=0, say=lambda _m: None)
+                    stores.append((name, size, fmt_, dst))
+                else:
+                    stores.append((name, size, fmt_, folder))
+        variants = [("official", False), *([("official", True)] if jpeg_draft else []), ("fast", False)]
+        for name, size, fmt_, folder in stores:
+            for nw in num_workers:
+                for pipeline, draft in variants:  # interleaved per worker count: drift of a shared machine hits both
+                    ds = build_pretrain_dataset(folder, input_size, jpeg_draft=draft, decode=pipeline)
+                    rate = loader_rate(ds, batch_size, nw, batches, device.type == "cuda", pretrain_collate(pipeline),
+                                       pretrain_device_batch(pipeline, input_size, device), device)
+                    runs.append({"dataset": name, "image_size": size, "format": fmt_, "pipeline": pipeline, "jpeg_draft": draft,
+                                 "num_workers": nw, "img_per_s": rate, "img_per_s_per_worker": rate / max(nw, 1),
                                  "vs_model": rate / model_img_per_s if model_img_per_s else None})
     finally:
         if tmp is not None:
             tmp.cleanup()
     return {"input_size": input_size, "batch_size": batch_size, "batches": batches,
-            "model_img_per_s": model_img_per_s, "runs": runs}
+            "model_img_per_s": model_img_per_s, "gpu_assumption": gpu, "runs": runs,
+            "summary": data_summary(runs, gpu["gpu_img_per_s"])}
 
 
 def format_data(d: dict[str, Any]) -> list[str]:
-    lines = ["", f"## data pipeline: decode + RandomResizedCrop({d['input_size']}) + flip + normalise; "
-             f"model step rate {fmt(d['model_img_per_s'])} img/s",
-             f"{'images':<10} {'size':>10} {'draft':>6} {'workers':>7} {'img/s':>9} {'vs model':>9}"]
+    lines = ["", f"## data pipeline: decode + RandomResizedCrop({d['input_size']}, 0.2-1, bicubic) + flip + normalise, batch ready "
+             f"for the model; model step rate {fmt(d['model_img_per_s'])} img/s",
+             "official: torchvision transforms in the workers, float batches (draft: the old --jpeg_draft); "
+             "fast: --decode fast (DCT scale from the crop, uint8, normalised in the main process)",
+             f"{'images':<10} {'size':>10} {'format':>7} {'pipeline':>9} {'draft':>6} {'workers':>7} {'img/s':>9} {'vs model':>9}"]
     for r in d["runs"]:
-        lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['jpeg_draft']!s:>6} {r['num_workers']:>7} "
-                     f"{r['img_per_s']:>9.1f} {fmt(r['vs_model']):>9}")
+        lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>7} {r['pipeline']:>9} {r['jpeg_draft']!s:>6} "
+                     f"{r['num_workers']:>7} {r['img_per_s']:>9.1f} {fmt(r['vs_model']):>9}")
+    gpu = d.get("gpu_assumption")
+    if d.get("summary") and gpu:
+        lines += ["", f"assumed GPU consumption: {gpu['text']}",
+                  "per core = 0 workers (the main process alone; else 1 worker); all = the most workers measured",
+                  f"{'images':<10} {'size':>10} {'format':>7} {'official/core':>14} {'fast/core':>10} {'ratio':>6} "
+                  f"{'workers':>7} {'official':>9} {'fast':>9} {'ratio':>6} {'cores/GPU off.':>14} {'cores/GPU fast':>14}"]
+        for r in d["summary"]:
+            lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>7} {fmt(r['official_per_core']):>14} "
+                         f"{fmt(r['fast_per_core']):>10} {fmt(r['ratio_per_core']):>6} {r['workers_all']:>7} {r['official_all']:>9.1f} "
+                         f"{r['fast_all']:>9.1f} {r['ratio_all']:>6.2f} {fmt(r['official_cores_per_gpu']):>14} "
+                         f"{fmt(r['fast_cores_per_gpu']):>14}")
     return lines

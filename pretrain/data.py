@@ -1,15 +1,39 @@
 """Pretraining data: any image folder, with or without class sub-folders, or a packed copy of one
-(``maecore.packed``); crop + flip only."""
+(``maecore.packed``); crop + flip only.
+
+``decode`` (``--decode``) picks how a sample becomes pixels, with the same augmentation distribution each way:
+
+* ``fast`` (default): :class:`maecore.data.FastRandomResizedCrop` in the workers (JPEG DCT scale chosen from the
+  crop, only the box resized, uint8 out), normalised on the device (:class:`maecore.data.UInt8Normalize`);
+* ``official``: the torchvision transforms of the official scripts (:func:`pretrain_transform`) in the workers,
+  float batches (``jpeg_draft``: the older draft decode at the output size, before the crop);
+* ``gpu``: :class:`maecore.data.GpuJpegCrop` in the workers (header, box, bytes), nvJPEG decode + crop +
+  resize on the CUDA device (:class:`maecore.data.GpuDecode`).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import torch
 import torchvision.transforms as T
 from torchvision.transforms import InterpolationMode
 
-from maecore.data import MAX_SUBSTITUTES, ImageFiles, check_dir, list_images, try_load_rgb
+from maecore.data import (
+    MAX_SUBSTITUTES,
+    FastRandomResizedCrop,
+    GpuDecode,
+    GpuJpegCrop,
+    ImageFiles,
+    UInt8Normalize,
+    check_dir,
+    collate_encoded,
+    list_images,
+    try_load_rgb,
+)
 from maecore.packed import NamedBytes, PackedImages, split_dir
 from maecore.vit import to_2tuple
 
@@ -17,6 +41,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DECODES = ("fast", "official", "gpu")
+PRETRAIN_SCALE = (0.2, 1.0)
 
 
 def pretrain_transform(input_size: int | tuple[int, int], scale: tuple[float, float] = (0.2, 1.0)) -> T.Compose:
@@ -54,19 +80,48 @@ def resolve_train_dir(data_path: str | Path) -> Path:
     return root / "train" if (root / "train").is_dir() else root
 
 
-def open_images(folder: Path, transform=None, draft_size: tuple[int, int] | None = None) -> ImageFiles:
+def open_images(folder: Path, transform=None, draft_size: tuple[int, int] | None = None,
+                decoder: Callable[[Any], Any] | None = None) -> ImageFiles:
     """The dataset of ``folder``: a packed one (found by its index) or an image folder."""
     if split_dir(folder) is not None:
-        return PackedImages(folder, transform, draft_size)
-    return ImageFiles(folder, transform, draft_size)
+        return PackedImages(folder, transform, draft_size, decoder)
+    return ImageFiles(folder, transform, draft_size, decoder)
+
+
+def check_decode(decode: str) -> None:
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
 
 
 def build_pretrain_dataset(
-    data_path: str | Path, input_size: int | tuple[int, int], jpeg_draft: bool = False
+    data_path: str | Path, input_size: int | tuple[int, int], jpeg_draft: bool = False, decode: str = "fast"
 ) -> ImageFiles:
-    """The training images of ``data_path``: a folder or a packed dataset (its ``train/`` when present)."""
+    """The training images of ``data_path``: a folder or a packed dataset (its ``train/`` when present),
+    decoded as ``decode`` says (see the module's docstring; ``jpeg_draft`` only changes ``official``)."""
+    check_decode(decode)
     size = to_2tuple(input_size)
-    return open_images(resolve_train_dir(data_path), pretrain_transform(size), draft_size=size if jpeg_draft else None)
+    folder = resolve_train_dir(data_path)
+    if decode == "official":
+        return open_images(folder, pretrain_transform(size, PRETRAIN_SCALE), draft_size=size if jpeg_draft else None)
+    cls = GpuJpegCrop if decode == "gpu" else FastRandomResizedCrop
+    return open_images(folder, decoder=cls(size, scale=PRETRAIN_SCALE))
+
+
+def pretrain_collate(decode: str) -> Callable | None:
+    """The DataLoader ``collate_fn`` a ``decode`` needs (``None``: the default)."""
+    check_decode(decode)
+    return collate_encoded if decode == "gpu" else None
+
+
+def pretrain_device_batch(decode: str, input_size: int | tuple[int, int], device: torch.device) -> Callable[[Any], Any] | None:
+    """What finishes a batch on the device (the trainer's ``device_batch``): normalising the fast path's uint8
+    images, decoding the GPU path's JPEGs; ``None`` for ``official`` (its batches arrive normalised)."""
+    check_decode(decode)
+    if decode == "official":
+        return None
+    if decode == "gpu":
+        return GpuDecode(to_2tuple(input_size), IMAGENET_MEAN, IMAGENET_STD, device)
+    return UInt8Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
 
 def fixed_images(data_path: str | Path, n: int) -> list[Path] | list[NamedBytes]:

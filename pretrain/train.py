@@ -23,10 +23,10 @@ from maecore.cli import (
     ratio,
     run_cli,
 )
-from maecore.engine import StepFn, Trainer, add_engine_args, config_from_args, dump_args
+from maecore.engine import SCHEDULE_KEYS, StepFn, Trainer, add_engine_args, config_from_args, dump_args
 from maecore.models import resolve_model
 from maecore.optim import WarmupCosine, adamw, param_groups
-from pretrain.data import build_pretrain_dataset, fixed_images
+from pretrain.data import DECODES, build_pretrain_dataset, fixed_images, pretrain_collate, pretrain_device_batch
 from pretrain.evaluate import reconstruction_figure
 from pretrain.model import build_mae
 from pretrain.recipes import RECIPES
@@ -34,6 +34,8 @@ from pretrain.recipes import RECIPES
 # what defines the network: a resumed run must match the checkpoint's saved values
 MODEL_KEYS = ("model", "input_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
               "decoder_num_heads", "norm_pix_loss", "encoder_mask_tokens")
+# --decode changes the pixels of crops taken at a reduced DCT scale: a resume keeps it unless --resume_override decode
+PRETRAIN_SCHEDULE_KEYS = (*SCHEDULE_KEYS, "decode")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -61,7 +63,13 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_epochs", type=non_negative_float, default=40)
     g = p.add_argument_group("data and figures")
     g.add_argument("--data_path", required=True, help="image folder (class sub-folders optional; uses train/ if present)")
-    g.add_argument("--jpeg_draft", action="store_true", help="decode JPEGs at reduced scale (faster on big photos)")
+    g.add_argument("--decode", choices=DECODES, default="fast",
+                   help="fast (default): JPEG DCT scale chosen from the crop, only the box resized, uint8 to the device, "
+                        "normalised there; official: the torchvision transforms in the workers; gpu: nvJPEG decode on "
+                        "the CUDA device (same crops and flips each way: docs/benchmarks.md)")
+    g.add_argument("--jpeg_draft", action="store_true",
+                   help="deprecated: --decode fast picks the DCT scale per crop; with --decode official, draft-decode "
+                        "JPEGs at the output size before the crop (the old behaviour)")
     g.add_argument("--vis_every", type=non_negative_int, default=20, help="reconstruction figure every N epochs (0: off)")
     g.add_argument("--vis_images", type=non_negative_int, default=8)
     add_engine_args(p)
@@ -78,6 +86,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     for flag, dim in (("--embed_dim", width), ("--decoder_embed_dim", args.decoder_embed_dim)):
         if dim % 4:
             return f"{flag} {dim} is not a multiple of 4 (the sin-cos position table needs it)"
+    if args.decode == "gpu" and (args.device == "cpu" or not torch.cuda.is_available()):
+        return "--decode gpu decodes JPEGs on a CUDA device and this run has none: use --decode fast (the default)"
     return None
 
 
@@ -136,7 +146,10 @@ def make_step_fn(mask_ratio: float) -> StepFn:
 def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     du.seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
-    dataset = build_pretrain_dataset(args.data_path, args.input_size, args.jpeg_draft)
+    dataset = build_pretrain_dataset(args.data_path, args.input_size, args.jpeg_draft, args.decode)
+    if args.jpeg_draft and args.decode != "official" and du.is_main():
+        print(f"note: --jpeg_draft is deprecated and has no effect with --decode {args.decode}, which picks the JPEG "
+              "DCT scale per crop; with --decode official it keeps its old meaning")
     model = build_model(args)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -163,7 +176,9 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
 
     cfg = config_from_args(args)
     return Trainer(cfg, model, optimizer, dataset, make_step_fn(args.mask_ratio), schedule, device, args=dump_args(args),
-                   on_epoch_end=on_epoch_end, model_keys=MODEL_KEYS)
+                   on_epoch_end=on_epoch_end, model_keys=MODEL_KEYS, schedule_keys=PRETRAIN_SCHEDULE_KEYS,
+                   collate_fn=pretrain_collate(args.decode),
+                   device_batch=pretrain_device_batch(args.decode, args.input_size, device))
 
 
 def cli(argv: list[str] | None = None) -> None:
