@@ -58,6 +58,11 @@ MIN_SIDE = 16
 
 _BG_KINDS = ("gradient", "noise", "stripes")
 _FG_KINDS = ("plain", "stripes", "checker", "noise")
+# "cluttered": textured objects and backgrounds, distractor shapes (the default);
+# "plain": flat-coloured objects on gradient backgrounds; the ImageNet split
+# then holds one larger object per image.  Both decide the class by shape only
+# (colours are drawn independently of it).
+STYLES: tuple[str, ...] = ("cluttered", "plain")
 # Separate RNG streams per task/split so that changing one count never
 # changes the content generated for another task or split.
 _STREAM = {"imagenet": 0, "scenes": 1}
@@ -171,8 +176,8 @@ def _lerp(t: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
     return c0 + t[..., None] * (c1 - c0)
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    kind = _BG_KINDS[rng.integers(len(_BG_KINDS))]
+def _background(rng: np.random.Generator, h: int, w: int, kinds: tuple[str, ...] = _BG_KINDS) -> np.ndarray:
+    kind = kinds[rng.integers(len(kinds))]
     c0, c1 = _rand_color(rng), _rand_color(rng)
     if kind == "gradient":
         v = _coords(h, w, rng)
@@ -190,7 +195,8 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
-def _foreground(rng: np.random.Generator, h: int, w: int, bg_mean: np.ndarray) -> np.ndarray:
+def _foreground(rng: np.random.Generator, h: int, w: int, bg_mean: np.ndarray,
+                kinds: tuple[str, ...] = _FG_KINDS) -> np.ndarray:
     # Re-draw colours too close to the background mean, so objects stay
     # visible (the task should be hard because of clutter, not invisibility).
     c0 = _rand_color(rng)
@@ -198,7 +204,7 @@ def _foreground(rng: np.random.Generator, h: int, w: int, bg_mean: np.ndarray) -
         if np.abs(c0 - bg_mean).sum() >= 90:
             break
         c0 = _rand_color(rng)
-    kind = _FG_KINDS[rng.integers(len(_FG_KINDS))]
+    kind = kinds[rng.integers(len(kinds))]
     if kind == "plain":
         return np.broadcast_to(c0, (h, w, 3)).astype(np.float32)
     c1 = np.clip(c0 + rng.choice([-1.0, 1.0]) * rng.uniform(50, 110), 0, 255).astype(np.float32)
@@ -252,9 +258,10 @@ def _min_area(h: int, w: int) -> int:
 
 
 def _try_scene(
-    rng: np.random.Generator, h: int, w: int, dominant: int | None, main_area: tuple[float, float] = (0.10, 0.22)
+    rng: np.random.Generator, h: int, w: int, dominant: int | None, main_area: tuple[float, float] = (0.10, 0.22),
+    style: str = "cluttered", max_objects: int = 4,
 ) -> Scene:
-    n = int(rng.integers(1, 5))
+    n = min(int(rng.integers(1, 5)), max_objects)
     first = int(rng.integers(NUM_CLASSES)) if dominant is None else dominant
     labels = [first] + [int(x) for x in rng.integers(NUM_CLASSES, size=n - 1)]
     # One clearly large object plus smaller distractors: usually an obvious
@@ -274,11 +281,12 @@ def _try_scene(
             covered |= o.mask
     kept.reverse()
 
-    image = _background(rng, h, w)
+    plain = style == "plain"
+    image = _background(rng, h, w, ("gradient",) if plain else _BG_KINDS)
     bg_mean = image.reshape(-1, 3).mean(axis=0)
     semantic = np.zeros((h, w), dtype=np.uint8)
     for o in kept:
-        tex = _foreground(rng, h, w, bg_mean)
+        tex = _foreground(rng, h, w, bg_mean, ("plain",) if plain else _FG_KINDS)
         image[o.mask] = tex[o.mask]
         semantic[o.mask] = o.label + 1
 
@@ -307,18 +315,23 @@ def render_scene(
     *,
     dominant: int | None = None,
     main_area: tuple[float, float] = (0.10, 0.22),
+    style: str = "cluttered",
+    max_objects: int = 4,
 ) -> Scene:
-    """Render one scene of 1-4 shapes; ``size`` is an int or ``(H, W)``.
+    """Render one scene of 1-``max_objects`` (at most 4) shapes; ``size`` is an int or ``(H, W)``.
 
     If ``dominant`` (an index into SHAPES) is given, scenes are redrawn from
     ``rng`` until the largest visible instance has that class.  ``main_area`` is
-    the range of the first (largest) object's area as a fraction of the image.
+    the range of the first (largest) object's area as a fraction of the image;
+    ``style`` is one of STYLES (textures).
     """
     h, w = _hw(size)
     if dominant is not None and not 0 <= dominant < NUM_CLASSES:
         raise ValueError(f"dominant must be in [0, {NUM_CLASSES}), got {dominant}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     for _ in range(100):
-        scene = _try_scene(rng, h, w, dominant, main_area)
+        scene = _try_scene(rng, h, w, dominant, main_area, style, max_objects)
         if scene.labels and (dominant is None or scene.dominant == dominant):
             return scene
     raise RuntimeError("could not render a scene with the requested dominant class")
@@ -354,6 +367,8 @@ def _check_count(name: str, n: int) -> int:
 
 # ImageNet photos are object-centric: the labelled object fills a good part of the frame.
 IMAGENET_MAIN_AREA = (0.22, 0.40)
+# plain style: one object, larger (a 64-px frame at 8-px patches gives it ~20-35 patches, not 14-26)
+IMAGENET_PLAIN_AREA = (0.30, 0.55)
 
 
 def make_imagenet(
@@ -364,8 +379,11 @@ def make_imagenet(
     seed: int = 0,
     *,
     overwrite: bool = False,
+    style: str = "cluttered",
 ) -> Path:
-    """Write ``<root>/imagenet/{train,val}/<shape>/*.jpg``; return ``<root>/imagenet``."""
+    """Write ``<root>/imagenet/{train,val}/<shape>/*.jpg``; return ``<root>/imagenet``.
+
+    ``style="plain"``: one flat-coloured object per image on a gradient (see STYLES)."""
     h, w = _hw(size)
     counts = {"train": _check_count("n_train_per_class", n_train_per_class),
               "val": _check_count("n_val_per_class", n_val_per_class)}
@@ -377,7 +395,8 @@ def make_imagenet(
             # One stream per class: per-class counts don't shift other classes.
             rng = _stream(seed, "imagenet", split, label)
             for i in range(n):
-                scene = render_scene(rng, (h, w), dominant=label, main_area=IMAGENET_MAIN_AREA)
+                scene = (render_scene(rng, (h, w), dominant=label, main_area=IMAGENET_PLAIN_AREA, style=style, max_objects=1)
+                         if style == "plain" else render_scene(rng, (h, w), dominant=label, main_area=IMAGENET_MAIN_AREA))
                 _save_jpg(scene.image, d / f"{name}_{i:05d}.jpg")
     return out
 
@@ -414,12 +433,12 @@ def scene_annotations(scene: Scene, image_id: int, first_ann_id: int) -> list[di
     return anns
 
 
-def _scenes(seed: int, split: str, n: int, hw: tuple[int, int]):
+def _scenes(seed: int, split: str, n: int, hw: tuple[int, int], style: str = "cluttered"):
     # COCO and ADE share this stream: image i of a split is the same scene in
     # both layouts, which lets tests cross-check them file by file.
     rng = _stream(seed, "scenes", split)
     for i in range(n):
-        yield i, render_scene(rng, hw)
+        yield i, render_scene(rng, hw, style=style)
 
 
 def make_coco(
@@ -430,6 +449,7 @@ def make_coco(
     seed: int = 0,
     *,
     overwrite: bool = False,
+    style: str = "cluttered",
 ) -> Path:
     """Write the COCO 2017 instances layout under ``<root>/coco``; return it."""
     hw = _hw(size)
@@ -440,7 +460,7 @@ def make_coco(
         img_dir = out / f"{split}2017"
         img_dir.mkdir()
         images, anns = [], []
-        for i, scene in _scenes(seed, split, n, hw):
+        for i, scene in _scenes(seed, split, n, hw, style):
             image_id = i + 1
             fname = f"{image_id:012d}.jpg"
             _save_jpg(scene.image, img_dir / fname)
@@ -468,6 +488,7 @@ def make_ade20k(
     seed: int = 0,
     *,
     overwrite: bool = False,
+    style: str = "cluttered",
 ) -> Path:
     """Write the ADE20K layout under ``<root>/ade/ADEChallengeData2016``; return ``<root>/ade``."""
     hw = _hw(size)
@@ -479,7 +500,7 @@ def make_ade20k(
         img_dir, ann_dir = base / "images" / sub, base / "annotations" / sub
         img_dir.mkdir(parents=True)
         ann_dir.mkdir(parents=True)
-        for i, scene in _scenes(seed, split, n, hw):
+        for i, scene in _scenes(seed, split, n, hw, style):
             stem = f"ADE_{split}_{i + 1:08d}"
             _save_jpg(scene.image, img_dir / f"{stem}.jpg")
             Image.fromarray(scene.semantic).save(ann_dir / f"{stem}.png", format="PNG")
@@ -495,6 +516,7 @@ def make_world(
     seed: int = 0,
     tasks: tuple[str, ...] | list[str] = TASKS,
     overwrite: bool = False,
+    style: str = "cluttered",
 ) -> dict[str, Path]:
     """Write the requested layouts under ``root``; return ``{task: path}``.
 
@@ -506,7 +528,9 @@ def make_world(
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tuple(tasks)}")
     makers = {"imagenet": make_imagenet, "coco": make_coco, "ade": make_ade20k}
     root = Path(root)
-    return {t: makers[t](root, n_train, n_val, size, seed, overwrite=overwrite)
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    return {t: makers[t](root, n_train, n_val, size, seed, overwrite=overwrite, style=style)
             for t in TASKS if t in tasks}
 
 
@@ -544,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", type=_tasks, default=TASKS, help="comma list (default imagenet,coco,ade)")
     p.add_argument("--force", action="store_true", help="write into a non-empty ROOT (replaces task folders)")
+    p.add_argument("--style", choices=STYLES, default="cluttered",
+                   help="cluttered: textures + distractors (default); plain: flat colours on gradients, one larger "
+                        "object per ImageNet image")
     return p
 
 
@@ -589,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         paths = make_world(root, size=args.size, n_train=args.n_train, n_val=args.n_val,
-                           seed=args.seed, tasks=args.tasks, overwrite=args.force)
+                           seed=args.seed, tasks=args.tasks, overwrite=args.force, style=args.style)
     except (ValueError, FileExistsError) as e:
         parser.error(str(e))
     h, w = args.size

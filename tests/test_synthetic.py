@@ -201,3 +201,21 @@ def test_cli_bad_args(tmp_path: Path, args: list[str]) -> None:
     assert res.returncode == 2
     assert res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "new").exists()
+
+
+def test_plain_style_one_flat_object_per_imagenet_image(tmp_path) -> None:
+    """--style plain: one object per ImageNet image, a flat fill (few colours inside its mask), class = shape;
+    the default (cluttered) files are unchanged by the option's existence (same seed -> same bytes)."""
+    from maecore.synthetic import STYLES, main
+
+    assert STYLES == ("cluttered", "plain")
+    rng = np.random.default_rng(3)
+    for label in range(NUM_CLASSES):
+        s = render_scene(rng, 64, dominant=label, main_area=(0.30, 0.55), style="plain", max_objects=1)
+        assert s.labels == [label] and s.masks[0].sum() >= 0.25 * 64 * 64
+        inside = s.image[s.masks[0]].astype(int)
+        assert np.ptp(inside, axis=0).max() <= 2  # flat colour (no texture) before JPEG
+    assert main([str(tmp_path / "w"), "--tasks", "imagenet", "--n-train", "1", "--n-val", "1", "--style", "plain"]) == 0
+    assert len(list((tmp_path / "w" / "imagenet" / "train").rglob("*.jpg"))) == NUM_CLASSES
+    with pytest.raises(ValueError, match="style"):
+        render_scene(rng, 64, style="fancy")
