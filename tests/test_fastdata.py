@@ -335,3 +335,35 @@ def test_bench_data_smoke_prints_both_pipelines(tmp_path, capsys):
     assert {(s["dataset"], s["format"]) for s in d["summary"]} == {(n, f) for n in ("synthetic", "photos") for f in ("folder", "packed")}
     assert all(s["ratio_per_core"] > 0 and s["fast_cores_per_gpu"] > 0 for s in d["summary"])
     assert res["data"]["summary"] == d["summary"]
+
+
+def test_one_call_jpeg_decode_equals_pillow_and_skips_corrupt_files(photos, tmp_path):
+    """The default fast path decodes full-scale JPEGs with torchvision's libjpeg-turbo call: the same pixels as
+    Pillow's decode (so the same crops as through Pillow), and truncated / non-JPEG files are still skipped and
+    counted like the official path's."""
+    from maecore.data import _DECODE_JPEG
+
+    assert _DECODE_JPEG is not None
+    fast = FastRandomResizedCrop(224)
+    for p in sorted(photos["500x375"].glob("*.jpg")):
+        data = p.read_bytes()
+        assert torch.equal(_DECODE_JPEG(torch.frombuffer(bytearray(data), dtype=torch.uint8)),
+                           torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1))
+        for seed in range(3):  # the one-call decode vs the Pillow decode under the same box: equal crops
+            torch.manual_seed(seed)
+            a = fast(p)
+            torch.manual_seed(seed)
+            with Image.open(p) as im:
+                b = fast.render(im, fast.plan(im))  # no bytes given: Pillow decodes
+            assert torch.equal(a, b)
+    d = tmp_path / "bad"
+    d.mkdir()
+    good = sorted(photos["500x375"].glob("*.jpg"))
+    for i, p in enumerate(good):
+        (d / f"{i}_ok.jpg").write_bytes(p.read_bytes())
+    (d / "0_trunc.jpg").write_bytes(good[0].read_bytes()[:5000])
+    (d / "1_text.jpg").write_text("not an image")
+    off = SeededDataset(ImageFiles(d, pretrain_transform(224)))
+    ours = SeededDataset(ImageFiles(d, decoder=FastRandomResizedCrop(224)))
+    n = len(off.base.samples)
+    assert sum(off[k][2] for k in keys(n, n)) == sum(ours[k][2] for k in keys(n, n)) == 2  # one skip each
