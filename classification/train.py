@@ -78,6 +78,8 @@ def get_parser() -> argparse.ArgumentParser:
     add_model_args(g, "vit", model="vit_large_patch16", input_size=224, input_size_help="image side in pixels",
                    num_classes_help="default: number of class folders in train/")
     g.add_argument("--drop_path", type=ratio(0.0, 1.0, hi_open=True), default=None, help="stochastic depth rate")
+    g.add_argument("--head_init_std", type=float, default=None,
+                   help="trunc-normal std of the new head (official: 2e-5 fine-tuning, 0.01 linear probe)")
     g.add_argument("--global_pool", action="store_true", default=None, help="average patch tokens (+ fc_norm)")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the cls token")
     g.add_argument("--finetune", default="", help="pretrained MAE checkpoint (ours or official)")
@@ -170,7 +172,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[VisionTrans
     model = build_classifier(
         args.model, num_classes, img_size=args.input_size, patch_size=args.patch_size, depth=args.depth,
         embed_dim=args.embed_dim, num_heads=args.num_heads, global_pool=args.global_pool, fc_norm=False if linprobe else None,
-        drop_path_rate=args.drop_path, head_init_std=0.01 if linprobe else 2e-5,
+        drop_path_rate=args.drop_path,
+        head_init_std=args.head_init_std if args.head_init_std is not None else (0.01 if linprobe else 2e-5),
     )
     if args.finetune:
         report = load_pretrained(model, args.finetune)
@@ -181,7 +184,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[VisionTrans
     elif du.is_main() and not args.eval:
         print("warning: no --finetune checkpoint: the encoder starts from random weights")
     if linprobe:
-        setup_linear_probe(model)
+        setup_linear_probe(model, model.head_init_std)
     elif args.protocol == "partial":
         setup_partial_finetune(model, args.tune_blocks)
     if args.grad_checkpointing:

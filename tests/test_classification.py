@@ -421,3 +421,16 @@ def test_randaugment_posterize_survives_magnitude_10() -> None:
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
     img = Image.fromarray(np.full((SIZE, SIZE, 3), 200, dtype=np.uint8))
     assert np.asarray(op(img)).max() == 0  # 0 bits kept: black, as older Pillow made it
+
+
+@pytest.mark.parametrize("argv,std", [([], 2e-5), (["--protocol", "linprobe"], 0.01), (["--head_init_std", "0.003"], 0.003),
+                                      (["--protocol", "linprobe", "--head_init_std", "0.02"], 0.02)])
+def test_head_init_std_flag(argv: list[str], std: float) -> None:
+    """The official head inits by default (2e-5 fine-tuning, 0.01 probe); --head_init_std overrides both."""
+    from classification.train import build_model, parse_args
+
+    args = parse_args(["--data_path", "x", "--model", "vit_tiny_patch16", "--depth", "1", "--input_size", "32", *argv])
+    model, _ = build_model(args, 5)
+    lin = model.head[-1] if isinstance(model.head, nn.Sequential) else model.head
+    assert model.head_init_std == std
+    assert abs(lin.weight.std().item() - std) < 0.2 * std
