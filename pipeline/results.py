@@ -96,7 +96,8 @@ def curves_png(runs: list[dict], png: Path) -> None:
             if not steps:
                 continue
             ys = [[s[t] for s in series] for t in steps]
-            ax.plot(steps, [statistics.fmean(y) for y in ys], style, label=f"{init} init" if kind == "eval" else None)
+            ax.plot(steps, [statistics.fmean(y) for y in ys], style, marker="o", markersize=2.5,
+                    label=f"{init} init" if kind == "eval" else None)
             ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("optimizer step")

@@ -62,6 +62,18 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def corrupt_folder(photos: dict[str, Path], tmp_path: Path) -> Path:
+    """The 500x375 photos beside a truncated JPEG and a text file named .jpg."""
+    d = tmp_path / "bad"
+    d.mkdir()
+    good = sorted(photos["500x375"].glob("*.jpg"))
+    for i, p in enumerate(good):
+        (d / f"{i}_ok.jpg").write_bytes(p.read_bytes())
+    (d / "0_trunc.jpg").write_bytes(good[0].read_bytes()[:5000])
+    (d / "1_text.jpg").write_text("not an image")
+    return d
+
+
 def official_pixels(x: torch.Tensor) -> torch.Tensor:
     """The official pipeline's normalised floats back in 0-255 units."""
     return (x * STD + MEAN) * 255
@@ -224,13 +236,7 @@ def test_packed_and_folder_give_the_same_fast_samples_and_resume_exactly(photos)
 def test_corrupt_files_skipped_and_counted_as_on_the_official_path(photos, tmp_path, caplog):
     """A truncated JPEG, a text file and an empty file: the same substitutes, skip counts and (Pillow resize)
     pixels as the official pipeline: a failed source leaves the RNG untouched."""
-    d = tmp_path / "bad"
-    d.mkdir()
-    good = sorted(photos["500x375"].glob("*.jpg"))
-    for i, p in enumerate(good):
-        (d / f"{i}_ok.jpg").write_bytes(p.read_bytes())
-    (d / "0_trunc.jpg").write_bytes(good[0].read_bytes()[:5000])
-    (d / "1_text.jpg").write_text("not an image")
+    d = corrupt_folder(photos, tmp_path)
     (d / "2_empty.jpg").write_bytes(b"")
     off = SeededDataset(ImageFiles(d, pretrain_transform(224)))
     fast = SeededDataset(ImageFiles(d, decoder=FastRandomResizedCrop(224, resize="pil")))
@@ -356,13 +362,7 @@ def test_one_call_jpeg_decode_equals_pillow_and_skips_corrupt_files(photos, tmp_
             with Image.open(p) as im:
                 b = fast.render(im, fast.plan(im))  # no bytes given: Pillow decodes
             assert torch.equal(a, b)
-    d = tmp_path / "bad"
-    d.mkdir()
-    good = sorted(photos["500x375"].glob("*.jpg"))
-    for i, p in enumerate(good):
-        (d / f"{i}_ok.jpg").write_bytes(p.read_bytes())
-    (d / "0_trunc.jpg").write_bytes(good[0].read_bytes()[:5000])
-    (d / "1_text.jpg").write_text("not an image")
+    d = corrupt_folder(photos, tmp_path)
     off = SeededDataset(ImageFiles(d, pretrain_transform(224)))
     ours = SeededDataset(ImageFiles(d, decoder=FastRandomResizedCrop(224)))
     n = len(off.base.samples)
