@@ -140,13 +140,16 @@ def write_results(out: Path, run_dirs: list[Path], command: str | None = None) -
         )
         lines.append(f"| {rec['label']} | {rec['metric']} | {_fmt(*mae['mean_std']) if mae else '–'} | "
                      f"{_fmt(*rnd['mean_std']) if rnd else '–'} | {_fmt(*rec['diff'])} | {per_seed} |")
-    walls = [r.get("wall_s") for r in runs if r.get("wall_s")]
+    from pipeline.demo import STAGES
+
+    # a seed's wall time only where every stage's time is on record (a rerun of some stages keeps the others')
+    walls = [sum(r["stage_wall_s"].values()) for r in runs if set(r.get("stage_wall_s", {})) >= {n for n, _ in STAGES}]
     pre = [r["results"].get("pretrain", {}) for r in runs]
     lines += [
         "",
         f"Pretraining: {pre[0].get('steps', '?') if pre else '?'} steps per seed; last logged loss "
         + (_fmt(*_mean_std([p.get("last_loss") for p in pre])) if pre else "–") + ".  "
-        + (f"Wall time per seed: {', '.join(f'{w / 60:.1f}' for w in walls)} min." if walls else ""),
+        + (f"Wall time per seed: {', '.join(f'{w / 60:.1f}' for w in walls)} min." if len(walls) == len(runs) else ""),
         "",
         "![metric vs steps](curves.png)",
         "",

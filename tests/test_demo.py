@@ -55,6 +55,23 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "| linear probe |" in (out / "report.md").read_text()
 
+    # one stage alone (--from-stage X --to-stage X): the other stages' rows and commands are kept, in stage order
+    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "partial", "--to-stage", "partial"],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    stages = [c[0] for c in res["commands"]]
+    assert stages == sorted(stages, key=["data", "pretrain", "figures", "convert", "linprobe", "partial", "finetune",
+                                         "detection", "segmentation", "report"].index)
+    assert {"pretrain", "partial", "detection", "segmentation"} <= set(stages) and res["done"] is False
+    assert set(res["results"]["rows"]) == set(rows)
+    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "finetune", "--to-stage", "partial"],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --to-stage partial comes before")
+    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "report"], capture_output=True,
+                       text=True, cwd=ROOT, env=ENV)
+    assert p.returncode == 0 and json.loads((out / "results.json").read_text())["done"] is True
+
     # the study preset: one pipeline per seed, a finished seed is kept (not re-run), then mean ± std + curves
     study = tmp_path / "study"
     shutil.copytree(out / "world", study / "world")
