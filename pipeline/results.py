@@ -148,7 +148,7 @@ def write_results(out: Path, run_dirs: list[Path], command: str | None = None) -
     lines += [
         "",
         f"Pretraining: {pre[0].get('steps', '?') if pre else '?'} steps per seed; last logged loss "
-        + (_fmt(*_mean_std([p.get("last_loss") for p in pre])) if pre else "–") + ".  "
+        + ("{:.3f} ± {:.3f}".format(*_mean_std([p.get("last_loss") for p in pre])) if pre else "–") + ".  "
         + (f"Wall time per seed: {', '.join(f'{w / 60:.1f}' for w in walls)} min." if len(walls) == len(runs) else ""),
         "",
         "![metric vs steps](curves.png)",
