@@ -334,8 +334,9 @@ class FastRandomResizedCrop:
         uint8 CHW.  ``data``: the file's bytes, when the caller has them (a full-scale baseline RGB JPEG is then
         decoded by libjpeg-turbo in one call, see :func:`_tv_decode_jpeg`)."""
         out_h, out_w = self.size
+        k = dct_scale((plan.width, plan.height), (out_w, out_h))
         if (data is not None and _DECODE_JPEG is not None and self.resize == "torch" and im.format == "JPEG"
-                and im.mode == "RGB" and dct_scale((plan.width, plan.height), (out_w, out_h)) == 1):
+                and im.mode == "RGB" and k == 1):
             try:
                 full = _DECODE_JPEG(torch.frombuffer(bytearray(data), dtype=torch.uint8))
             except RuntimeError as e:  # corrupt / truncated: skipped and counted, as Pillow's OSError is
@@ -344,13 +345,11 @@ class FastRandomResizedCrop:
                 raise UnusableImage(f"JPEG decoded to {tuple(full.shape[-2:])}, header says {(im.height, im.width)}")
             return self._resize_box(full, (plan.left, plan.top, plan.left + plan.width, plan.top + plan.height), plan.flip)
         s = 1
-        if im.format in DRAFTABLE:
-            k = dct_scale((plan.width, plan.height), (out_w, out_h))
-            if k > 1:
-                full_w = im.width
-                got = im.draft("RGB", (im.width // k, im.height // k))  # asks for exactly scale k (see dct_scale)
-                if got is not None:
-                    s = round(full_w / got[1][2])
+        if im.format in DRAFTABLE and k > 1:
+            full_w = im.width
+            got = im.draft("RGB", (im.width // k, im.height // k))  # asks for exactly scale k (see dct_scale)
+            if got is not None:
+                s = round(full_w / got[1][2])
         im.load()
         img = im if im.mode == "RGB" else to_rgb(im)  # as load_rgb; an RGB decode needs no copy
         box = (plan.left / s, plan.top / s, (plan.left + plan.width) / s, (plan.top + plan.height) / s)

@@ -410,8 +410,7 @@ def run_pipeline(out: Path, cfg: dict, from_stage: str, to_stage: str | None = N
         walls[name] = time.time() - t_stage
         ctx.commands.sort(key=lambda c: names.index(c[0]))  # stage order (stable within a stage)
         saved.write_text(json.dumps({"results": ctx.results, "commands": ctx.commands, "config": cfg,
-                                     "done": name == names[-1], "stage_wall_s": walls,
-                                     "wall_s": sum(walls.values())}, indent=1))
+                                     "done": name == names[-1], "stage_wall_s": walls}, indent=1))
     print(f"\ndone in {time.time() - t0:.0f} s: {out / 'report.md'}")
     return out / "report.md"
 
