@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision.transforms as T
@@ -17,14 +18,18 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from classification.evaluate import eval_loader  # noqa: F401  (re-exported: the loaders live with the evaluation)
-from maecore.data import ImageFiles, check_dir
+from maecore.data import FastRandomResizedCrop, ImageFiles, ImageSource, check_dir, crop_decoder
 from maecore.errors import UserError
 from maecore.packed import INDEX_NAME, PackedImages, split_dir
 from maecore.vit import to_2tuple
 
-__all__ = ["FeatureDataset", "build_datasets", "eval_loader", "eval_transform", "finetune_transform", "linprobe_transform"]
+__all__ = ["LINPROBE_SCALE", "FeatureDataset", "build_datasets", "eval_loader", "eval_transform", "finetune_transform",
+           "linprobe_train", "linprobe_transform"]
 
 log = logging.getLogger(__name__)
+
+# torchvision's default scale: the official main_linprobe's RandomResizedCrop(input_size, interpolation=3)
+LINPROBE_SCALE = (0.08, 1.0)
 
 
 def finetune_transform(
@@ -69,13 +74,22 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 
 def linprobe_transform(input_size: int | Sequence[int]) -> T.Compose:
-    """RandomResizedCrop (bicubic) + flip only (paper App. A.1)."""
+    """RandomResizedCrop (0.08-1, bicubic) + flip only (paper App. A.1)."""
     return T.Compose([
-        T.RandomResizedCrop(to_2tuple(input_size), interpolation=InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(to_2tuple(input_size), scale=LINPROBE_SCALE, interpolation=InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
+
+
+def linprobe_train(input_size: int | Sequence[int], decode: str) -> tuple[T.Compose | None, FastRandomResizedCrop | None]:
+    """The probe's training view as ``--decode`` makes it, ``(transform, decoder)`` for :func:`build_datasets`:
+    ``official`` is :func:`linprobe_transform` (float batches); ``fast`` / ``gpu`` the same boxes and flips from the
+    shared decoders (``maecore.data.crop_decoder``), uint8 or JPEG bytes finished on the device by the trainer's
+    ``device_batch`` (``maecore.data.decode_device_batch``)."""
+    decoder = crop_decoder(decode, to_2tuple(input_size), LINPROBE_SCALE)
+    return (linprobe_transform(input_size) if decoder is None else None), decoder
 
 
 def default_crop_pct(input_size: int | Sequence[int]) -> float:
@@ -98,10 +112,12 @@ def eval_transform(input_size: int | Sequence[int], crop_pct: float | None = Non
 
 
 def build_datasets(
-    data_path: str | Path, train_tf, val_tf, need_train: bool = True, classes: Sequence[str] | None = None
+    data_path: str | Path, train_tf, val_tf, need_train: bool = True, classes: Sequence[str] | None = None,
+    train_decoder: Callable[[ImageSource], Any] | None = None,
 ) -> tuple[ImageFiles | None, ImageFiles, list[str]]:
     """``train`` and ``val`` image folders sharing one class index space: ``classes`` when given (a
     checkpoint's), else the train split's folders, else (evaluation without train/) the val split's.
+    ``train_decoder`` (:func:`linprobe_train`) replaces decoding + ``train_tf`` for the train split.
 
     A val class that the index space lacks is an error; a class absent from val is fine.
     Returns (train or None, val, class names)."""
@@ -114,7 +130,7 @@ def build_datasets(
             raise UserError(f"{root} has no {split}/ sub-directory (expected the ImageNet layout {root}/{{train,val}}/<class>/*)")
     train = None
     if need_train:
-        train = _open_split(root / "train", train_tf)
+        train = _open_split(root / "train", train_tf, train_decoder)
         if classes is None:
             classes = list(train.classes)
         else:
@@ -126,10 +142,10 @@ def build_datasets(
     return train, val, list(classes)
 
 
-def _open_split(folder: Path, tf) -> ImageFiles:
+def _open_split(folder: Path, tf, decoder: Callable[[ImageSource], Any] | None = None) -> ImageFiles:
     """A split's class folders, or its packed copy (found by its index); one without classes is refused."""
     packed = split_dir(folder) is not None
-    ds = PackedImages(folder, tf) if packed else ImageFiles(folder, tf)
+    ds = (PackedImages if packed else ImageFiles)(folder, tf, decoder=decoder)
     if not ds.classes:
         raise UserError(f"{folder}: packed without class labels (its {INDEX_NAME} lists no classes; pack a folder of class "
                         f"sub-folders)" if packed else f"{folder}: no class sub-folders (expected {folder.name}/<class>/*.jpg)")

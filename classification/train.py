@@ -3,6 +3,7 @@
 * ``finetune``: end-to-end fine-tuning (official ``main_finetune.py``): AdamW, layer-wise lr decay,
   RandAugment, random erasing, Mixup/CutMix, label smoothing, drop path.
 * ``linprobe``: frozen encoder + BatchNorm + linear head with LARS (official ``main_linprobe.py``);
+  ``--decode fast|official|gpu`` picks how its training images are decoded (as ``python -m pretrain``'s);
   ``--cache_features`` trains on features extracted once (no augmentation).
 * ``partial``: the fine-tuning recipe on the last ``--tune_blocks K`` blocks (paper §4.3).
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from timm.data import Mixup
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from classification.data import (
@@ -33,7 +35,7 @@ from classification.data import (
     eval_loader,
     eval_transform,
     finetune_transform,
-    linprobe_transform,
+    linprobe_train,
 )
 from classification.evaluate import confusion_figure, evaluate, extract_features, knn_accuracy, sync_buffers
 from classification.lars import LARS
@@ -59,7 +61,8 @@ from maecore.cli import (
     run_cli,
 )
 from maecore.convert import load_weights
-from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
+from maecore.data import DECODE_HELP, DECODES, decode_collate, decode_device_batch, decode_unavailable
+from maecore.engine import SCHEDULE_KEYS, Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
 from maecore.errors import UserError
 from maecore.models import resolve_model
 from maecore.optim import WarmupCosine, adamw, param_groups
@@ -68,6 +71,8 @@ PROTOCOLS = ("finetune", "linprobe", "partial")
 # what builds the network and its eval view: ``--eval --resume CKPT`` takes these from the checkpoint's saved
 # args unless given on the command line (the protocol and the head follow from the weights themselves)
 MODEL_KEYS = ("model", "patch_size", "embed_dim", "depth", "num_heads", "input_size", "global_pool", "num_classes", "crop_pct")
+# --decode changes the pixels of the probe's training crops: a resume keeps it unless --resume_override decode
+CLS_SCHEDULE_KEYS = (*SCHEDULE_KEYS, "decode")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -115,6 +120,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--dist_eval", action="store_true", help="accepted for compatibility: evaluation is always sharded")
     g.add_argument("--cache_features", action="store_true", help="linprobe: extract features once, train without augmentation")
+    g.add_argument("--decode", choices=DECODES, default=None,
+                   help="linprobe training images only (finetune/partial keep timm's RandAugment pipeline; evaluation and "
+                        "--cache_features the centre crop): " + DECODE_HELP)
     g.add_argument("--knn", action="store_true", help="kNN accuracy of the initial (pretrained) features")
     g.add_argument("--knn_k", type=positive_int, default=20)
     g.add_argument("--knn_t", type=positive_float, default=0.07)
@@ -142,9 +150,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--mixup/--cutmix are not part of the linear probe")
     if args.cache_features and args.protocol != "linprobe":
         p.error("--cache_features needs --protocol linprobe (a frozen encoder)")
+    if msg := resolve_decode(args):
+        p.error(msg)
     if msg := check_args(args):
         p.error(msg)
     return args
+
+
+def resolve_decode(args: argparse.Namespace) -> str | None:
+    """``args.decode``: the probe's augmented training images default to ``fast``; where no image is augmented by a
+    random crop (finetune/partial: RandAugment, ``--cache_features``, ``--eval``) it stays ``None`` and giving it is
+    an error (one line, returned)."""
+    if args.protocol == "linprobe" and not args.cache_features and not args.eval:
+        args.decode = args.decode or "fast"
+        return decode_unavailable(args.decode, args.device)
+    if args.decode is not None:
+        where = "--cache_features trains on centre-crop features" if args.cache_features else (
+            "--eval only evaluates" if args.eval else f"--protocol {args.protocol} keeps timm's RandAugment pipeline")
+        return f"--decode picks how --protocol linprobe decodes its training images; {where}"
+    return None
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -236,12 +260,15 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
     if args.eval:
         return run_eval(args, device, amp, given)
 
-    if args.protocol == "linprobe":
-        train_tf = eval_transform(args.input_size, args.crop_pct) if args.cache_features else linprobe_transform(args.input_size)
+    train_decoder = None
+    val_tf = eval_transform(args.input_size, args.crop_pct)
+    if args.decode is not None:  # the probe's augmented training images (resolve_decode)
+        train_tf, train_decoder = linprobe_train(args.input_size, args.decode)
+    elif args.protocol == "linprobe":  # --cache_features: these images only count; the features come from feat_loader
+        train_tf = val_tf
     else:
         train_tf = finetune_transform(args.input_size, args.aa, args.reprob, args.remode, args.recount, args.color_jitter)
-    val_tf = eval_transform(args.input_size, args.crop_pct)
-    train_ds, val_ds, classes = build_datasets(args.data_path, train_tf, val_tf)
+    train_ds, val_ds, classes = build_datasets(args.data_path, train_tf, val_tf, train_decoder=train_decoder)
     args.classes = classes  # stored in checkpoints: --eval maps val folders by name
     num_classes = args.num_classes = resolve_classes(args, classes)
     model, n_tuned = build_model(args, num_classes)
@@ -255,7 +282,8 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
         n_all = sum(p.numel() for p in model.parameters())
         print(f"{args.protocol} {args.model}: {n_tuned / 1e6:.3f}M of {n_all / 1e6:.2f}M parameters tuned; "
               f"{len(train_ds)} train / {len(val_ds)} val images, {num_classes} classes; "
-              f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {du.world_size()}; lr {args.lr:.3g}")
+              f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {du.world_size()}; lr {args.lr:.3g}"
+              + (f"; training images: --decode {args.decode}" if args.decode else ""))
 
     pin = args.pin_mem and device.type == "cuda"
     val_loader = eval_loader(val_ds, args.batch_size, args.num_workers, pin)
@@ -305,9 +333,12 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
 
     after_step = (lambda m, step: ema.update(m, step)) if ema is not None else None
     cfg = config_from_args(args, best_key="acc1")
+    decode = {} if args.decode is None else dict(  # uint8 / JPEG batches finished on the device, as pretraining's
+        collate_fn=decode_collate(args.decode),
+        device_batch=decode_device_batch(args.decode, args.input_size, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     trainer = Trainer(cfg, model, optimizer, train_ds, step_fn, schedule, device, args=dump_args(args),
                       evaluate=evaluate_hook, after_step=after_step, extra_state={"model_ema": ema} if ema else None,
-                      model_keys=MODEL_KEYS)
+                      model_keys=MODEL_KEYS, schedule_keys=CLS_SCHEDULE_KEYS, **decode)
     summary = trainer.fit()
     summary.update(best_acc1=trainer.best, tuned_params=n_tuned, **knn)
     if du.is_main():

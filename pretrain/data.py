@@ -18,19 +18,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import torchvision.transforms as T
 from torchvision.transforms import InterpolationMode
 
 from maecore.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     MAX_SUBSTITUTES,
-    FastRandomResizedCrop,
-    GpuDecode,
-    GpuJpegCrop,
     ImageFiles,
-    UInt8Normalize,
     check_dir,
-    collate_encoded,
+    crop_decoder,
+    decode_collate,
+    decode_device_batch,
     list_images,
     try_load_rgb,
 )
@@ -39,9 +38,6 @@ from maecore.vit import to_2tuple
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DECODES = ("fast", "official", "gpu")
 PRETRAIN_SCALE = (0.2, 1.0)
 
 
@@ -88,40 +84,22 @@ def open_images(folder: Path, transform=None, draft_size: tuple[int, int] | None
     return ImageFiles(folder, transform, draft_size, decoder)
 
 
-def check_decode(decode: str) -> None:
-    if decode not in DECODES:
-        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
-
-
 def build_pretrain_dataset(
     data_path: str | Path, input_size: int | tuple[int, int], jpeg_draft: bool = False, decode: str = "fast"
 ) -> ImageFiles:
     """The training images of ``data_path``: a folder or a packed dataset (its ``train/`` when present),
     decoded as ``decode`` says (see the module's docstring; ``jpeg_draft`` only changes ``official``)."""
-    check_decode(decode)
     size = to_2tuple(input_size)
     folder = resolve_train_dir(data_path)
-    if decode == "official":
+    decoder = crop_decoder(decode, size, PRETRAIN_SCALE)
+    if decoder is None:
         return open_images(folder, pretrain_transform(size, PRETRAIN_SCALE), draft_size=size if jpeg_draft else None)
-    cls = GpuJpegCrop if decode == "gpu" else FastRandomResizedCrop
-    return open_images(folder, decoder=cls(size, scale=PRETRAIN_SCALE))
+    return open_images(folder, decoder=decoder)
 
 
-def pretrain_collate(decode: str) -> Callable | None:
-    """The DataLoader ``collate_fn`` a ``decode`` needs (``None``: the default)."""
-    check_decode(decode)
-    return collate_encoded if decode == "gpu" else None
-
-
-def pretrain_device_batch(decode: str, input_size: int | tuple[int, int], device: torch.device) -> Callable[[Any], Any] | None:
-    """What finishes a batch on the device (the trainer's ``device_batch``): normalising the fast path's uint8
-    images, decoding the GPU path's JPEGs; ``None`` for ``official`` (its batches arrive normalised)."""
-    check_decode(decode)
-    if decode == "official":
-        return None
-    if decode == "gpu":
-        return GpuDecode(to_2tuple(input_size), IMAGENET_MEAN, IMAGENET_STD, device)
-    return UInt8Normalize(IMAGENET_MEAN, IMAGENET_STD)
+# the collate_fn and the trainer's device_batch a decode needs (shared with the classification probe: maecore.data)
+pretrain_collate = decode_collate
+pretrain_device_batch = decode_device_batch
 
 
 def fixed_images(data_path: str | Path, n: int) -> list[Path] | list[NamedBytes]:

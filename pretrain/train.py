@@ -23,10 +23,11 @@ from maecore.cli import (
     ratio,
     run_cli,
 )
+from maecore.data import DECODE_HELP, DECODES, decode_unavailable
 from maecore.engine import SCHEDULE_KEYS, StepFn, Trainer, add_engine_args, config_from_args, dump_args
 from maecore.models import resolve_model
 from maecore.optim import WarmupCosine, adamw, param_groups
-from pretrain.data import DECODES, build_pretrain_dataset, fixed_images, pretrain_collate, pretrain_device_batch
+from pretrain.data import build_pretrain_dataset, fixed_images, pretrain_collate, pretrain_device_batch
 from pretrain.evaluate import reconstruction_figure
 from pretrain.model import build_mae
 from pretrain.recipes import RECIPES
@@ -63,10 +64,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_epochs", type=non_negative_float, default=40)
     g = p.add_argument_group("data and figures")
     g.add_argument("--data_path", required=True, help="image folder (class sub-folders optional; uses train/ if present)")
-    g.add_argument("--decode", choices=DECODES, default="fast",
-                   help="fast (default): JPEG DCT scale chosen from the crop, only the box resized, uint8 to the device, "
-                        "normalised there; official: the torchvision transforms in the workers; gpu: nvJPEG decode on "
-                        "the CUDA device (same crops and flips each way: docs/benchmarks.md)")
+    g.add_argument("--decode", choices=DECODES, default="fast", help=DECODE_HELP)
     g.add_argument("--jpeg_draft", action="store_true",
                    help="deprecated: --decode fast picks the DCT scale per crop; with --decode official, draft-decode "
                         "JPEGs at the output size before the crop (the old behaviour)")
@@ -86,9 +84,7 @@ def check_args(args: argparse.Namespace) -> str | None:
     for flag, dim in (("--embed_dim", width), ("--decoder_embed_dim", args.decoder_embed_dim)):
         if dim % 4:
             return f"{flag} {dim} is not a multiple of 4 (the sin-cos position table needs it)"
-    if args.decode == "gpu" and (args.device == "cpu" or not torch.cuda.is_available()):
-        return "--decode gpu decodes JPEGs on a CUDA device and this run has none: use --decode fast (the default)"
-    return None
+    return decode_unavailable(args.decode, args.device)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

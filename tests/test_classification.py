@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 
-from classification.data import build_datasets, eval_transform
+from classification.data import LINPROBE_SCALE, build_datasets, eval_transform, linprobe_train, linprobe_transform
 from classification.evaluate import knn_classify
 from classification.lars import LARS
 from classification.model import build_classifier, load_pretrained, setup_linear_probe, setup_partial_finetune
 from classification.train import build_model, cli, main, parse_args
 from maecore.checkpoint import load_file, save_atomic
+from maecore.data import FastRandomResizedCrop, SeededDataset, normalize_uint8
 from maecore.engine import read_log
 from maecore.optim import adamw, param_groups
 from maecore.synthetic import SHAPES, make_imagenet
@@ -263,6 +265,45 @@ def test_linprobe_cli(world: Path, mae_ckpt: Path, tmp_path: Path) -> None:
     enc = load_file(mae_ckpt)["model"]
     assert torch.equal(ck["model"]["blocks.1.mlp.fc1.weight"], enc["blocks.1.mlp.fc1.weight"])  # frozen
     assert "head.0.running_mean" in ck["model"] and "mu" in str(ck["optimizer"]["state"])  # BN head, LARS state
+    assert ck["args"]["decode"] == "fast"  # the probe's default
+
+
+def test_linprobe_decode_fast_trains_as_official(world: Path, mae_ckpt: Path, tmp_path: Path, capsys) -> None:
+    """--decode fast (uint8 crops, normalised on the device by the trainer's device_batch hook) against --decode
+    official (linprobe_transform in the workers): the same boxes, flips and labels under the sampler's seeds, so
+    the same losses up to the resize's rounding; the choice is printed and saved in args.json."""
+    losses = {}
+    for decode in ("fast", "official"):
+        out = tmp_path / decode
+        main(common(world, out, "--protocol", "linprobe", "--finetune", str(mae_ckpt), "--epochs", "1", "--max_steps", "2",
+                    "--decode", decode))
+        assert f"training images: --decode {decode}" in capsys.readouterr().out
+        assert json.loads((out / "args.json").read_text())["decode"] == decode
+        losses[decode] = [r["loss"] for r in read_log(out, "train")]
+    assert len(losses["fast"]) == 2 and losses["fast"] == pytest.approx(losses["official"], rel=2e-3)
+    # it changes the training pixels: a resume keeps it unless --resume_override decode
+    resume = common(world, tmp_path / "official", "--protocol", "linprobe", "--finetune", str(mae_ckpt), "--epochs", "1",
+                    "--max_steps", "2", "--resume", "auto")
+    assert "decode official -> fast" in _cli_error(resume, capsys)
+
+
+def test_linprobe_fast_samples_are_the_official_ones(world: Path) -> None:
+    """The probe's train split through linprobe_train: official = linprobe_transform (torchvision's default scale
+    0.08-1, as main_linprobe); fast = uint8 crops with the same (image, label, skipped) order.  With Pillow's resize
+    the normalised pixels are bitwise linprobe_transform's (same boxes, flips); the default torch resize within 1/255
+    on most pixels."""
+    tf, dec = linprobe_train(SIZE, "official")
+    assert dec is None and tf.transforms[0].scale == LINPROBE_SCALE == (0.08, 1.0)
+    tf, dec = linprobe_train(SIZE, "fast")
+    assert tf is None and isinstance(dec, FastRandomResizedCrop) and dec.scale == LINPROBE_SCALE
+    off = SeededDataset(build_datasets(world, linprobe_transform(SIZE), None)[0])
+    pil = SeededDataset(build_datasets(world, None, None, train_decoder=FastRandomResizedCrop(SIZE, LINPROBE_SCALE, resize="pil"))[0])
+    fast = SeededDataset(build_datasets(world, None, None, train_decoder=dec)[0])
+    for i in range(len(off)):
+        a, b, c = off[(i, 31 * i + 7)], pil[(i, 31 * i + 7)], fast[(i, 31 * i + 7)]
+        assert a[1:] == b[1:] == c[1:] and b[0].dtype == c[0].dtype == torch.uint8
+        assert torch.equal(normalize_uint8(b[0], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), a[0])
+        assert (c[0].float() - b[0].float()).abs().le(1).float().mean() > 0.9
 
 
 def test_linprobe_cached_features_and_knn(world: Path, mae_ckpt: Path, tmp_path: Path) -> None:
@@ -271,6 +312,7 @@ def test_linprobe_cached_features_and_knn(world: Path, mae_ckpt: Path, tmp_path:
                           "--cache_features", "--knn", "--knn_k", "5", "--blr", "1.0"))
     _check_run(out, summary)
     assert 0.0 <= summary["knn_acc1"] <= 100.0
+    assert json.loads((out / "args.json").read_text())["decode"] is None  # centre-crop features: no --decode
     # the checkpoint is a whole classifier: --eval on images gives the accuracy measured on cached features
     res = main(common(world, tmp_path / "ev", "--eval", "--resume", str(out / "checkpoint-last.pth"), "--protocol", "linprobe"))
     assert res["acc1"] == pytest.approx(summary["acc1"])
@@ -340,6 +382,13 @@ def test_cli_errors(world: Path, tmp_path: Path, capsys) -> None:
     wrong = save_atomic({"model": build_mae("mae_vit_tiny_patch16", patch_size=8, img_size=SIZE, depth=3, decoder_depth=1,
                                             decoder_embed_dim=64, decoder_num_heads=4).state_dict()}, tmp_path / "d3.pth")
     assert "unknown keys" in _cli_error(common(world, tmp_path / "o", "--finetune", str(wrong)), capsys)
+    # --decode: a choice of argparse; only the probe's augmented training images have one; gpu needs CUDA
+    assert "invalid choice: 'jpeg'" in _cli_error(common(world, tmp_path / "o", "--protocol", "linprobe", "--decode", "jpeg"), capsys)
+    assert "RandAugment" in _cli_error(common(world, tmp_path / "o", "--decode", "fast"), capsys)
+    assert "centre-crop" in _cli_error(common(world, tmp_path / "o", "--protocol", "linprobe", "--cache_features", "--decode", "fast"),
+                                       capsys)
+    if not torch.cuda.is_available():
+        assert "CUDA" in _cli_error(common(world, tmp_path / "o", "--protocol", "linprobe", "--decode", "gpu"), capsys)
     odd = common(world, tmp_path / "o", "--batch_size", "7")
     assert "even" in _cli_error(odd, capsys)
     # a val class the training set does not have

@@ -1,9 +1,9 @@
 """The fast input pipeline (maecore.data.FastRandomResizedCrop, ``--decode fast``) against the official one
 (torchvision RandomResizedCrop(0.2-1, bicubic) + flip + ToTensor + Normalize): the same crop boxes and flips under
-the same RNG, the same distribution over many draws, bitwise-equal pixels where no DCT reduction happens (Pillow
-resize) and the output statistics within stated tolerances elsewhere; skip-and-count of bad files; the GPU path's
-worker half and its device half (run on the CPU here; tests/test_fastdata.py::test_gpu_decode_on_cuda on a GPU);
-the ``--bench data`` smoke run.
+the same RNG, the same distribution over many draws (both also for the classification probe's 0.08-1 crops),
+bitwise-equal pixels where no DCT reduction happens (Pillow resize) and the output statistics within stated
+tolerances elsewhere; skip-and-count of bad files; the GPU path's worker half and its device half (run on the CPU
+here; tests/test_fastdata.py::test_gpu_decode_on_cuda on a GPU); the ``--bench data`` smoke run.
 
 Tolerances (in 0-255 pixel units, per channel, paired crops: same seeds, so the same boxes):
 * DCT scale 1, ``resize="pil"``: bitwise equal;
@@ -23,6 +23,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from classification.data import linprobe_train, linprobe_transform
 from maecore.data import (
     CropPlan,
     EncodedBatch,
@@ -33,11 +34,12 @@ from maecore.data import (
     SeededDataset,
     UInt8Normalize,
     collate_encoded,
+    crop_decoder,
     dct_scale,
     normalize_uint8,
 )
 from maecore.packed import PackedImages, pack
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, build_pretrain_dataset, pretrain_transform
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_SCALE, build_pretrain_dataset, pretrain_transform
 
 CUDA = torch.cuda.is_available()
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -83,12 +85,22 @@ def keys(n: int, m: int) -> list[tuple[int, int]]:
     return [(i % m, 7919 * i + 1) for i in range(n)]
 
 
+# per training CLI: its fast decoder as the CLI builds it, its official transform's RandomResizedCrop, and the
+# torchvision RandomResizedCrop arguments of the official script (main_linprobe: the default scale, 0.08-1)
+PIPELINES = {
+    "pretrain": (lambda: crop_decoder("fast", 224, PRETRAIN_SCALE), lambda: pretrain_transform(224).transforms[0], {"scale": (0.2, 1.0)}),
+    "linprobe": (lambda: linprobe_train(224, "fast")[1], lambda: linprobe_transform(224).transforms[0], {}),
+}
+
+
 # ---- crop boxes --------------------------------------------------------------------------------------------
-def test_boxes_and_flips_are_the_official_ones_under_the_same_rng():
+@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+def test_boxes_and_flips_are_the_official_ones_under_the_same_rng(pipeline):
     """The same torch RNG calls as RandomResizedCrop + RandomHorizontalFlip: same box, same flip, and the RNG left
     in the same state (the next draw agrees), for landscape, portrait, tiny and extreme shapes (the fallback)."""
-    fast = FastRandomResizedCrop(224)
-    rrc = T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    make_fast, make_rrc, _ = PIPELINES[pipeline]
+    fast, rrc = make_fast(), make_rrc()
+    assert isinstance(fast, FastRandomResizedCrop) and isinstance(rrc, T.RandomResizedCrop) and fast.scale == rrc.scale
     for size in ((500, 375), (375, 500), (1600, 1200), (32, 32), (2000, 100)):
         im = Image.new("RGB", size)
         for seed in range(60):
@@ -101,14 +113,17 @@ def test_boxes_and_flips_are_the_official_ones_under_the_same_rng():
             assert torch.equal(torch.rand(1), after)
 
 
-def test_box_distribution_matches_torchvision_over_many_draws():
+@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+def test_box_distribution_matches_torchvision_over_many_draws(pipeline):
     """Scale and log-aspect of 3000 boxes drawn the fast way under the sampler's per-sample seeds vs 3000 from
-    torchvision's RandomResizedCrop under a different stream: two-sample KS p > 0.001, flip rate 0.5 +- 0.04."""
+    torchvision's RandomResizedCrop (the official script's arguments) under a different stream: two-sample KS
+    p > 0.001, flip rate 0.5 +- 0.04."""
     from scipy.stats import ks_2samp
 
+    make_fast, _, official = PIPELINES[pipeline]
     im = Image.new("RGB", (500, 375))
-    fast = FastRandomResizedCrop(224)
-    rrc = T.RandomResizedCrop(224, scale=(0.2, 1.0))
+    fast = make_fast()
+    rrc = T.RandomResizedCrop(224, **official)
     ours, theirs, flips = [], [], []
     for i in range(3000):
         torch.default_generator.manual_seed((12345 * 1_000_003 + i) * 10_000_019 % (2**63 - 1))
@@ -122,7 +137,7 @@ def test_box_distribution_matches_torchvision_over_many_draws():
     ours_a, theirs_a = np.array(ours), np.array(theirs)
     for k in range(2):
         assert ks_2samp(ours_a[:, k], theirs_a[:, k]).pvalue > 1e-3
-    assert 0.2 - 1e-3 < ours_a[:, 0].min() and ours_a[:, 0].max() <= 1.0
+    assert rrc.scale[0] - 1e-3 < ours_a[:, 0].min() and ours_a[:, 0].max() <= 1.0
     assert abs(np.mean(flips) - 0.5) < 0.04
 
 
@@ -296,6 +311,11 @@ def test_decode_gpu_without_cuda_is_a_one_line_error(tiny_world, tmp_path, capsy
     assert err.startswith("error: --decode gpu decodes JPEGs on a CUDA device") and "\n" not in err
 
 
+# a 2-step linear probe of a random tiny encoder (the CUDA test runs it with --decode gpu)
+LINPROBE_SMOKE = ["--protocol", "linprobe", "--model", "vit_tiny_patch16", "--patch_size", "8", "--depth", "2", "--input_size", "32",
+                  "--batch_size", "8", "--no_progress", "--log_every", "1", "--epochs", "1", "--max_steps", "2", "--num_workers", "1"]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (tools/gpu_check.sh runs these on one)")
 def test_gpu_decode_on_cuda(photos, tmp_path, tiny_world, run_module):
@@ -321,6 +341,11 @@ def test_gpu_decode_on_cuda(photos, tmp_path, tiny_world, run_module):
                             "--num_workers", "1", "--device", "cuda", "--decode", "gpu", "--data_path", tiny_world["imagenet"],
                             "--output_dir", out_dir])
     logs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if r["type"] == "train"] == [1, 2]
+    # the classification probe's training images the same way (labels through collate_encoded and GpuDecode)
+    run_module("classification", [*LINPROBE_SMOKE, "--device", "cuda", "--decode", "gpu", "--data_path", tiny_world["imagenet"],
+                                  "--output_dir", tmp_path / "gpu_probe"])
+    logs = [json.loads(line) for line in (tmp_path / "gpu_probe" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if r["type"] == "train"] == [1, 2]
 
 
