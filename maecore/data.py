@@ -12,9 +12,11 @@ and :class:`GpuDecode` (``--decode gpu``) move the JPEG decode itself onto a CUD
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import math
+import multiprocessing
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -148,11 +150,35 @@ def worker_error_line(e: BaseException) -> str:
     return last
 
 
+def _kill_daemonic_children() -> None:
+    """Exit hook: end the DataLoader workers still alive (a persistent loader a script let go of without shutting
+    it down).  multiprocessing's own hook would SIGTERM them and wait, forever, since ``ignore_stop_signals``
+    makes them ignore SIGTERM; SIGKILL is what a daemonic child gets at its parent's exit anyway."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join(5)
+
+
+# registered after multiprocessing's own hook (imported with torch), so it runs first (atexit is LIFO)
+atexit.register(_kill_daemonic_children)
+
+
+def shutdown_workers(loader: Any) -> None:
+    """Stop a DataLoader's persistent workers now (the loader stays usable: a next ``iter`` starts new ones).
+    Without this they live as long as the loader object, which a reference cycle can keep until exit."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+        loader._iterator = None
+
+
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM/SIGUSR1, which the training process
     handles (it finishes the step and checkpoints): a worker killed by a Ctrl-C sent to the process group, or
     by SLURM signalling every process, would make the main process fail with 'worker exited unexpectedly'.
-    Workers still end with their parent (the loader shuts them down, or they notice it is gone)."""
+    Workers still end with their parent: the trainer shuts them down when ``fit`` ends (``shutdown_workers``),
+    and an exit hook kills any left (``_kill_daemonic_children``)."""
     import signal
 
     for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):

@@ -71,7 +71,7 @@ from maecore.checkpoint import (
     set_rng_state,
 )
 from maecore.cli import non_negative_float, non_negative_int, positive_float, positive_int
-from maecore.data import ResumableSampler, SeededDataset, ignore_stop_signals, worker_error_line
+from maecore.data import ResumableSampler, SeededDataset, ignore_stop_signals, shutdown_workers, worker_error_line
 from maecore.errors import NonFiniteError, UserError
 from maecore.optim import set_lr
 
@@ -748,6 +748,7 @@ class Trainer:
                 last_eval = self._epoch_end(epoch, complete=self.epoch > epoch)
             finished = True
         finally:
+            shutdown_workers(self.loader)  # persistent workers would otherwise outlive the run (--max_steps, a stop)
             self.signals.restore()
             if finished:
                 self.stop_vote.close()

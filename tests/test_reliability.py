@@ -409,3 +409,37 @@ def test_a_second_signal_never_interrupts_a_save():
     finally:
         s.restore()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_workers_end_with_the_run(tiny_world, tmp_path, monkeypatch):
+    """--max_steps stops mid-epoch: the persistent loader's workers (which ignore SIGTERM) are shut down when fit
+    ends, even while the trainer lives on (a reference cycle can keep it to the exit, where multiprocessing's
+    SIGTERM-and-wait hook would hang on them)."""
+    import multiprocessing
+
+    from maecore.engine import Trainer
+
+    kept: list[Trainer] = []
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: (kept.append(self), fit(self))[1])
+    main(["--data_path", tiny_world["imagenet"], "--output_dir", tmp_path / "run", "--epochs", "1", "--num_workers", "1",
+          "--max_steps", "2"])
+    assert kept and kept[0].loader._iterator is None
+    assert [p for p in multiprocessing.active_children() if p.is_alive()] == []
+
+
+def test_exit_never_waits_on_a_worker(tmp_path):
+    """A script that lets go of a persistent loader mid-epoch still exits: the exit hook kills the worker that
+    ignores SIGTERM (before the hook, this process waited on it forever)."""
+    script = tmp_path / "leave_loader.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader\n"
+        "from maecore.data import ignore_stop_signals\n"
+        "loader = DataLoader(list(range(64)), batch_size=4, num_workers=1, persistent_workers=True,\n"
+        "                    worker_init_fn=ignore_stop_signals)\n"
+        "it = iter(loader)\n"
+        "print(int(next(it).sum()), flush=True)\n")
+    p = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "6"
