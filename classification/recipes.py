@@ -39,10 +39,11 @@ RECIPES: dict[str, dict] = {
     "partial": dict(_FT, protocol="partial", model="vit_large_patch16", blr=1e-3, layer_decay=0.75, drop_path=0.2, epochs=100,
                     batch_size=32, tune_blocks=1.0),
     # synthetic world: ViT-tiny/8 on 64-px shapes (what `python -m pretrain --recipe demo` makes).  A few hundred
-    # CPU steps on 2,800 images: the model underfits, so no RandAugment / random erasing / label smoothing / mixing
-    # (each slows the first epochs; they pay off only over many) and 8 epochs.  docs/demo_study.md has the measured curves.
+    # CPU steps on 5,600 images: the model underfits, so no RandAugment / random erasing / label smoothing / mixing
+    # and no drop path (each slows the first epochs; they pay off only over many: drop path 0.1 cost 2.3 points at
+    # 875 steps) and 8 epochs.  docs/demo_study.md has the measured curves.
     "demo": dict(protocol="finetune", model="vit_tiny_patch16", patch_size=8, depth=4, input_size=64, blr=2e-3, layer_decay=0.75,
-                 drop_path=0.1, epochs=8, warmup_epochs=1, batch_size=32, mixup=0.0, cutmix=0.0, smoothing=0.0,
+                 drop_path=0.0, epochs=8, warmup_epochs=1, batch_size=32, mixup=0.0, cutmix=0.0, smoothing=0.0,
                  reprob=0.0, aa=None, num_workers=1, log_every=5, keep_every=0),
     # LARS moves a weight by lr x 0.001 of its norm per step whatever the batch: blr 25 at batch 64 gives the
     # official per-step lr (0.1 x 16384 / 256 = 6.4); blr 0.1 would barely move the head in a demo's few steps

@@ -259,14 +259,14 @@ def _min_area(h: int, w: int) -> int:
 
 def _try_scene(
     rng: np.random.Generator, h: int, w: int, dominant: int | None, main_area: tuple[float, float] = (0.10, 0.22),
-    style: str = "cluttered", max_objects: int = 4,
+    style: str = "cluttered", max_objects: int = 4, other_area: tuple[float, float] = (0.012, 0.05),
 ) -> Scene:
     n = min(int(rng.integers(1, 5)), max_objects)
     first = int(rng.integers(NUM_CLASSES)) if dominant is None else dominant
     labels = [first] + [int(x) for x in rng.integers(NUM_CLASSES, size=n - 1)]
     # One clearly large object plus smaller distractors: usually an obvious
     # winner, but occlusion and similar sizes keep it from being trivial.
-    areas = [rng.uniform(*main_area)] + list(rng.uniform(0.012, 0.05, size=n - 1))
+    areas = [rng.uniform(*main_area)] + list(rng.uniform(*other_area, size=n - 1))
     objs = [_place(rng, lab, a * h * w, h, w) for lab, a in zip(labels, areas, strict=True)]
     objs = [objs[i] for i in rng.permutation(n)]  # random z-order
 
@@ -317,13 +317,14 @@ def render_scene(
     main_area: tuple[float, float] = (0.10, 0.22),
     style: str = "cluttered",
     max_objects: int = 4,
+    other_area: tuple[float, float] = (0.012, 0.05),
 ) -> Scene:
     """Render one scene of 1-``max_objects`` (at most 4) shapes; ``size`` is an int or ``(H, W)``.
 
     If ``dominant`` (an index into SHAPES) is given, scenes are redrawn from
     ``rng`` until the largest visible instance has that class.  ``main_area`` is
-    the range of the first (largest) object's area as a fraction of the image;
-    ``style`` is one of STYLES (textures).
+    the range of the first (largest) object's area as a fraction of the image,
+    ``other_area`` that of the others; ``style`` is one of STYLES (textures).
     """
     h, w = _hw(size)
     if dominant is not None and not 0 <= dominant < NUM_CLASSES:
@@ -331,7 +332,7 @@ def render_scene(
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     for _ in range(100):
-        scene = _try_scene(rng, h, w, dominant, main_area, style, max_objects)
+        scene = _try_scene(rng, h, w, dominant, main_area, style, max_objects, other_area)
         if scene.labels and (dominant is None or scene.dominant == dominant):
             return scene
     raise RuntimeError("could not render a scene with the requested dominant class")
@@ -369,6 +370,10 @@ def _check_count(name: str, n: int) -> int:
 IMAGENET_MAIN_AREA = (0.22, 0.40)
 # plain style: one object, larger (a 64-px frame at 8-px patches gives it ~20-35 patches, not 14-26)
 IMAGENET_PLAIN_AREA = (0.30, 0.55)
+# plain COCO / ADE scenes: 1-3 objects, none a distractor of a patch or two (at 64 px / patch 8 the cluttered
+# scenes' 1-5 % objects cover 1-3 patches, too few to read a shape from), all large enough to classify
+SCENE_PLAIN_MAIN_AREA = (0.14, 0.28)
+SCENE_PLAIN_OTHER_AREA = (0.06, 0.14)
 
 
 def make_imagenet(
@@ -437,8 +442,9 @@ def _scenes(seed: int, split: str, n: int, hw: tuple[int, int], style: str = "cl
     # COCO and ADE share this stream: image i of a split is the same scene in
     # both layouts, which lets tests cross-check them file by file.
     rng = _stream(seed, "scenes", split)
+    sizes = {"main_area": SCENE_PLAIN_MAIN_AREA, "other_area": SCENE_PLAIN_OTHER_AREA, "max_objects": 3} if style == "plain" else {}
     for i in range(n):
-        yield i, render_scene(rng, hw, style=style)
+        yield i, render_scene(rng, hw, style=style, **sizes)
 
 
 def make_coco(

@@ -19,15 +19,21 @@ import argparse
 import importlib
 import json
 import math
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from maecore.cli import run_cli
-from maecore.engine import Preempted
+from maecore.engine import EXIT_REQUEUE, STOP_SIGNALS, Preempted
 from maecore.errors import UserError
 
 # The demo: a ViT-tiny/8 on the 64-px synthetic world, every stage in CPU minutes.  Each task's list is
@@ -38,11 +44,16 @@ PRESETS: dict[str, dict] = {
         # "plain" style (one flat-coloured object per image: docs/demo_study.md, design (d): the cluttered
         # world's shapes were too hard for a few hundred ViT steps).  5,600 images: the transfer runs see new
         # images rather than repeats, for the same steps.
-        "world": {"size": 64, "n_train": 100, "n_val": 20, "imagenet_n_train": 800, "imagenet_n_val": 100,
-                  "imagenet_style": "plain", "seed": 0},
+        # coco/ade in the "plain" style too: 1-3 flat-coloured objects of 6-28 % of the frame (the cluttered scenes'
+        # 1-5 % distractors cover a patch or two, too few to read a shape from in a few hundred steps)
+        "world": {"size": 64, "n_train": 400, "n_val": 50, "imagenet_n_train": 800, "imagenet_n_val": 100,
+                  "imagenet_style": "plain", "scene_style": "plain", "seed": 0},
         "data_root": None,  # None: generate the synthetic world under <output>/world
         "inits": ["mae", "random"],
-        # detection and segmentation from MAE only: their random-init runs would cost ~2 min that 15 minutes
+        # the transfer runs two at a time, each its own process on half the cores: 1.37x the throughput of one
+        # 2-thread run after another on 2 cores (docs/demo_study.md, session 3)
+        "parallel": 2,
+        # detection and segmentation from MAE only: their random-init runs would cost ~3.5 min that 15 minutes
         # do not have (the study preset runs both)
         "dense_inits": ["mae"],
         # precision: every stage's --amp auto (bf16 where the CPU has native bf16, ~1.35x a tiny-ViT step; fp32
@@ -52,10 +63,12 @@ PRESETS: dict[str, dict] = {
         # one block (the issue's row; the last-MLP variant would cost two more runs)
         "partial": ["--recipe", "demo_partial", "--epochs", "3"],  # 525 steps
         "partial_blocks": [1.0],
-        "finetune": ["--recipe", "demo", "--epochs", "5"],  # 875 steps: top-1 crosses 50 % there (docs/demo_study.md)
-        "detection": ["--recipe", "demo", "--epochs", "8"],
-        "segmentation": ["--recipe", "demo", "--embed_dim", "192", "--num_heads", "3",
-                         "--max_iters", "300", "--eval_iters", "300", "--warmup_iters", "30"],
+        "finetune": ["--recipe", "demo", "--epochs", "5"],  # 875 steps (docs/demo_study.md: the curves)
+        # short schedules want mild scale jitter: LSJ 0.8-1.25 instead of the recipe's 0.5-2 (box AP 12.4 vs 3.9 at
+        # 500 steps), ratio 0.9-1.1 instead of 0.75-1.5 (mIoU 20.0 vs 16.4 at 900 iterations): docs/demo_study.md
+        "detection": ["--recipe", "demo", "--epochs", "5", "--lsj_scale", "0.8", "1.25"],  # 500 steps
+        "segmentation": ["--recipe", "demo", "--embed_dim", "192", "--num_heads", "3", "--ratio_range", "0.9", "1.1",
+                         "--max_iters", "1000", "--eval_iters", "1000", "--warmup_iters", "30"],
         "segmentation_mae": ["--layer_decay", "0.65"],
     },
     # the same code path at the smallest size: what the test suite runs
@@ -63,6 +76,7 @@ PRESETS: dict[str, dict] = {
         "world": {"size": 64, "n_train": 3, "n_val": 1, "seed": 0},
         "data_root": None,
         "inits": ["mae", "random"],
+        "parallel": 2,
         "pretrain": ["--recipe", "demo", "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--log_every", "1"],
         "linprobe": ["--recipe", "demo_linprobe", "--cache_features", "--epochs", "1", "--batch_size", "8",
                      "--num_workers", "0"],
@@ -120,6 +134,8 @@ def common(ctx: Context) -> list[str]:
     return ["--no_progress", "--seed", str(ctx.cfg.get("seed", 0)), "--overwrite"]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # The command line each stage shows (``python <entry> ARGS``) -> the module whose ``main(argv)`` runs it.
 ENTRIES: dict[str, str] = {
     "tools/make_synthetic.py": "maecore.synthetic",
@@ -151,7 +167,7 @@ def stage_data(ctx: Context) -> None:
                                                     "--n-val", str(w.get("imagenet_n_val", w["n_val"])),
                                                     "--style", w.get("imagenet_style", "cluttered")])
         ctx.run("data", "tools/make_synthetic.py", [*base, "--tasks", "coco,ade", "--n-train", str(w["n_train"]),
-                                                    "--n-val", str(w["n_val"])])
+                                                    "--n-val", str(w["n_val"]), "--style", w.get("scene_style", "cluttered")])
     else:
         ctx.run("data", "tools/make_synthetic.py", [*base, "--n-train", str(w["n_train"]), "--n-val", str(w["n_val"])])
 
@@ -188,28 +204,47 @@ def _init_args(ctx: Context, task: str, init: str) -> list[str]:
     return ["--finetune", str(ctx.out / "converted" / f"{task}.pth")] if init == "mae" else []
 
 
-def _classify(ctx: Context, stage: str, name: str, slug: str, extra: list[str]) -> None:
+@dataclass
+class Job:
+    """One transfer run: a CLI command, and what files its result (the CLI's summary dict) into the results."""
+
+    stage: str
+    label: str  # e.g. "finetune mae": prefixes the run's output lines when runs go side by side
+    entry: str
+    args: list[str]
+    record: Callable[[dict], None]
+
+
+def _classify(ctx: Context, stage: str, name: str, slug: str, extra: list[str]) -> list[Job]:
     rows = ctx.results.setdefault("rows", {})
+    jobs = []
     for init in ctx.cfg["inits"]:
         out = ctx.out / stage / f"{slug}-{init}"
-        res = ctx.run(stage, "-m classification", ["--data_path", str(ctx.world / "imagenet"), "--output_dir", str(out),
-                                                   *common(ctx), *extra, *_init_args(ctx, "classification", init)])
-        rows[f"{name}|{init}"] = {"metric": "top-1", "value": res.get("acc1"), "wall_s": res["wall_s"],
-                                  "tuned_params": res.get("tuned_params"), "n": res.get("n")}
+
+        def record(res: dict, key: str = f"{name}|{init}") -> None:
+            rows[key] = {"metric": "top-1", "value": res.get("acc1"), "wall_s": res["wall_s"],
+                         "tuned_params": res.get("tuned_params"), "n": res.get("n")}
+
+        jobs.append(Job(stage, f"{slug} {init}", "-m classification",
+                        ["--data_path", str(ctx.world / "imagenet"), "--output_dir", str(out), *common(ctx), *extra,
+                         *_init_args(ctx, "classification", init)], record))
+    return jobs
 
 
-def stage_linprobe(ctx: Context) -> None:
-    _classify(ctx, "linprobe", "linear probe", "linprobe", ctx.cfg["linprobe"])
+def jobs_linprobe(ctx: Context) -> list[Job]:
+    return _classify(ctx, "linprobe", "linear probe", "linprobe", ctx.cfg["linprobe"])
 
 
-def stage_partial(ctx: Context) -> None:
+def jobs_partial(ctx: Context) -> list[Job]:
+    jobs = []
     for k in ctx.cfg["partial_blocks"]:
         label = "partial fine-tune, last MLP" if k == 0.5 else f"partial fine-tune, {k:g} block(s)"
-        _classify(ctx, "partial", label, f"tune{k:g}", [*ctx.cfg["partial"], "--tune_blocks", str(k)])
+        jobs += _classify(ctx, "partial", label, f"tune{k:g}", [*ctx.cfg["partial"], "--tune_blocks", str(k)])
+    return jobs
 
 
-def stage_finetune(ctx: Context) -> None:
-    _classify(ctx, "finetune", "fine-tune", "finetune", ctx.cfg["finetune"])
+def jobs_finetune(ctx: Context) -> list[Job]:
+    return _classify(ctx, "finetune", "fine-tune", "finetune", ctx.cfg["finetune"])
 
 
 def dense_inits(ctx: Context) -> list[str]:
@@ -217,27 +252,151 @@ def dense_inits(ctx: Context) -> list[str]:
     return ctx.cfg.get("dense_inits", ctx.cfg["inits"])
 
 
-def stage_detection(ctx: Context) -> None:
+def jobs_detection(ctx: Context) -> list[Job]:
     rows = ctx.results.setdefault("rows", {})
+    jobs = []
     for init in dense_inits(ctx):
-        out = ctx.out / "detection" / init
-        res = ctx.run("detection", "-m detection", ["--data_path", str(ctx.world / "coco"), "--output_dir", str(out),
-                                                    *common(ctx), *ctx.cfg["detection"], *_init_args(ctx, "detection", init)])
-        n = res.get("n_images")
-        rows[f"detection (box AP)|{init}"] = {"metric": "box AP", "value": res.get("bbox/AP"), "wall_s": res["wall_s"], "n": n}
-        rows[f"detection (mask AP)|{init}"] = {"metric": "mask AP", "value": res.get("segm/AP"), "wall_s": res["wall_s"], "n": n}
+        def record(res: dict, init: str = init) -> None:
+            n = res.get("n_images")
+            rows[f"detection (box AP)|{init}"] = {"metric": "box AP", "value": res.get("bbox/AP"), "wall_s": res["wall_s"], "n": n}
+            rows[f"detection (mask AP)|{init}"] = {"metric": "mask AP", "value": res.get("segm/AP"), "wall_s": res["wall_s"], "n": n}
+
+        jobs.append(Job("detection", f"detection {init}", "-m detection",
+                        ["--data_path", str(ctx.world / "coco"), "--output_dir", str(ctx.out / "detection" / init), *common(ctx),
+                         *ctx.cfg["detection"], *_init_args(ctx, "detection", init)], record))
+    return jobs
 
 
-def stage_segmentation(ctx: Context) -> None:
+def jobs_segmentation(ctx: Context) -> list[Job]:
     rows = ctx.results.setdefault("rows", {})
+    jobs = []
     for init in dense_inits(ctx):
-        out = ctx.out / "segmentation" / init
+        def record(res: dict, init: str = init) -> None:
+            rows[f"segmentation (mIoU)|{init}"] = {"metric": "mIoU", "value": res.get("mIoU"), "wall_s": res["wall_s"],
+                                                   "n": res.get("n_images")}
+
         extra = ctx.cfg.get("segmentation_mae", []) if init == "mae" else []
-        res = ctx.run("segmentation", "-m segmentation", ["--data_path", str(ctx.world / "ade"), "--output_dir", str(out),
-                                                          *common(ctx), *ctx.cfg["segmentation"], *extra,
-                                                          *_init_args(ctx, "segmentation", init)])
-        rows[f"segmentation (mIoU)|{init}"] = {"metric": "mIoU", "value": res.get("mIoU"), "wall_s": res["wall_s"],
-                                               "n": res.get("n_images")}
+        jobs.append(Job("segmentation", f"segmentation {init}", "-m segmentation",
+                        ["--data_path", str(ctx.world / "ade"), "--output_dir", str(ctx.out / "segmentation" / init), *common(ctx),
+                         *ctx.cfg["segmentation"], *extra, *_init_args(ctx, "segmentation", init)], record))
+    return jobs
+
+
+class StageFailed(Exception):
+    """A transfer run failed: ``stage`` names it, the message is its last error line, ``details`` its output."""
+
+    def __init__(self, stage: str, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.details = details
+
+
+def run_jobs(ctx: Context, jobs: list[Job], done: Callable[[Job], None]) -> None:
+    """Run the transfer jobs, ``ctx.cfg["parallel"]`` at a time (1: one after another in this process).
+
+    Side by side, each job is its own process (``python -m …``, as the report shows it) with its share of the
+    cores as torch threads: on 2 cores two 1-thread runs finish together 1.37x sooner than the same two runs
+    one after the other on 2 threads (a tiny ViT's step does not spread well over threads; docs/demo_study.md).
+    Their output lines come prefixed with the job's label.  After a failure no new job starts; the running
+    ones finish.  A stop signal is passed on to the runs (each checkpoints and exits 75), then the pipeline
+    stops as a stage would."""
+    parallel = int(ctx.cfg.get("parallel", 1))
+    if parallel <= 1:
+        for job in jobs:
+            try:
+                res = ctx.run(job.stage, job.entry, job.args)
+            except Exception as e:  # noqa: BLE001 - any failure of a run fails its stage, named
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise StageFailed(job.stage, first, traceback.format_exc()) from None
+            job.record(res)
+            done(job)
+        return
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    pending = deque(jobs)
+    running: dict[subprocess.Popen, tuple[Job, float, deque, threading.Thread]] = {}
+    failed: list[tuple[Job, str, str]] = []
+    stopped: list[Job] = []  # jobs that checkpointed on a stop signal (exit 75)
+    signalled: list[int] = []
+    lock = threading.Lock()
+
+    def pump(proc: subprocess.Popen, job: Job, tail: deque) -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            tail.append(line.rstrip("\n"))
+            with lock:
+                print(f"[{job.label}] {line}", end="", flush=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        signalled.append(signum)
+        for proc in running:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        while pending or running:
+            while pending and len(running) < parallel and not failed and not stopped and not signalled:
+                job = pending.popleft()
+                shown = f"OMP_NUM_THREADS={threads} " + " ".join(shlex.quote(a) for a in ["python", *job.entry.split(), *job.args])
+                with lock:
+                    print(f"\n[{job.stage}] $ {shown}", flush=True)
+                ctx.commands.append((job.stage, shown))
+                # a session of its own: a Ctrl-C reaches the pipeline, which passes it on once
+                proc = subprocess.Popen([sys.executable, *entry_argv(job.entry), *job.args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, start_new_session=True)
+                tail: deque = deque(maxlen=200)
+                reader = threading.Thread(target=pump, args=(proc, job, tail), daemon=True)
+                reader.start()
+                running[proc] = (job, time.time(), tail, reader)
+            time.sleep(0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                job, t0, tail, reader = running.pop(proc)
+                reader.join()
+                if proc.returncode == 0:
+                    res = last_json(tail)
+                    if res is None:
+                        failed.append((job, f"{job.label}: it printed no result", "\n".join(tail)))
+                        continue
+                    res["wall_s"] = time.time() - t0
+                    job.record(res)
+                    done(job)
+                elif proc.returncode == EXIT_REQUEUE:
+                    stopped.append(job)
+                else:
+                    errors = [t for t in tail if t.startswith("error:")]
+                    why = errors[-1][len("error:"):].strip() if errors else (tail[-1] if tail else f"exit {proc.returncode}")
+                    failed.append((job, f"{job.label}: {why} (exit {proc.returncode})", "\n".join(tail)))
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    if failed:
+        raise StageFailed(failed[0][0].stage, failed[0][1], failed[0][2])
+    if stopped or signalled:
+        left = stopped + list(pending)
+        first = min((j.stage for j in left), key=[n for n, _ in STAGES].index) if left else jobs[-1].stage
+        print(f"[{first}] stopped by a signal; rerun with --from-stage {first}", flush=True)
+        raise Preempted(f"stopped by a signal during stage {first}")
+
+
+def entry_argv(entry: str) -> list[str]:
+    """What follows ``python`` for a stage's command line: ``-m pkg`` as is, a script by its path here."""
+    return entry.split() if entry.startswith("-m ") else [str(ROOT / entry)]
+
+
+def last_json(lines: Iterable[str]) -> dict | None:
+    """The last line that is a JSON object: every CLI prints its summary so, at the end."""
+    for line in reversed(list(lines)):
+        if line.startswith("{"):
+            try:
+                res = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(res, dict):
+                return res
+    return None
 
 
 def loss_curve(run_dir: Path, png: Path) -> None:
@@ -299,7 +458,7 @@ def results_table(rows: dict[str, dict], inits: list[str]) -> list[str]:
     return lines
 
 
-def machine_line() -> str:
+def machine_line(cfg: dict) -> str:
     """Where the numbers came from: they are bit-reproducible only on the same CPU kind, thread count and
     precision (README, "Reproducibility"), so the report says which."""
     import platform
@@ -309,7 +468,11 @@ def machine_line() -> str:
     from maecore.engine import describe_amp, resolve_amp
 
     cpu = torch.device("cpu")
-    return (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+    parallel = int(cfg.get("parallel", 1))
+    transfer = (f"; the transfer runs {parallel} side by side, {max(1, (os.cpu_count() or 1) // parallel)} thread(s) each"
+                if parallel > 1 else "")
+    return (f"Machine: {platform.machine()}, {os.cpu_count()} cores; pretraining on {torch.get_num_threads()} torch "
+            f"threads{transfer}; torch {torch.__version__}; "
             f"{describe_amp('auto', resolve_amp('auto', cpu), cpu)} unless a stage's command says otherwise.")
 
 
@@ -341,7 +504,7 @@ def stage_report(ctx: Context) -> None:
            " the preset's budget (`--preset study` runs them, docs/results.md has its numbers)."]
           if set(dense_inits(ctx)) != set(ctx.cfg["inits"]) else []),
         "",
-        machine_line(),
+        machine_line(ctx.cfg),
         "",
         *table,
         "",
@@ -362,18 +525,31 @@ def stage_report(ctx: Context) -> None:
     print("\n" + "\n".join(table))
 
 
-STAGES: list[tuple[str, Callable[[Context], None]]] = [
+# the transfer stages build jobs (run_jobs: side by side with "parallel" > 1, across stages); the others run here
+JOB_STAGES = ("linprobe", "partial", "finetune", "detection", "segmentation")
+STAGES: list[tuple[str, Callable[[Context], object]]] = [
     ("data", stage_data),
     ("pretrain", stage_pretrain),
     ("figures", stage_figures),
     ("convert", stage_convert),
-    ("linprobe", stage_linprobe),
-    ("partial", stage_partial),
-    ("finetune", stage_finetune),
-    ("detection", stage_detection),
-    ("segmentation", stage_segmentation),
+    ("linprobe", jobs_linprobe),
+    ("partial", jobs_partial),
+    ("finetune", jobs_finetune),
+    ("detection", jobs_detection),
+    ("segmentation", jobs_segmentation),
     ("report", stage_report),
 ]
+
+
+ROW_STAGES = (("linear probe", "linprobe"), ("partial", "partial"), ("fine-tune", "finetune"), ("detection", "detection"),
+              ("segmentation", "segmentation"))
+
+
+def row_order(key: str, inits: list[str]) -> tuple[int, int]:
+    """Sort key of a results row ``"<task>|<init>"``: its stage, then its init (the sort is stable within)."""
+    task, init = key.split("|")
+    stage = next((st for prefix, st in ROW_STAGES if task.startswith(prefix)), "report")
+    return [n for n, _ in STAGES].index(stage), inits.index(init) if init in inits else len(inits)
 
 
 def run_pipeline(out: Path, cfg: dict, from_stage: str, to_stage: str | None = None) -> Path:
@@ -397,20 +573,68 @@ def run_pipeline(out: Path, cfg: dict, from_stage: str, to_stage: str | None = N
         ctx.commands = [tuple(c) for c in prev.get("commands", []) if c[0] in keep]
         walls = {k: v for k, v in prev.get("stage_wall_s", {}).items() if k in keep}
     t0 = time.time()
-    for name, fn in STAGES[start:stop]:
-        t_stage = time.time()
-        try:
-            fn(ctx)
-        except Exception as e:  # noqa: BLE001 - every failure of a stage is reported the same way
-            log = out / f"{name}-error.log"
-            log.write_text(traceback.format_exc())
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"stage '{name}' failed: {first} (details: {log}); earlier stages' outputs are kept in "
-                            f"{out}; fix the cause and re-run with --from-stage {name}") from None
-        walls[name] = time.time() - t_stage
+
+    def save(name: str) -> None:
         ctx.commands.sort(key=lambda c: names.index(c[0]))  # stage order (stable within a stage)
+        if rows := ctx.results.get("rows"):  # side by side, rows arrive as runs finish: the table keeps stage order
+            ordered = sorted(rows.items(), key=lambda kv: row_order(kv[0], ctx.cfg["inits"]))
+            rows.clear()  # in place: the pending jobs' record() hold this dict
+            rows.update(ordered)
         saved.write_text(json.dumps({"results": ctx.results, "commands": ctx.commands, "config": cfg,
                                      "done": name == names[-1], "stage_wall_s": walls}, indent=1))
+
+    def fail(name: str, first: str, details: str, resume: str) -> UserError:
+        log = out / f"{name}-error.log"
+        log.write_text(details)
+        return UserError(f"stage '{name}' failed: {first} (details: {log}); earlier stages' outputs are kept in "
+                         f"{out}; fix the cause and re-run with --from-stage {resume}")
+
+    def run_group(group: list[str]) -> None:
+        """Transfer stages' jobs through one pool; each stage completes (its wall, results.json) once its jobs
+        and every earlier stage's are done, so the stage walls add up to the total."""
+        jobs = [job for n in group for job in dict(STAGES)[n](ctx)]  # type: ignore[union-attr]
+        left = Counter(job.stage for job in jobs)
+        todo = list(group)
+        mark = time.time()
+
+        def complete() -> None:
+            nonlocal mark
+            while todo and left[todo[0]] == 0:
+                n = todo.pop(0)
+                walls[n] = time.time() - mark
+                mark = time.time()
+                save(n)
+
+        def done(job: Job) -> None:
+            left[job.stage] -= 1
+            complete()
+
+        complete()  # stages without jobs
+        try:
+            run_jobs(ctx, jobs, done)
+        except StageFailed as e:
+            raise fail(e.stage, str(e), e.details, todo[0] if todo else e.stage) from None
+
+    i = start
+    while i < stop:
+        name, fn = STAGES[i]
+        t_stage = time.time()
+        if name not in JOB_STAGES:
+            try:
+                fn(ctx)
+            except Exception as e:  # noqa: BLE001 - every failure of a stage is reported the same way
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise fail(name, first, traceback.format_exc(), name) from None
+            walls[name] = time.time() - t_stage
+            save(name)
+            i += 1
+            continue
+        # a run of transfer stages: their jobs go through one pool (run_jobs)
+        j = i
+        while j < stop and STAGES[j][0] in JOB_STAGES:
+            j += 1
+        run_group([n for n, _ in STAGES[i:j]])
+        i = j
     print(f"\ndone in {time.time() - t0:.0f} s: {out / 'report.md'}")
     return out / "report.md"
 

@@ -127,7 +127,7 @@ def write_results(out: Path, run_dirs: list[Path], command: str | None = None) -
         "Values are the final-epoch numbers on the val split, mean ± sample std over the seeds; MAE − random is the "
         "mean ± std of the per-seed differences.  Top-1, AP and mIoU in %.",
         "",
-        machine_line(),
+        machine_line(runs[0].get("config", {}) if runs else {}),
         "",
         "| task | metric | MAE init | random init | MAE − random | per seed (MAE / random) |",
         "|---|---|---|---|---|---|",

@@ -39,17 +39,23 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(tmp_path):
     assert {k.split("|")[1] for k in rows} == {"mae", "random"}
     assert all(r["value"] is not None for r in rows.values())
 
-    # a stage that fails names itself, keeps what came before, and the run resumes from it
+    # the transfer runs went side by side (the smoke preset's "parallel": 2), as their shown commands say
+    assert "OMP_NUM_THREADS=1 python -m classification" in report and "side by side" in report
+
+    # a stage that fails names itself, keeps what came before, and the run resumes from it; in this process
+    # (parallel 1) and side by side alike
     ckpt = (out / "pretrain" / "checkpoint-last.pth").read_bytes()
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"segmentation": ["--recipe", "demo", "--crop_size", "-5"]}))
-    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "segmentation", "--config", str(bad)],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV)
-    assert p.returncode == 2
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: stage 'segmentation' failed") and "--from-stage segmentation" in last
-    assert "Traceback" not in p.stderr
-    assert (out / "pretrain" / "checkpoint-last.pth").read_bytes() == ckpt
+    for parallel in (1, 2):
+        bad.write_text(json.dumps({"segmentation": ["--recipe", "demo", "--crop_size", "-5"], "parallel": parallel}))
+        p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "segmentation", "--config",
+                            str(bad)], capture_output=True, text=True, cwd=ROOT, env=ENV)
+        assert p.returncode == 2, p.stderr[-2000:]
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: stage 'segmentation' failed") and "--from-stage segmentation" in last, last
+        assert "crop_size" in (last if parallel == 2 else p.stderr)  # side by side: the run's own error line
+        assert "Traceback" not in p.stderr
+        assert (out / "pretrain" / "checkpoint-last.pth").read_bytes() == ckpt
     p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "report"], capture_output=True,
                        text=True, cwd=ROOT, env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
