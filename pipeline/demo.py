@@ -65,7 +65,8 @@ PRESETS: dict[str, dict] = {
         "partial_blocks": [1.0],
         "finetune": ["--recipe", "demo", "--epochs", "5"],  # 875 steps (docs/demo_study.md: the curves)
         # short schedules want mild scale jitter: LSJ 0.8-1.25 instead of the recipe's 0.5-2 (box AP 12.8 vs 4.4 at
-        # 600 steps; mask AP 8.7 there, 6.3 at 500), ratio 0.9-1.1 instead of 0.75-1.5 (mIoU 20.0 vs 16.4 at 900 iterations): docs/demo_study.md
+        # 600 steps; mask AP 8.7 there, 6.3 at 500), ratio 0.9-1.1 instead of 0.75-1.5 (mIoU 20.0 vs 16.4 at 900
+        # iterations): docs/demo_study.md
         "detection": ["--recipe", "demo", "--epochs", "6", "--lsj_scale", "0.8", "1.25"],  # 600 steps
         "segmentation": ["--recipe", "demo", "--embed_dim", "192", "--num_heads", "3", "--ratio_range", "0.9", "1.1",
                          "--max_iters", "1000", "--eval_iters", "1000", "--warmup_iters", "30"],
