@@ -106,11 +106,17 @@ class Context:
     def world(self) -> Path:
         return Path(self.cfg["data_root"]) if self.cfg.get("data_root") else self.out / "world"
 
-    def run(self, stage: str, entry: str, args: list[str]) -> dict:
-        """Call one of the toolkit's command lines in-process; record it; a failure names the stage."""
-        shown = " ".join(shlex.quote(a) for a in ["python", *entry.split(), *args])
+    def show(self, stage: str, entry: str, args: list[str], threads: int | None = None) -> None:
+        """Print a stage's command line and record it for the report (``threads``: the ``OMP_NUM_THREADS=N``
+        prefix of a run in its own process)."""
+        shown = (f"OMP_NUM_THREADS={threads} " if threads is not None else "") + " ".join(
+            shlex.quote(a) for a in ["python", *entry.split(), *args])
         print(f"\n[{stage}] $ {shown}", flush=True)
         self.commands.append((stage, shown))
+
+    def run(self, stage: str, entry: str, args: list[str]) -> dict:
+        """Call one of the toolkit's command lines in-process; record it; a failure names the stage."""
+        self.show(stage, entry, args)
         t0 = time.time()
         try:
             res = entry_main(entry)(args)
@@ -283,6 +289,17 @@ def jobs_segmentation(ctx: Context) -> list[Job]:
     return jobs
 
 
+def first_line(e: BaseException) -> str:
+    """An exception in one line, for a stage's failure message (its type when it has no text)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def transfer_threads(parallel: int) -> int:
+    """Torch threads of each transfer run when ``parallel`` go side by side: an equal share of the cores."""
+    return max(1, (os.cpu_count() or 1) // parallel)
+
+
 class StageFailed(Exception):
     """A transfer run failed: ``stage`` names it, the message is its last error line, ``details`` its output."""
 
@@ -307,12 +324,11 @@ def run_jobs(ctx: Context, jobs: list[Job], done: Callable[[Job], None]) -> None
             try:
                 res = ctx.run(job.stage, job.entry, job.args)
             except Exception as e:  # noqa: BLE001 - any failure of a run fails its stage, named
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise StageFailed(job.stage, first, traceback.format_exc()) from None
+                raise StageFailed(job.stage, first_line(e), traceback.format_exc()) from None
             job.record(res)
             done(job)
         return
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    threads = transfer_threads(parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     pending = deque(jobs)
@@ -341,10 +357,8 @@ def run_jobs(ctx: Context, jobs: list[Job], done: Callable[[Job], None]) -> None
         while pending or running:
             while pending and len(running) < parallel and not failed and not stopped and not signalled:
                 job = pending.popleft()
-                shown = f"OMP_NUM_THREADS={threads} " + " ".join(shlex.quote(a) for a in ["python", *job.entry.split(), *job.args])
                 with lock:
-                    print(f"\n[{job.stage}] $ {shown}", flush=True)
-                ctx.commands.append((job.stage, shown))
+                    ctx.show(job.stage, job.entry, job.args, threads)
                 # a session of its own: a Ctrl-C reaches the pipeline, which passes it on once
                 proc = subprocess.Popen([sys.executable, *entry_argv(job.entry), *job.args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, start_new_session=True)
@@ -470,7 +484,7 @@ def machine_line(cfg: dict) -> str:
 
     cpu = torch.device("cpu")
     parallel = int(cfg.get("parallel", 1))
-    transfer = (f"; the transfer runs {parallel} side by side, {max(1, (os.cpu_count() or 1) // parallel)} thread(s) each"
+    transfer = (f"; the transfer runs {parallel} side by side, {transfer_threads(parallel)} thread(s) each"
                 if parallel > 1 else "")
     return (f"Machine: {platform.machine()}, {os.cpu_count()} cores; pretraining on {torch.get_num_threads()} torch "
             f"threads{transfer}; torch {torch.__version__}; "
@@ -624,8 +638,7 @@ def run_pipeline(out: Path, cfg: dict, from_stage: str, to_stage: str | None = N
             try:
                 fn(ctx)
             except Exception as e:  # noqa: BLE001 - every failure of a stage is reported the same way
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise fail(name, first, traceback.format_exc(), name) from None
+                raise fail(name, first_line(e), traceback.format_exc(), name) from None
             walls[name] = time.time() - t_stage
             save(name)
             i += 1
