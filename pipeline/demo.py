@@ -106,11 +106,17 @@ class Context:
     def world(self) -> Path:
         return Path(self.cfg["data_root"]) if self.cfg.get("data_root") else self.out / "world"
 
-    def run(self, stage: str, entry: str, args: list[str]) -> dict:
-        """Call one of the toolkit's command lines in-process; record it; a failure names the stage."""
-        shown = " ".join(shlex.quote(a) for a in ["python", *entry.split(), *args])
+    def show(self, stage: str, entry: str, args: list[str], threads: int | None = None) -> None:
+        """Print a stage's command line and record it for the report (``threads``: the ``OMP_NUM_THREADS=N``
+        prefix of a run in its own process)."""
+        shown = (f"OMP_NUM_THREADS={threads} " if threads is not None else "") + " ".join(
+            shlex.quote(a) for a in ["python", *entry.split(), *args])
         print(f"\n[{stage}] $ {shown}", flush=True)
         self.commands.append((stage, shown))
+
+    def run(self, stage: str, entry: str, args: list[str]) -> dict:
+        """Call one of the toolkit's command lines in-process; record it; a failure names the stage."""
+        self.show(stage, entry, args)
         t0 = time.time()
         try:
             res = entry_main(entry)(args)
@@ -283,6 +289,17 @@ def jobs_segmentation(ctx: Context) -> list[Job]:
     return jobs
 
 
+def first_line(e: BaseException) -> str:
+    """An exception in one line, for a stage's failure message (its type when it has no text)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def transfer_threads(parallel: int) -> int:
+    """Torch threads of each transfer run when ``parallel`` go side by side: an equal share of the cores."""
+    return max(1, (os.cpu_count() or 1) // parallel)
+
+
 class StageFailed(Exception):
     """A transfer run failed: ``stage`` names it, the message is its last error line, ``details`` its output."""
 
@@ -300,26 +317,27 @@ def run_jobs(ctx: Context, jobs: list[Job], done: Callable[[Job], None]) -> None
     one after the other on 2 threads (a tiny ViT's step does not spread well over threads; docs/demo_study.md).
     Their output lines come prefixed with the job's label.  After a failure no new job starts; the running
     ones finish.  A stop signal is passed on to the runs (each checkpoints and exits 75), then the pipeline
-    stops as a stage would."""
+    stops as a stage would; a run that the signal ends before it could checkpoint (still starting, or evaluating
+    after its last step) counts as stopped too: its stage is rerun anyway."""
     parallel = int(ctx.cfg.get("parallel", 1))
     if parallel <= 1:
         for job in jobs:
             try:
                 res = ctx.run(job.stage, job.entry, job.args)
             except Exception as e:  # noqa: BLE001 - any failure of a run fails its stage, named
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise StageFailed(job.stage, first, traceback.format_exc()) from None
+                raise StageFailed(job.stage, first_line(e), traceback.format_exc()) from None
             job.record(res)
             done(job)
         return
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    threads = transfer_threads(parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     pending = deque(jobs)
     running: dict[subprocess.Popen, tuple[Job, float, deque, threading.Thread]] = {}
     failed: list[tuple[Job, str, str]] = []
-    stopped: list[Job] = []  # jobs that checkpointed on a stop signal (exit 75)
-    signalled: list[int] = []
+    stopped: list[Job] = []  # jobs that checkpointed on a stop signal (exit 75), or that it ended
+    signalled: list[int] = []  # the stop signals this process received, in order
+    told: dict[subprocess.Popen, int] = {}  # how many of them each run has been passed
     lock = threading.Lock()
 
     def pump(proc: subprocess.Popen, job: Job, tail: deque) -> None:
@@ -328,23 +346,35 @@ def run_jobs(ctx: Context, jobs: list[Job], done: Callable[[Job], None]) -> None
             with lock:
                 print(f"[{job.label}] {line}", end="", flush=True)
 
-    def forward(signum: int, _frame: object) -> None:
+    def note(signum: int, _frame: object) -> None:
+        # only noted: the loop passes it on (pass_on), so a run started while a signal came, before it was in
+        # `running`, gets it too, and none gets one twice (handler and loop share the main thread)
         signalled.append(signum)
+
+    def pass_on() -> None:
         for proc in running:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+            while told[proc] < len(signalled):
+                if proc.poll() is None:
+                    proc.send_signal(signalled[told[proc]])
+                told[proc] += 1
+
+    def ended_by_signal(code: int) -> bool:
+        """Did a run exit because of a signal passed on (killed by it, or its KeyboardInterrupt's 130)?"""
+        return any(code in (-s, 128 + s) for s in signalled)
 
     old = {}
     if threading.current_thread() is threading.main_thread():
-        old = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+        old = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+    def may_start() -> bool:
+        return not (failed or stopped or signalled)
+
     try:
-        while pending or running:
-            while pending and len(running) < parallel and not failed and not stopped and not signalled:
+        # after a failure or a stop the jobs still pending never start: the loop ends with the last running one
+        while running or (pending and may_start()):
+            while pending and len(running) < parallel and may_start():
                 job = pending.popleft()
-                shown = f"OMP_NUM_THREADS={threads} " + " ".join(shlex.quote(a) for a in ["python", *job.entry.split(), *job.args])
                 with lock:
-                    print(f"\n[{job.stage}] $ {shown}", flush=True)
-                ctx.commands.append((job.stage, shown))
+                    ctx.show(job.stage, job.entry, job.args, threads)
                 # a session of its own: a Ctrl-C reaches the pipeline, which passes it on once
                 proc = subprocess.Popen([sys.executable, *entry_argv(job.entry), *job.args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, start_new_session=True)
@@ -352,9 +382,12 @@ def run_jobs(ctx: Context, jobs: list[Job], done: Callable[[Job], None]) -> None
                 reader = threading.Thread(target=pump, args=(proc, job, tail), daemon=True)
                 reader.start()
                 running[proc] = (job, time.time(), tail, reader)
+                told[proc] = 0
+            pass_on()
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
                 job, t0, tail, reader = running.pop(proc)
+                del told[proc]
                 reader.join()
                 if proc.returncode == 0:
                     res = last_json(tail)
@@ -364,12 +397,12 @@ def run_jobs(ctx: Context, jobs: list[Job], done: Callable[[Job], None]) -> None
                     res["wall_s"] = time.time() - t0
                     job.record(res)
                     done(job)
-                elif proc.returncode == EXIT_REQUEUE:
+                elif proc.returncode == EXIT_REQUEUE or ended_by_signal(proc.returncode):
                     stopped.append(job)
                 else:
                     errors = [t for t in tail if t.startswith("error:")]
-                    why = errors[-1][len("error:"):].strip() if errors else (tail[-1] if tail else f"exit {proc.returncode}")
-                    failed.append((job, f"{job.label}: {why} (exit {proc.returncode})", "\n".join(tail)))
+                    why = errors[-1][len("error:"):].strip() if errors else (tail[-1] if tail else "no output")
+                    failed.append((job, f"{job.label}: {why} ({exit_text(proc.returncode)})", "\n".join(tail)))
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
@@ -380,6 +413,16 @@ def run_jobs(ctx: Context, jobs: list[Job], done: Callable[[Job], None]) -> None
         first = min((j.stage for j in left), key=[n for n, _ in STAGES].index) if left else jobs[-1].stage
         print(f"[{first}] stopped by a signal; rerun with --from-stage {first}", flush=True)
         raise Preempted(f"stopped by a signal during stage {first}")
+
+
+def exit_text(code: int) -> str:
+    """A run's exit status in words: ``exit 1``, or ``killed by SIGKILL`` (Popen's negative status)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit {code}"
 
 
 def entry_argv(entry: str) -> list[str]:
@@ -470,7 +513,7 @@ def machine_line(cfg: dict) -> str:
 
     cpu = torch.device("cpu")
     parallel = int(cfg.get("parallel", 1))
-    transfer = (f"; the transfer runs {parallel} side by side, {max(1, (os.cpu_count() or 1) // parallel)} thread(s) each"
+    transfer = (f"; the transfer runs {parallel} side by side, {transfer_threads(parallel)} thread(s) each"
                 if parallel > 1 else "")
     return (f"Machine: {platform.machine()}, {os.cpu_count()} cores; pretraining on {torch.get_num_threads()} torch "
             f"threads{transfer}; torch {torch.__version__}; "
@@ -624,8 +667,7 @@ def run_pipeline(out: Path, cfg: dict, from_stage: str, to_stage: str | None = N
             try:
                 fn(ctx)
             except Exception as e:  # noqa: BLE001 - every failure of a stage is reported the same way
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise fail(name, first, traceback.format_exc(), name) from None
+                raise fail(name, first_line(e), traceback.format_exc(), name) from None
             walls[name] = time.time() - t_stage
             save(name)
             i += 1

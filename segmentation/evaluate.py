@@ -179,9 +179,17 @@ def colorize(classes: np.ndarray, num_classes: int) -> np.ndarray:
     return palette(num_classes)[c]
 
 
+VIS_MIN_SIDE = 192  # a figure's panels are enlarged to at least this short side (the demo's 64-px images are tiny)
+
+
 def save_visual(image: Image.Image, label: np.ndarray, pred: np.ndarray, num_classes: int, path: Path) -> None:
-    """image | ground truth | prediction, side by side (ignore = black)."""
+    """image | ground truth | prediction, side by side (ignore = black).  Small images are enlarged by a whole
+    factor, nearest-neighbour (every pixel a crisp block: labels stay exact), to a short side of at least
+    :data:`VIS_MIN_SIDE`; larger ones are kept at their size."""
     row = np.concatenate([np.asarray(image), colorize(label, num_classes), colorize(pred, num_classes)], axis=1)
+    k = -(-VIS_MIN_SIDE // min(row.shape[:2]))  # ceil: 64 px -> 3x
+    if k > 1:
+        row = row.repeat(k, axis=0).repeat(k, axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(row).save(path)
 

@@ -211,6 +211,8 @@ def test_train_then_eval_checkpoint(world, tmp_path, capsys):
     train = [r for r in logs if r["type"] == "train"]
     assert len([r for r in logs if r["type"] == "eval"]) == 2 and all(math.isfinite(r["loss"]) for r in train)
     assert (out / "checkpoint-best.pth").exists() and len(list((out / "vis").glob("*.png"))) == 2
+    for png in (out / "vis").glob("*.png"):  # 32-px panels enlarged 6x (nearest): 192 px high, three side by side
+        assert Image.open(png).size == (3 * 192, 192)
     res = main(common + ["--eval", "--resume", str(out / "checkpoint-last.pth"), "--output_dir", str(tmp_path / "ev")])
     assert res["mIoU"] == pytest.approx(summary["mIoU"]) and res["n_images"] == 3
     assert "mIoU" in capsys.readouterr().out
