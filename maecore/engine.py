@@ -74,6 +74,7 @@ from maecore.cli import non_negative_float, non_negative_int, positive_float, po
 from maecore.data import ResumableSampler, SeededDataset, ignore_stop_signals, shutdown_workers, worker_error_line
 from maecore.errors import NonFiniteError, UserError
 from maecore.optim import set_lr
+from maecore.vit import set_fused_attention
 
 NonFiniteLossError = NonFiniteError  # the older name
 
@@ -151,6 +152,7 @@ class EngineConfig:
     pin_mem: bool = True
     seed: int = 0
     amp: str = "auto"  # auto | bf16 | fp16 | none
+    attn: str = "auto"  # auto | fused | explicit (see resolve_attention)
     clip_grad: float | None = None
     log_every: int = 20
     save_every_steps: int = 0  # also save checkpoint-last every N optimizer steps (0: epoch ends only)
@@ -204,6 +206,19 @@ def describe_amp(amp: str, resolved: str, device: torch.device) -> str:
     else:
         why = "this CPU has native bf16 (AVX512-BF16/AMX)" if resolved == "bf16" else "this CPU has no native bf16"
     return f"precision: {name} (--amp auto: {why})"
+
+
+def resolve_attention(attn: str, device: torch.device, amp: str) -> str:
+    """The attention kernel a run trains with.  ``auto``: the explicit softmax path under bf16 autocast on a CPU,
+    SDPA's fused kernels elsewhere.  torch's fused CPU attention is slow in bf16, above all its backward (6x the
+    explicit path's time on the demo's ViT-tiny/8): explicit steps are 1.45x faster there, 1.5x in MAE pretraining,
+    ~1.1x on a ViT-B/16 at 224, and no slower in detection/segmentation (docs/benchmarks.md); in fp32 and on GPUs
+    the fused kernels win.  Both compute the same function (equal up to rounding)."""
+    if attn == "auto":
+        return "explicit" if device.type == "cpu" and amp == "bf16" else "fused"
+    if attn not in ("fused", "explicit"):
+        raise UserError(f"unknown --attn {attn!r}: use auto, fused or explicit")
+    return attn
 
 
 def autocast(device: torch.device, amp: str):
@@ -397,6 +412,8 @@ class Trainer:
         self.schedule_keys = tuple(k for k in schedule_keys if k not in self.model_keys)
         self.out = Path(cfg.output_dir)
         self.amp = resolve_amp(cfg.amp, device)
+        self.attn = resolve_attention(cfg.attn, device, self.amp)
+        set_fused_attention(self.model, self.attn == "fused")
         self.logger = RunLogger(self.out, du.is_main())
         self.lock = FolderLock(self.out)
 
@@ -737,8 +754,8 @@ class Trainer:
                 del ckpt
             self.signals.install()
             if du.is_main():
-                print(describe_amp(cfg.amp, self.amp, self.device))
-            self.logger.log("run", self.step, amp=self.amp, amp_flag=cfg.amp, device=str(self.device),
+                print(describe_amp(cfg.amp, self.amp, self.device) + f"; attention: {self.attn} (--attn {cfg.attn})")
+            self.logger.log("run", self.step, amp=self.amp, amp_flag=cfg.amp, attn=self.attn, device=str(self.device),
                             world_size=du.world_size(), threads=torch.get_num_threads())
             while self.epoch < cfg.epochs and not self._done():
                 if self._stop_requested():
@@ -1036,6 +1053,9 @@ def add_engine_args(parser) -> None:
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="auto = bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
+    g.add_argument("--attn", default="auto", choices=["auto", "fused", "explicit"],
+                   help="attention kernel: auto = the explicit softmax path under bf16 on CPUs (torch's fused CPU kernel "
+                        "is slow there), SDPA's fused kernels elsewhere")
     g.add_argument("--clip_grad", type=non_negative_float, default=None)
     g.add_argument("--log_every", type=positive_int, default=20, help="log (and sync) every N optimizer steps")
     g.add_argument("--save_every_steps", type=non_negative_int, default=0, help="also checkpoint every N steps")

@@ -133,6 +133,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="ours: auto = bf16 on GPUs that support it, fp32 on CPU (fp32 vs fp32; give bf16 for CPU bf16)")
     g.add_argument("--compile", action="store_true", help="torch.compile our model (baseline never is)")
+    g.add_argument("--attn", default="auto", choices=["auto", "fused", "explicit"],
+                   help="ours: the attention kernel, as the engine's --attn (auto: explicit softmax under bf16 on CPU)")
     g.add_argument("--baseline", action="store_true", help="also run the official recipe on the same weights")
     g.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 2 CPU / 10 GPU)")
     g.add_argument("--windows", type=int, default=None, help="timed windows per variant (default 5)")
@@ -224,7 +226,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         res["pretrain"] = pretrain_bench.pretrain_bench(
             device, timing(args), model_name=args.model, batch_size=args.batch_size, input_size=args.input_size,
             mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth, amp=resolve_amp(args.amp, device, cpu_bf16=False),
-            compile_model=args.compile,
+            compile_model=args.compile, attn=args.attn,
             baseline=args.baseline, seed=args.seed)
     if "mask_tokens" in args.bench:
         res["mask_tokens"] = pretrain_bench.mask_tokens_bench(

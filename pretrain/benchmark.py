@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from maecore.benchmark import Timing, Variant, flop_rate, fmt, run_windows, speedup, step_memory, summary
-from maecore.engine import TrainStep, autocast, to_device
+from maecore.engine import TrainStep, autocast, resolve_attention, to_device
 from maecore.errors import UserError
 from maecore.optim import adamw, param_groups
 from maecore.vit import set_fused_attention
@@ -100,11 +100,12 @@ def optimizer_groups(model: nn.Module) -> list[dict]:
 
 
 def ours_variant(model: MaskedAutoencoderViT, batch: tuple[torch.Tensor, ...], device: torch.device, amp: str,
-                 mask_ratio: float, compile_model: bool = False) -> Variant:
-    """The engine's step: SDPA attention, bf16 autocast without a scaler on GPU (fp16 gets the engine's
-    GradScaler), fused AdamW (``maecore.optim.adamw``), pinned + non-blocking host->device copy, no host
-    sync."""
-    set_fused_attention(model, True)
+                 mask_ratio: float, compile_model: bool = False, attn: str = "auto") -> Variant:
+    """The engine's step: the engine's attention kernel (``--attn auto``: SDPA, or the explicit softmax under bf16 on
+    a CPU), bf16 autocast without a scaler on GPU (fp16 gets the engine's GradScaler), fused AdamW
+    (``maecore.optim.adamw``), pinned + non-blocking host->device copy, no host sync."""
+    attention = resolve_attention(attn, device, amp)
+    set_fused_attention(model, attention == "fused")
     opt = adamw(optimizer_groups(model), LR, BETAS, device)
     runner = torch.compile(model) if compile_model else model
     train_step = TrainStep(model, opt, make_step_fn(mask_ratio), device, amp, runner=runner)
@@ -117,7 +118,8 @@ def ours_variant(model: MaskedAutoencoderViT, batch: tuple[torch.Tensor, ...], d
             return train_step.step_fn(model, to_device(batch, device))[0]
 
     fused = "fused" if opt.defaults.get("fused") else "foreach" if opt.defaults.get("foreach") else "for-loop"
-    info = {"attention": "sdpa", "amp": amp, "grad_scaler": train_step.scaler is not None, "optimizer": f"AdamW ({fused})",
+    info = {"attention": "sdpa" if attention == "fused" else "explicit",
+            "amp": amp, "grad_scaler": train_step.scaler is not None, "optimizer": f"AdamW ({fused})",
             "host_sync_per_step": False, "compile": compile_model, "ddp_find_unused_parameters": False,
             **step_memory(step, forward, model, opt, device)}
     return Variant("ours", step, batch[0].shape[0], info)
@@ -172,7 +174,7 @@ def baseline_variant(model: MaskedAutoencoderViT, batch: tuple[torch.Tensor, ...
 
 def pretrain_bench(device: torch.device, timing: Timing, *, model_name: str, batch_size: int, input_size: int,
                    mask_ratio: float, decoder_depth: int, amp: str, compile_model: bool, baseline: bool,
-                   seed: int) -> dict[str, Any]:
+                   seed: int, attn: str = "auto") -> dict[str, Any]:
     """One full MAE training step, ours (and with ``baseline`` the official recipe on the same weights):
     img/s, step time, peak memory, TFLOP/s and MFU."""
     torch.manual_seed(seed)
@@ -180,7 +182,7 @@ def pretrain_bench(device: torch.device, timing: Timing, *, model_name: str, bat
     batch = host_batch(batch_size, input_size, device, seed)
     # same weights: the baseline's copy is made before either variant trains
     base = baseline_variant(copy.deepcopy(model), batch, device, mask_ratio) if baseline else None
-    ours = ours_variant(model, batch, device, amp, mask_ratio, compile_model)
+    ours = ours_variant(model, batch, device, amp, mask_ratio, compile_model, attn)
     variants = [ours] + ([base] if base is not None else [])
     run_windows(variants, device, timing)
 

@@ -53,7 +53,7 @@ def _config(world: Path, epochs: int) -> dict:
         args[args.index("--epochs") + 1] = str(epochs)
         return args
 
-    return {"data_root": str(world), "inits": ["random"], "parallel": 2,
+    return {"data_root": str(world), "inits": ["random"], "dense_inits": [], "parallel": 2,
             **{stage: flags(stage) for stage in ("linprobe", "partial", "finetune")}}
 
 
@@ -85,39 +85,41 @@ def test_a_stop_signal_while_the_runs_start_stops_the_stage(tmp_path, capsys):
         signal.signal(signal.SIGALRM, old_alarm)
     assert finished == []
     assert [stage for stage, _ in ctx.commands] == ["linprobe", "partial"]
-    assert capsys.readouterr().out.strip().splitlines()[-1] == "[linprobe] stopped by a signal; rerun with --from-stage linprobe"
+    # the earliest unfinished stage in the pipeline's order (finetune runs first, and this one never started)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "[finetune] stopped by a signal; rerun with --from-stage finetune"
 
 
 def test_a_stop_signal_reaches_the_side_by_side_runs_then_the_demo_resumes(tmp_path):
     world = _world(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
-    (out / "results.json").write_text(json.dumps({"results": {}, "commands": []}))  # the stages before linprobe: done
+    (out / "results.json").write_text(json.dumps({"results": {}, "commands": []}))  # the stages before finetune: done
     cfg = tmp_path / "long.json"
     cfg.write_text(json.dumps(_config(world, epochs=1000)))
     log = tmp_path / "demo.log"
-    cmd = [*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "linprobe", "--to-stage", "finetune"]
+    # the transfer stages run longest first: finetune, (detection, segmentation: no jobs here), linprobe, partial
+    cmd = [*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "finetune", "--to-stage", "partial"]
     with log.open("w") as f:
         proc = subprocess.Popen([*cmd, "--config", str(cfg)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
     try:
         # both runs are training (an epoch done) before the signal comes
         deadline = time.time() + 120
-        while not all(f"[{label}] epoch 0:" in log.read_text() for label in ("linprobe random", "tune0.5 random")):
+        while not all(f"[{label}] epoch 0:" in log.read_text() for label in ("finetune random", "linprobe random")):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)  # a Ctrl-C: the runs are in sessions of their own, the demo passes it on
-        rc = proc.wait(timeout=60)  # the pending finetune job must not keep the demo waiting
+        rc = proc.wait(timeout=60)  # the pending partial job must not keep the demo waiting
     finally:
         if proc.poll() is None:
             _kill(proc)
     text = log.read_text()
     assert rc == 75, text[-3000:]
     assert "Traceback" not in text and "error:" not in text, text[-3000:]
-    for label, folder in (("linprobe random", "linprobe/linprobe-random"), ("tune0.5 random", "partial/tune0.5-random")):
+    for label, folder in (("finetune random", "finetune/finetune-random"), ("linprobe random", "linprobe/linprobe-random")):
         assert f"[{label}] stopped by SIGINT after step" in text
         assert (out / folder / "checkpoint-last.pth").exists()
-    assert "[finetune] $" not in text
-    assert text.strip().splitlines()[-1] == "[linprobe] stopped by a signal; rerun with --from-stage linprobe"
+    assert "[partial] $" not in text
+    assert text.strip().splitlines()[-1] == "[finetune] stopped by a signal; rerun with --from-stage finetune"
 
     # resume: the stopped stages rerun (afresh, --overwrite, over the stopped runs' folders) and the rows arrive; in
     # the demo's process (parallel 1) to save two more runs' start-up
@@ -126,4 +128,4 @@ def test_a_stop_signal_reaches_the_side_by_side_runs_then_the_demo_resumes(tmp_p
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert set(res["results"]["rows"]) == {"linear probe|random", "partial fine-tune, last MLP|random", "fine-tune|random"}
-    assert [stage for stage, _ in res["commands"]] == ["linprobe", "partial", "finetune"]
+    assert [stage for stage, _ in res["commands"]] == ["finetune", "linprobe", "partial"]

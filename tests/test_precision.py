@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from maecore import engine
-from maecore.engine import describe_amp, read_log, resolve_amp
+from maecore.engine import describe_amp, read_log, resolve_amp, resolve_attention
+from maecore.errors import UserError
 
 # a 2-block ViT-tiny/8 on 32 px, pixel targets: over 5 epochs of the tiny world (7 steps each) the epoch-mean loss
 # falls by about a quarter (measured: 1.70 -> 1.26 in bf16); a batch of 8 is noisy, so epochs are compared
@@ -28,6 +29,16 @@ def test_auto_follows_the_cpu(monkeypatch, native: bool) -> None:
                     else "precision: fp32 (--amp auto: this CPU has no native bf16)")
 
 
+def test_attention_auto_is_explicit_only_under_bf16_on_a_cpu() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_attention("auto", cpu, "bf16") == "explicit"  # torch's fused CPU kernel is slow in bf16
+    assert resolve_attention("auto", cpu, "none") == "fused"
+    assert resolve_attention("auto", cuda, "bf16") == "fused" and resolve_attention("auto", cuda, "fp16") == "fused"
+    assert resolve_attention("fused", cpu, "bf16") == "fused" and resolve_attention("explicit", cuda, "none") == "explicit"
+    with pytest.raises(UserError, match="--attn"):
+        resolve_attention("flash", cpu, "none")
+
+
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_fp32_and_bf16_both_train_and_the_choice_is_logged(tiny_world, tmp_path, capsys, amp: str) -> None:
     from pretrain.train import main
@@ -35,9 +46,10 @@ def test_fp32_and_bf16_both_train_and_the_choice_is_logged(tiny_world, tmp_path,
     out = tmp_path / amp
     main([*TINY, "--data_path", str(tiny_world["imagenet"]), "--output_dir", str(out), "--amp", amp])
     printed = capsys.readouterr().out
-    assert f"precision: {'bf16 autocast' if amp == 'bf16' else 'fp32'} (--amp {amp})" in printed
+    attn = "explicit" if amp == "bf16" else "fused"
+    assert f"precision: {'bf16 autocast' if amp == 'bf16' else 'fp32'} (--amp {amp}); attention: {attn} (--attn auto)" in printed
     run = read_log(out, "run")
-    assert len(run) == 1 and run[0]["amp"] == amp and run[0]["amp_flag"] == amp
+    assert len(run) == 1 and run[0]["amp"] == amp and run[0]["amp_flag"] == amp and run[0]["attn"] == attn
     losses = [r["loss"] for r in read_log(out, "train")]
     assert len(losses) == 35
     first, last = sum(losses[:7]) / 7, sum(losses[-7:]) / 7
