@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from maecore.errors import UserError
+from maecore.jpegroi import RoiError, roi_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,14 @@ def dct_scale(crop_wh: tuple[int, int], out_wh: tuple[int, int]) -> int:
     return 1
 
 
+JPEG_RGB, JPEG_L = 1, 2  # what a caller may know of a source without opening it (FastRandomResizedCrop.decode_known)
+
+
+def jpeg_kind(fmt: str | None, mode: str | None) -> int:
+    """:data:`JPEG_RGB` for what Pillow opens as an RGB JPEG, :data:`JPEG_L` for a grey one, else 0."""
+    return {"RGB": JPEG_RGB, "L": JPEG_L}.get(mode or "", 0) if fmt == "JPEG" else 0
+
+
 class CropPlan(NamedTuple):
     """One sample's augmentation: the crop box in source pixels (torchvision's ``(i, j, h, w)``) and the flip."""
 
@@ -334,7 +343,7 @@ class FastRandomResizedCrop:
 
     *Same distribution, by construction.*  The box is drawn as torchvision's ``RandomResizedCrop.get_params`` draws
     it (the same torch RNG calls, the same arithmetic: :meth:`plan_size`) on the size read from the header
-    (``Image.open`` is lazy), then one ``torch.rand(1)`` decides the flip:
+    (``Image.open`` is lazy) or known beforehand (:meth:`decode_known`), then one ``torch.rand(1)`` decides the flip:
     the torch RNG calls of ``Compose([RandomResizedCrop, RandomHorizontalFlip])`` in the same order, so under the
     same RNG state (the sampler seeds each sample) box and flip are the official ones.  *Cheaper*: a JPEG is decoded
     at the largest DCT scale 1/2, 1/4, 1/8 at which the box still covers the output size (:func:`dct_scale`), the box
@@ -357,6 +366,10 @@ class FastRandomResizedCrop:
 
     An unreadable source raises one of :data:`UNREADABLE` (:class:`ImageFiles` skips and counts it as on the
     official path) and leaves the torch RNG as it found it, so the substitute gets the official crop too.
+
+    *Known sources* (:meth:`decode_known`; a packed dataset's records, whose size and kind the index holds): no
+    header parse; a JPEG with a restart-marker table (``maecore.packed --roi``) is decoded only over the MCUs the box
+    touches (:func:`maecore.jpegroi.roi_jpeg`: the same pixels, bit for bit).
     """
 
     rngs = ("torch",)  # the only global RNG it draws from: SeededDataset seeds (and restores) just that one
@@ -456,6 +469,46 @@ class FastRandomResizedCrop:
         x = x[0]
         return x.flip(-1) if flip else x
 
+    def decode_known(self, data: bytes, width: int, height: int, kind: int, table: np.ndarray | None = None) -> torch.Tensor:
+        """:meth:`__call__` for the bytes of an image whose size (``width`` x ``height``) and ``kind`` (:func:`jpeg_kind`)
+        the caller knows: the box is drawn without parsing the header, and a full-scale crop of an RGB JPEG is
+        decoded by libjpeg-turbo straight away; with ``table`` (:func:`maecore.jpegroi.restart_table`, RGB or grey
+        JPEG) only the MCUs the box touches are decoded.  The pixels are :meth:`__call__`'s, bit for bit.  Anything
+        else (a reduced DCT scale, Pillow resizing, another kind) takes :meth:`__call__`'s path with the same box.
+        Bytes that do not decode to the stated size, or do not fit ``table``, raise :class:`UnusableImage` (skipped
+        and counted), the RNG left as it was found."""
+        if _DECODE_JPEG is None or self.resize != "torch" or not (kind == JPEG_RGB or (kind == JPEG_L and table is not None)):
+            return self(data)
+        rng = torch.get_rng_state()
+        try:
+            plan = self.plan_size(width, height)
+            if dct_scale((plan.width, plan.height), (self.size[1], self.size[0])) > 1:  # Pillow's draft decodes it
+                with Image.open(io.BytesIO(data)) as im:
+                    if im.size != (width, height):
+                        raise UnusableImage(f"image is {im.size[0]}x{im.size[1]}, its record says {width}x{height}")
+                    return self.render(im, plan, data)
+            box = (plan.left, plan.top, plan.left + plan.width, plan.top + plan.height)
+            if table is None:
+                src, top, left, shape = torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, 0, (height, width)
+            else:
+                try:
+                    roi = roi_jpeg(data, table, plan.top, plan.left, plan.height, plan.width)
+                except RoiError as e:
+                    raise UnusableImage(str(e)) from None
+                src, top, left, shape = torch.from_numpy(roi.data), roi.top, roi.left, (roi.height, roi.width)
+            try:
+                img = _DECODE_JPEG(src)
+            except RuntimeError as e:  # corrupt / truncated: skipped and counted, as Pillow's OSError is
+                raise UnusableImage(f"cannot decode JPEG: {str(e).strip().splitlines()[-1]}") from None
+            if tuple(img.shape[-2:]) != shape:
+                raise UnusableImage(f"JPEG decoded to {tuple(img.shape[-2:])}, its record says {shape}")
+            return self._resize_box(img, (box[0] - left, box[1] - top, box[2] - left, box[3] - top), plan.flip)
+        except BaseException as e:
+            torch.set_rng_state(rng)
+            if isinstance(e, Image.DecompressionBombError):
+                raise UnusableImage(str(e)) from None
+            raise
+
     def __call__(self, source: ImageSource) -> torch.Tensor:
         data = None
         if isinstance(source, str | Path):  # one read: the header for the plan, the bytes for the decoder
@@ -528,6 +581,8 @@ class GpuJpegCrop(FastRandomResizedCrop):
     :class:`FastRandomResizedCrop` (the same RNG calls), then hands over the bytes of an RGB or grey JPEG that
     ends with its end-of-image marker (a truncated one is caught here, skipped and counted as on the CPU paths);
     anything else is decoded here on the CPU path.  :class:`GpuDecode` finishes in the main process."""
+
+    decode_known = None  # type: ignore[assignment]  # packed records take __call__: nvJPEG decodes whole files
 
     def __call__(self, source: ImageSource) -> tuple[bytes | torch.Tensor, CropPlan]:  # type: ignore[override]
         if isinstance(source, str | Path):
