@@ -420,14 +420,18 @@ def data_summary(runs: list[dict[str, Any]], gpu_img_per_s: float) -> list[dict[
     return out
 
 
+DATA_FORMATS = ("folder", "packed", "packed-roi")  # how the data benchmark stores each generated set (see data_bench)
+
+
 def data_bench(device: torch.device, *, input_size: int, batch_size: int, batches: int, num_workers: list[int],
                jpeg_draft: bool, model_img_per_s: float | None, data_path: str | None, data_dir: str | None,
                data_images: int, synthetic_size: int, photo_sizes: list[str], seed: int,
-               formats: tuple[str, ...] = ("folder", "packed")) -> dict[str, Any]:
+               formats: tuple[str, ...] = DATA_FORMATS) -> dict[str, Any]:
     """The pretraining input pipeline's img/s, the official (torchvision transforms, float batches; also with
     the old JPEG draft decoding with ``jpeg_draft``) next to the fast one (``--decode fast``: DCT scale from the
     crop, uint8, normalised in this process), for each worker count, on ``data_path`` or else on generated sets
-    (written under ``data_dir`` or a temporary folder) stored as a folder and packed (``formats``); next to the
+    (written under ``data_dir`` or a temporary folder) stored as a folder, packed with the original bytes and packed
+    with ``--roi`` (re-encoded at quality 90 with restart markers; ``formats``); next to the
     model step rate ``model_img_per_s`` and the cores each pipeline needs to feed one GPU
     (:func:`gpu_rate_assumption`)."""
     from maecore.packed import pack, split_dir
@@ -448,9 +452,9 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
                 stores.append((name, size, "packed" if split_dir(folder) is not None else "folder", folder))
                 continue
             for fmt_ in formats:
-                if fmt_ == "packed":
-                    dst = work / "packed" / f"{name}_{size}"
-                    pack(folder, dst, force=True, workers=0, say=lambda _m: None)
+                if fmt_ in ("packed", "packed-roi"):
+                    dst = work / fmt_ / f"{name}_{size}"
+                    pack(folder, dst, force=True, workers=0, say=lambda _m: None, roi="mcu" if fmt_ == "packed-roi" else None)
                     stores.append((name, size, fmt_, dst))
                 else:
                     stores.append((name, size, fmt_, folder))
@@ -476,19 +480,20 @@ def format_data(d: dict[str, Any]) -> list[str]:
     lines = ["", f"## data pipeline: decode + RandomResizedCrop({d['input_size']}, 0.2-1, bicubic) + flip + normalise, batch ready "
              f"for the model; model step rate {fmt(d['model_img_per_s'])} img/s",
              "official: torchvision transforms in the workers, float batches (draft: the old --jpeg_draft); "
-             "fast: --decode fast (DCT scale from the crop, uint8, normalised in the main process)",
-             f"{'images':<10} {'size':>10} {'format':>7} {'pipeline':>9} {'draft':>6} {'workers':>7} {'img/s':>9} {'vs model':>9}"]
+             "fast: --decode fast (DCT scale from the crop, uint8, normalised in the main process); formats: folder, packed "
+             "(original bytes), packed-roi (maecore.packed --roi: re-encoded q90 with restart markers, fast decodes the box only)",
+             f"{'images':<10} {'size':>10} {'format':>10} {'pipeline':>9} {'draft':>6} {'workers':>7} {'img/s':>9} {'vs model':>9}"]
     for r in d["runs"]:
-        lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>7} {r['pipeline']:>9} {r['jpeg_draft']!s:>6} "
+        lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>10} {r['pipeline']:>9} {r['jpeg_draft']!s:>6} "
                      f"{r['num_workers']:>7} {r['img_per_s']:>9.1f} {fmt(r['vs_model']):>9}")
     gpu = d.get("gpu_assumption")
     if d.get("summary") and gpu:
         lines += ["", f"assumed GPU consumption: {gpu['text']}",
                   "per core = 0 workers (the main process alone; else 1 worker); all = the most workers measured",
-                  f"{'images':<10} {'size':>10} {'format':>7} {'official/core':>14} {'fast/core':>10} {'ratio':>6} "
+                  f"{'images':<10} {'size':>10} {'format':>10} {'official/core':>14} {'fast/core':>10} {'ratio':>6} "
                   f"{'workers':>7} {'official':>9} {'fast':>9} {'ratio':>6} {'cores/GPU off.':>14} {'cores/GPU fast':>14}"]
         for r in d["summary"]:
-            lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>7} {fmt(r['official_per_core']):>14} "
+            lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>10} {fmt(r['official_per_core']):>14} "
                          f"{fmt(r['fast_per_core']):>10} {fmt(r['ratio_per_core']):>6} {r['workers_all']:>7} {r['official_all']:>9.1f} "
                          f"{r['fast_all']:>9.1f} {r['ratio_all']:>6.2f} {fmt(r['official_cores_per_gpu']):>14} "
                          f"{fmt(r['fast_cores_per_gpu']):>14}")
