@@ -464,8 +464,9 @@ class FastRandomResizedCrop:
         out_h, out_w = self.size
         x = img[:, box[1]:box[3], box[0]:box[2]].unsqueeze(0)
         if x.shape[-2:] != (out_h, out_w):
-            # as strided (HWC memory): the uint8 antialiased kernel is fastest there, a contiguous() copy costs 3x
-            x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", antialias=True)
+            # HWC memory (the decoders'), made contiguous first: the uint8 antialiased kernel reads a crop of a bigger
+            # image ~1.4x slower than a channels-last copy of it (a channels-first contiguous() costs 3x); same pixels
+            x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(out_h, out_w), mode="bicubic", antialias=True)
         x = x[0]
         return x.flip(-1) if flip else x
 
