@@ -237,6 +237,25 @@ def test_uint8_normalize_hook_and_float_batches_pass_unchanged():
     assert hook(floats) is floats
 
 
+def test_pixel_interleaved_collate_gives_the_default_batch(photos):
+    """The fast path's collate stacks the decoders' HWC-memory images as they are (channels-last): the same values
+    as default_collate's batch, normalised to the same contiguous floats."""
+    from torch.utils.data import default_collate
+
+    from maecore.data import collate_pixels, decode_collate
+
+    assert decode_collate("fast") is collate_pixels and decode_collate("official") is None
+    ds = SeededDataset(build_pretrain_dataset(photos["500x375"], 64))
+    samples = [ds[k] for k in keys(6, 3)]
+    ours, default = collate_pixels(samples), default_collate(samples)
+    assert len(ours) == len(default) == 3 and all(torch.equal(a, b) for a, b in zip(ours, default))
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    a, b = (normalize_uint8(x[0], IMAGENET_MEAN, IMAGENET_STD) for x in (ours, default))
+    assert torch.equal(a, b) and a.is_contiguous()
+    floats = [(torch.rand(3, 4, 4), 1, 0), (torch.rand(3, 4, 4), 2, 0)]
+    assert torch.equal(collate_pixels(floats)[0], default_collate(floats)[0])
+
+
 # ---- datasets: packed, resume, bad files -------------------------------------------------------------------
 def test_packed_and_folder_give_the_same_fast_samples_and_resume_exactly(photos):
     folder = SeededDataset(build_pretrain_dataset(photos["500x375"], 224))  # fast is the default
