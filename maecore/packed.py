@@ -81,6 +81,7 @@ SPLITS = ("train", "val")
 DEFAULT_QUALITY = 90
 DEFAULT_SHARD_SIZE = 1 << 30  # ~1 GiB: few files for a big dataset, each still quick to copy or checksum
 _BLOCK = tarfile.BLOCKSIZE
+_PREAD = hasattr(os, "pread")
 # Pillow format -> member extension (what webdataset's decoders key on); other formats use their own name
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm", "GIF": "gif", "MPO": "jpg"}
 
@@ -183,9 +184,10 @@ class PackedImages(ImageFiles):
     target)``), ``classes``, ``targets``, transforms and skip-and-count of unreadable samples (``load``);
     only :meth:`read` differs (bytes from the shard, decoded by the same protected loader or ``decoder``).
 
-    File handles: each process opens a shard on its first read and keeps it (one handle per shard per
-    DataLoader worker); a copy made by fork or pickle opens its own, so workers never share a file
-    position."""
+    File handles: a shard is opened on its first read and kept; reads are ``os.pread`` (one system call, no
+    file position), so a copy made by fork may share its parent's handles, and a pickled copy opens its own
+    (without ``pread``: each process opens its own, never sharing a file position).  A ``--roi`` pack's table
+    files are memory-mapped the same way, read-only."""
 
     def __init__(
         self,
@@ -244,13 +246,20 @@ class PackedImages(ImageFiles):
     def read_bytes(self, record: Record) -> bytes:
         """The image member's bytes; a short read (a shard cut after the check) is an ``OSError``, i.e. an
         unreadable sample, skipped and counted like any other."""
-        if self._pid != os.getpid():  # a forked or unpickled copy: never share an inherited file position
-            self._handles, self._tables, self._pid = {}, {}, os.getpid()
-        f = self._handles.get(record.shard)
-        if f is None:
-            f = self._handles[record.shard] = open(self.shard_paths[record.shard], "rb")  # noqa: SIM115 (kept open)
-        f.seek(record.offset)
-        data = f.read(record.size)
+        if _PREAD:  # one system call, no file position: a handle inherited by a forked copy is safe to share
+            f = self._handles.get(record.shard)
+            if f is None:
+                f = self._handles[record.shard] = open(self.shard_paths[record.shard], "rb", buffering=0)  # noqa: SIM115 (kept open)
+                self._pid = os.getpid()
+            data = os.pread(f.fileno(), record.size, record.offset)
+        else:  # pragma: no cover - platforms without pread
+            if self._pid != os.getpid():  # a forked or unpickled copy: never share an inherited file position
+                self._handles, self._pid = {}, os.getpid()
+            f = self._handles.get(record.shard)
+            if f is None:
+                f = self._handles[record.shard] = open(self.shard_paths[record.shard], "rb")  # noqa: SIM115 (kept open)
+            f.seek(record.offset)
+            data = f.read(record.size)
         if len(data) != record.size:
             raise OSError(f"read {len(data)} of {record.size} bytes: the shard is shorter than its index says")
         return data
