@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from maecore.errors import UserError
-from maecore.jpegroi import RoiError, roi_jpeg
+from maecore.jpegroi import MIN_SAVING, RoiError, roi_jpeg, roi_saving
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +373,7 @@ class FastRandomResizedCrop:
     """
 
     rngs = ("torch",)  # the only global RNG it draws from: SeededDataset seeds (and restores) just that one
+    roi_min_saving = MIN_SAVING  # decode_known decodes the box's MCUs only when that spares at least this many pixels
 
     def __init__(self, size: int | tuple[int, int], scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0), flip: bool = True, resize: str = "torch") -> None:
@@ -474,7 +475,9 @@ class FastRandomResizedCrop:
         """:meth:`__call__` for the bytes of an image whose size (``width`` x ``height``) and ``kind`` (:func:`jpeg_kind`)
         the caller knows: the box is drawn without parsing the header, and a full-scale crop of an RGB JPEG is
         decoded by libjpeg-turbo straight away; with ``table`` (:func:`maecore.jpegroi.restart_table`, RGB or grey
-        JPEG) only the MCUs the box touches are decoded.  The pixels are :meth:`__call__`'s, bit for bit.  Anything
+        JPEG) only the MCUs the box touches are decoded (unless that spares fewer than :attr:`roi_min_saving` pixels:
+        small images are decoded whole); the table's last offset must be the record's size.  The pixels are
+        :meth:`__call__`'s, bit for bit.  Anything
         else (a reduced DCT scale, Pillow resizing, another kind) takes :meth:`__call__`'s path with the same box.
         Bytes that do not decode to the stated size, or do not fit ``table``, raise :class:`UnusableImage` (skipped
         and counted), the RNG left as it was found."""
@@ -489,7 +492,9 @@ class FastRandomResizedCrop:
                         raise UnusableImage(f"image is {im.size[0]}x{im.size[1]}, its record says {width}x{height}")
                     return self.render(im, plan, data)
             box = (plan.left, plan.top, plan.left + plan.width, plan.top + plan.height)
-            if table is None:
+            if table is not None and int(table[-1]) != len(data):
+                raise UnusableImage(f"its restart table ends at byte {int(table[-1])}, the JPEG has {len(data)}: the record is damaged")
+            if table is None or roi_saving(table, plan.top, plan.left, plan.height, plan.width) < self.roi_min_saving:
                 src, top, left, shape = torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, 0, (height, width)
             else:
                 try:

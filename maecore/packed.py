@@ -273,9 +273,10 @@ class PackedImages(ImageFiles):
                 raise OSError(f"{record}: a restart table in a shard without a table file")
             tables = self._tables[record.shard] = np.load(path, mmap_mode="r").view(np.ndarray)
         head = tables[record.table:record.table + jpegroi.HEAD]
-        if len(head) != jpegroi.HEAD:
-            raise OSError(f"{record}: its restart table lies past the end of {self.table_paths[record.shard]}")
-        return tables[record.table:record.table + jpegroi.HEAD + int(head[-1]) + 1]
+        n = int(head[-1]) if len(head) == jpegroi.HEAD else -1
+        if n < 1 or record.table + jpegroi.HEAD + n + 1 > len(tables):
+            raise OSError(f"{record}: its restart table does not fit in {self.table_paths[record.shard]}")
+        return tables[record.table:record.table + jpegroi.HEAD + n + 1]
 
     def read(self, source: Record) -> Any:
         data = self.read_bytes(source)

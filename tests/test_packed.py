@@ -319,6 +319,7 @@ def test_roi_pack_crops_are_the_whole_decodes_and_resume_exactly(packed_roi):
     ds = SeededDataset(build_pretrain_dataset(packed_roi, 32))
     fast = ds.base.decoder
     assert isinstance(ds.base, PackedImages) and isinstance(fast, FastRandomResizedCrop)
+    fast.roi_min_saving = 0  # 32-px images: decoded whole by default (the box's JPEG would spare too little)
     # a decoder without the known-source path: header parsed, whole image decoded, then cropped
     whole = SeededDataset(PackedImages(packed_roi / "train", decoder=lambda data: fast(data)))
     for epoch in (0, 1):
@@ -360,7 +361,9 @@ def test_roi_record_damaged_after_packing_is_skipped_and_counted(packed_roi, tmp
     with open(ds.shard_paths[rec.shard], "r+b") as f:
         f.seek(rec.offset + header_end)
         f.write(b"\0" * (rec.size - header_end))
-    ds = PackedImages(copy, decoder=FastRandomResizedCrop(32))
+    fast = FastRandomResizedCrop(32)
+    fast.roi_min_saving = 0  # always the box's JPEG, as on big images
+    ds = PackedImages(copy, decoder=fast)
     for i in (9, 20):
         img, target, skipped = ds[i]
         assert skipped == 1 and target == ds.targets[i + 1] and img.shape == (3, 32, 32)
