@@ -380,11 +380,11 @@ def test_bench_data_smoke_prints_both_pipelines(tmp_path, capsys):
     d = json.loads(out.read_text())["data"]
     formats = ("folder", "packed", "packed-roi")
     assert {(r["format"], r["pipeline"]) for r in d["runs"]} == {(f, p) for f in formats for p in ("official", "fast")}
-    assert all(r["img_per_s"] > 0 for r in d["runs"])
+    assert all(r["img_per_s"] > 0 and r["cpu_img_per_s"] > 0 for r in d["runs"])  # 0 workers: CPU seconds too
     gpu = d["gpu_assumption"]
     assert gpu["train_flops_per_img"] == 6 * gpu["forward_macs_per_img"] and 5000 < gpu["gpu_img_per_s"] < 10000
     assert {(s["dataset"], s["format"]) for s in d["summary"]} == {(n, f) for n in ("synthetic", "photos") for f in formats}
-    assert all(s["ratio_per_core"] > 0 and s["fast_cores_per_gpu"] > 0 for s in d["summary"])
+    assert all(s["ratio_per_core"] > 0 and s["ratio_per_cpu_s"] > 0 and s["fast_cores_per_gpu"] > 0 for s in d["summary"])
     assert res["data"]["summary"] == d["summary"]
 
 
