@@ -362,7 +362,8 @@ class LoaderTimer:
     """Times windows of batches out of one DataLoader like the engine's (persistent workers, pinned memory on GPU),
     after its workers have started and produced a first batch; each batch is made ready for the model as the
     engine does (``to_device``, then ``finish``: the fast path's normalisation happens here, in this process).
-    Several timers live side by side, so competing pipelines can take turns (:func:`interleaved_rates`).  Records
+    Without workers several timers can live side by side, so competing pipelines take turns (:func:`interleaved_rates`;
+    with workers, a loader refills its prefetch queue after its turn, on the cores the next turn needs).  Records
     wall-clock seconds, and this process's CPU seconds (with 0 workers: all the work)."""
 
     PREFETCH = 2
@@ -489,15 +490,26 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
         variants = [("official", False), *([("official", True)] if jpeg_draft else []), ("fast", False)]
         for name, size, fmt_, folder in stores:
             for nw in num_workers:
-                # the pipelines' loaders side by side, timed in turns: drift of a shared machine hits each alike
-                timers = [LoaderTimer(build_pretrain_dataset(folder, input_size, jpeg_draft=draft, decode=pipeline), batch_size, nw,
-                                      batches, device.type == "cuda", pretrain_collate(pipeline),
-                                      pretrain_device_batch(pipeline, input_size, device), device) for pipeline, draft in variants]
-                try:
-                    rates = interleaved_rates(timers, batches)
-                finally:
-                    for t in timers:
-                        t.close()
+                def timer(pipeline: str, draft: bool, nw: int = nw, folder: Path = folder) -> LoaderTimer:
+                    return LoaderTimer(build_pretrain_dataset(folder, input_size, jpeg_draft=draft, decode=pipeline), batch_size, nw,
+                                       batches, device.type == "cuda", pretrain_collate(pipeline),
+                                       pretrain_device_batch(pipeline, input_size, device), device)
+
+                if nw == 0:  # the pipelines' loaders side by side, timed in turns: drift of a shared machine hits each alike
+                    timers = [timer(pipeline, draft) for pipeline, draft in variants]
+                    try:
+                        rates = interleaved_rates(timers, batches)
+                    finally:
+                        for t in timers:
+                            t.close()
+                else:  # one after the other: a loader's workers refill its prefetch queue after its turn, which would
+                    rates = []  # steal the cores from the next pipeline's turn
+                    for pipeline, draft in variants:
+                        t = timer(pipeline, draft)
+                        try:
+                            rates.append(interleaved_rates([t], batches, windows=1)[0])
+                        finally:
+                            t.close()
                 for (pipeline, draft), (rate, cpu_rate) in zip(variants, rates):
                     runs.append({"dataset": name, "image_size": size, "format": fmt_, "pipeline": pipeline, "jpeg_draft": draft,
                                  "num_workers": nw, "img_per_s": rate, "img_per_s_per_worker": rate / max(nw, 1),
