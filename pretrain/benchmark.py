@@ -498,7 +498,7 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
                 if nw == 0:  # the pipelines' loaders side by side, timed in turns: drift of a shared machine hits each alike
                     timers = [timer(pipeline, draft) for pipeline, draft in variants]
                     try:
-                        rates = interleaved_rates(timers, batches)
+                        rates = interleaved_rates(timers, batches, windows=4)
                     finally:
                         for t in timers:
                             t.close()
