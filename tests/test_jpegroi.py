@@ -37,9 +37,11 @@ def decode(data: bytes | np.ndarray) -> torch.Tensor:
 
 def boxes(w: int, h: int, n: int, seed: int) -> list[tuple[int, int, int, int]]:
     """(top, left, height, width): random boxes, a quarter touching the bottom, a quarter the right edge, some of
-    one pixel, plus the whole image and its corners."""
+    one pixel, plus the whole image, its corners, and its last columns and rows one pixel wide (where the last MCU
+    is cut short: libjpeg switches off fancy upsampling for chroma 2 samples wide or less)."""
     rng = np.random.default_rng(seed)
-    out = [(0, 0, h, w), (0, 0, 1, 1), (h - 1, w - 1, 1, 1), (0, w - 1, h, 1), (h - 1, 0, 1, w)]
+    out = [(0, 0, h, w), (0, 0, 1, 1), (h - 1, w - 1, 1, 1)]
+    out += [(0, x, h, 1) for x in range(max(0, w - 6), w)] + [(y, 0, 1, w) for y in range(max(0, h - 6), h)]
     for k in range(n):
         bh, bw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
         top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
@@ -59,6 +61,8 @@ CASES = [  # (size, mode, Pillow save options): restart markers per MCU or per r
     ((333, 211), "RGB", {"restart_marker_blocks": 1}),
     ((333, 211), "RGB", {"restart_marker_blocks": 1, "subsampling": 0}),  # 4:4:4
     ((333, 211), "RGB", {"restart_marker_blocks": 1, "subsampling": 1}),  # 4:2:2
+    ((498, 213), "RGB", {"restart_marker_blocks": 1}),  # the last MCU column 2 pixels wide, the last row 5 high
+    ((497, 99), "RGB", {"restart_marker_blocks": 1, "subsampling": 1}),
     ((500, 375), "RGB", {"restart_marker_blocks": 2}),  # two MCUs a segment (32 MCUs a row)
     ((333, 211), "L", {"restart_marker_blocks": 1}),
     ((61, 47), "L", {"restart_marker_rows": 1}),
