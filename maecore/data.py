@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from maecore.errors import UserError
-from maecore.jpegroi import MIN_SAVING, RoiError, roi_jpeg, roi_saving
+from maecore.jpegroi import MIN_SAVING, RoiError, roi_bounds, roi_jpeg, roi_saving
 
 log = logging.getLogger(__name__)
 
@@ -494,11 +494,12 @@ class FastRandomResizedCrop:
             box = (plan.left, plan.top, plan.left + plan.width, plan.top + plan.height)
             if table is not None and int(table[-1]) != len(data):
                 raise UnusableImage(f"its restart table ends at byte {int(table[-1])}, the JPEG has {len(data)}: the record is damaged")
-            if table is None or roi_saving(table, plan.top, plan.left, plan.height, plan.width) < self.roi_min_saving:
+            bounds = None if table is None else roi_bounds(table, plan.top, plan.left, plan.height, plan.width)
+            if bounds is None or roi_saving(table, bounds) < self.roi_min_saving:
                 src, top, left, shape = torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, 0, (height, width)
             else:
                 try:
-                    roi = roi_jpeg(data, table, plan.top, plan.left, plan.height, plan.width)
+                    roi = roi_jpeg(data, table, plan.top, plan.left, plan.height, plan.width, bounds)
                 except RoiError as e:
                     raise UnusableImage(str(e)) from None
                 src, top, left, shape = torch.from_numpy(roi.data), roi.top, roi.left, (roi.height, roi.width)

@@ -144,10 +144,10 @@ def roi_bounds(table: np.ndarray, top: int, left: int, height: int, width: int) 
 MIN_SAVING = 8192  # pixels: below this, decoding the whole image costs less than building the box's JPEG (~20 us)
 
 
-def roi_saving(table: np.ndarray, top: int, left: int, height: int, width: int) -> int:
-    """How many pixels (whole MCUs) :func:`roi_jpeg`'s JPEG for this box does not decode, of the whole image's."""
+def roi_saving(table: np.ndarray, bounds: tuple[int, int, int, int]) -> int:
+    """How many pixels (whole MCUs) of the whole image the box's JPEG (:func:`roi_bounds`: ``bounds``) does not decode."""
     w, h, mw, mh, interval = table[:5].tolist()
-    r0, r1, c0, c1 = roi_bounds(table, top, left, height, width)
+    r0, r1, c0, c1 = bounds
     rows, seg_cols = -(-h // mh), -(-w // mw) // interval
     return (rows * seg_cols - (r1 - r0) * (c1 - c0)) * mw * mh * interval
 
@@ -155,13 +155,14 @@ def roi_saving(table: np.ndarray, top: int, left: int, height: int, width: int) 
 _SEQUENCE = (_RST0 + np.arange(1 << 16) % 8).astype(np.uint8)  # RST0..RST7 repeated: the markers' new numbers
 
 
-def roi_jpeg(data: bytes | memoryview, table: np.ndarray, top: int, left: int, height: int, width: int) -> Roi:
-    """The JPEG of the segments covering the box ``(top, left, height, width)`` (torchvision's crop order), its
-    position and size; decoded, ``[top - roi.top :, left - roi.left :]`` of it is the box, bit for bit as in the
-    whole image's decode.  Raises :class:`RoiError` when ``table`` does not fit ``data`` (offsets past the end, no
-    marker where the table says)."""
+def roi_jpeg(data: bytes | memoryview, table: np.ndarray, top: int, left: int, height: int, width: int,
+             bounds: tuple[int, int, int, int] | None = None) -> Roi:
+    """The JPEG of the segments covering the box ``(top, left, height, width)`` (torchvision's crop order; ``bounds``:
+    its :func:`roi_bounds`, if the caller has them), its position and size; decoded, ``[top - roi.top :, left -
+    roi.left :]`` of it is the box, bit for bit as in the whole image's decode.  Raises :class:`RoiError` when
+    ``table`` does not fit ``data`` (offsets past the end, no marker where the table says)."""
     w, h, mw, mh, interval, sof, header_end, n = table[:HEAD].tolist()
-    r0, r1, c0, c1 = roi_bounds(table, top, left, height, width)
+    r0, r1, c0, c1 = bounds or roi_bounds(table, top, left, height, width)
     spr = -(-w // mw) // interval  # segments per MCU row
     nc = c1 - c0
     first = HEAD + r0 * spr + c0
@@ -171,15 +172,17 @@ def roi_jpeg(data: bytes | memoryview, table: np.ndarray, top: int, left: int, h
     # per covered row: the starts of its nc segments and of the one after (= past the last one's marker), a view
     step = table.strides[0]
     seg = np.ndarray((r1 - r0, nc + 1), table.dtype, table, first * step, (spr * step, step))
-    starts, ends = seg[:, 0], seg[:, -1]
     view = memoryview(data)
-    out = bytearray().join([view[:header_end], *(view[a:b] for a, b in zip(starts.tolist(), ends.tolist()))])
-    lens = ends - starts
-    shift = np.cumsum(lens)
-    shift += header_end - lens - starts  # per row: its position in the output minus its position in the source
+    parts, shift, at = [view[:header_end]], [], header_end
+    for a, b in zip(seg[:, 0].tolist(), seg[:, -1].tolist()):
+        parts.append(view[a:b])
+        shift.append(at - a - 1)  # the row's position in the output minus its position in the source, minus one
+        at += b - a
+    out = bytearray().join(parts)
     # every segment but the first follows a marker (a row's last one: the marker that ended it in the source):
-    # check it is one, renumber it in the new sequence; the last row's becomes the end of image
-    pos = (seg[:, :-1] + shift[:, None]).ravel()[1:] - 1
+    # check it is one, renumber it in the new sequence (pos: the marker's second byte); the last row's becomes
+    # the end of image
+    pos = (seg[:, :-1] + np.array(shift, dtype=np.int64)[:, None]).ravel()[1:]
     buf = np.frombuffer(out, dtype=np.uint8)
     try:
         if (len(pos) and buf[pos - 1].min() != 0xFF) or buf[-2] != 0xFF:
