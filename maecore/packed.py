@@ -1,7 +1,7 @@
 """Packed, sharded image datasets: WebDataset-style tar shards plus an index for random access.
 
-``python -m maecore.packed SRC DST [--max_side N | --short_side N] [--quality Q] [--shard_size SIZE] [--workers N]
-[--force]`` (``python tools/pack_dataset.py`` is the same command) packs an image folder — with class
+``python -m maecore.packed SRC DST [--max_side N | --short_side N] [--quality Q] [--roi] [--shard_size SIZE]
+[--workers N] [--force]`` (``python tools/pack_dataset.py`` is the same command) packs an image folder — with class
 sub-folders (ImageNet layout) or without — into ``DST``; a classification root holding ``train/`` and
 ``val/`` is packed split by split into ``DST/train`` and ``DST/val``.  Every packed folder holds:
 
@@ -9,9 +9,13 @@ sub-folders (ImageNet layout) or without — into ``DST``; a classification root
   with classes, ``{key}.cls`` (the label as decimal text), consecutive, so ``tar``, ``webdataset`` and any
   tar reader read them;
 * ``packed-index.json``: the shards (name, byte size, sample count), the class names, and per sample (in
-  columns) its shard, key, the byte offset and size of the image member's data, its format and its label;
-  what was skipped at pack time and why.  The index is written last: a folder without it is an
+  columns) its shard, key, the byte offset and size of the image member's data, its extension and its label,
+  the stored image's width, height, Pillow format and mode (so the fast decoder draws its crop without
+  parsing the header: absent from packs made before, which read as before), and with ``--roi`` the offset of its
+  restart table; what was skipped at pack time and why.  The index is written last: a folder without it is an
   interrupted pack, refused by the readers.
+* with ``--roi``, ``shard-000000.roi.npy``, … : per shard one int32 array, the restart tables
+  (:func:`maecore.jpegroi.restart_table`) of its images one after the other.
 
 Samples are stored in the order :class:`maecore.data.ImageFiles` lists the folder (classes sorted, files
 sorted), so a packed copy yields the same samples at the same indices as its folder: with the original
@@ -23,6 +27,16 @@ disk and decode time, ``--short_side N`` (or ``--max_side N``) re-encodes images
 JPEG at ``--quality`` (default 90), resized with Lanczos; smaller images keep their bytes.  A good cap is
 twice the largest training input (``--short_side 448`` for 224-pixel training): RandomResizedCrop then
 upsamples only crops under a quarter of the image's area, which it would mostly do anyway.
+
+**ROI packs: ``--roi``** re-encodes *every* image (any format; capped by ``--short_side``/``--max_side`` if
+given) as a baseline JPEG at ``--quality`` (default 90, FFCV's default too) with a restart marker after every
+MCU (``--roi_restart row``: every MCU row), and stores where each entropy-coded segment starts.  The fast decoder
+(``--decode fast``) then decodes only the MCUs its crop box touches (:mod:`maecore.jpegroi`): the pixels are
+those of the whole re-encoded image, cropped, bit for bit.  The cost: one more JPEG generation (quality 90
+loses little, but the pixels are no longer the originals', so a run on a ROI pack is not the folder's run), the
+markers (~7 % larger files for per-MCU markers on 500x375 photos, ~0 % per row) and the tables (~3 KB per
+500x375 image per MCU, ~0.1 KB per row).  Grey (``L``) images stay grey; anything else is stored as RGB
+(converted as the training loader converts it).  docs/benchmarks.md has the measured gain.
 
 Every image is decoded at pack time through the training loader's protected decoder
 (:func:`maecore.data.load_rgb`): what training would skip (empty, not an image, truncated, no known 8-bit
@@ -47,22 +61,27 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
+import numpy as np
 from PIL import Image
 
+from maecore import jpegroi
 from maecore.cli import OneLineParser, run_cli
-from maecore.data import UNREADABLE, ImageFiles, check_dir, load_rgb
+from maecore.data import UNREADABLE, ImageFiles, check_dir, jpeg_kind, load_rgb
 from maecore.errors import UserError
 
 INDEX_NAME = "packed-index.json"
 FORMAT = "mae-packed"
 VERSION = 1
 SHARD_NAME = "shard-{:06d}.tar"
+TABLES_SUFFIX = ".roi.npy"  # beside each shard of a --roi pack: its images' restart tables
+META_COLUMNS = ("width", "height", "format", "mode")  # optional per-sample columns (absent from older packs)
 SPLITS = ("train", "val")
 DEFAULT_QUALITY = 90
 DEFAULT_SHARD_SIZE = 1 << 30  # ~1 GiB: few files for a big dataset, each still quick to copy or checksum
 _BLOCK = tarfile.BLOCKSIZE
+_PREAD = hasattr(os, "pread")
 # Pillow format -> member extension (what webdataset's decoders key on); other formats use their own name
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm", "GIF": "gif", "MPO": "jpg"}
 
@@ -111,6 +130,17 @@ def read_index(folder: Path) -> dict[str, Any]:
             raise ValueError("a sample names a shard or class the index does not list")
         if (classes and -1 in cols["label"]) or (not classes and set(cols["label"]) != {-1}):
             raise ValueError("labels do not match the class list")
+        if any(c in cols for c in META_COLUMNS) and any(len(cols.get(c, ())) != n for c in META_COLUMNS):
+            raise ValueError(f"the columns {', '.join(META_COLUMNS)} come together, one value per sample")
+        for s in shards:
+            t = s.get("tables")
+            if t is not None and not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("ints"), int)):
+                raise ValueError("a shard's restart-table entry lacks its file name or size")
+        if "roi" in cols:
+            if len(cols["roi"]) != n or "width" not in cols:
+                raise ValueError("the roi column needs one value per sample and the size columns")
+            if any(t >= 0 and "tables" not in shards[s] for s, t in zip(cols["shard"], cols["roi"])):
+                raise ValueError("a sample has a restart table in a shard without a table file")
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: inconsistent packed-dataset index ({e})") from None
     return index
@@ -119,7 +149,9 @@ def read_index(folder: Path) -> dict[str, Any]:
 # ---- reading -----------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Record:
-    """Where one sample's image bytes lie: shard file, byte offset and size of the member's data."""
+    """Where one sample's image bytes lie: shard file, byte offset and size of the member's data; and what the
+    index knows of the image (packs made before these columns: zeros, -1): its size, its kind for the fast
+    decoder (:func:`maecore.data.jpeg_kind`), where its restart table starts in its shard's table file."""
 
     shard: int
     offset: int
@@ -127,6 +159,10 @@ class Record:
     key: str
     ext: str
     shard_path: str  # one shared string per shard: names the record in warnings
+    width: int = 0
+    height: int = 0
+    kind: int = 0
+    table: int = -1
 
     def __str__(self) -> str:
         return f"{self.shard_path}:{self.key}.{self.ext}"
@@ -148,9 +184,10 @@ class PackedImages(ImageFiles):
     target)``), ``classes``, ``targets``, transforms and skip-and-count of unreadable samples (``load``);
     only :meth:`read` differs (bytes from the shard, decoded by the same protected loader or ``decoder``).
 
-    File handles: each process opens a shard on its first read and keeps it (one handle per shard per
-    DataLoader worker); a copy made by fork or pickle opens its own, so workers never share a file
-    position."""
+    File handles: a shard is opened on its first read and kept; reads are ``os.pread`` (one system call, no
+    file position), so a copy made by fork may share its parent's handles, and a pickled copy opens its own
+    (without ``pread``: each process opens its own, never sharing a file position).  A ``--roi`` pack's table
+    files are memory-mapped the same way, read-only."""
 
     def __init__(
         self,
@@ -176,11 +213,27 @@ class PackedImages(ImageFiles):
             if size != s["bytes"]:
                 raise UserError(f"{path}: {size} bytes, the index records {s['bytes']}: a truncated or replaced shard (pack it again)")
             self.shard_paths.append(path)
+        self.table_paths: list[Path | None] = []
+        for s in index["shards"]:
+            t = s.get("tables")
+            self.table_paths.append(None if t is None else folder / t["name"])
+            if t is not None:
+                tpath = folder / t["name"]
+                try:
+                    shape = np.load(tpath, mmap_mode="r").shape
+                except (OSError, ValueError) as e:
+                    raise UserError(f"{tpath}: restart tables listed in {INDEX_NAME} unreadable ({e}): pack it again") from None
+                if shape != (t["ints"],):
+                    raise UserError(f"{tpath}: restart tables of shape {shape}, the index records {t['ints']} ints (pack it again)")
         names = [str(p) for p in self.shard_paths]
         cols = index["samples"]
+        n = len(cols["key"])
+        meta = zip(cols["width"], cols["height"], (jpeg_kind(f, m) for f, m in zip(cols["format"], cols["mode"])),
+                   cols.get("roi", [-1] * n)) if "width" in cols else [(0, 0, 0, -1)] * n
         self.samples = [
-            (Record(sh, off, size, key, ext, names[sh]), label)
-            for sh, key, off, size, ext, label in zip(cols["shard"], cols["key"], cols["offset"], cols["size"], cols["ext"], cols["label"])
+            (Record(sh, off, size, key, ext, names[sh], *m), label)
+            for sh, key, off, size, ext, label, m in zip(cols["shard"], cols["key"], cols["offset"], cols["size"], cols["ext"],
+                                                         cols["label"], meta)
         ]
         self.classes = list(index["classes"])
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -188,23 +241,49 @@ class PackedImages(ImageFiles):
         self.skipped_at_pack = int(index.get("skipped", {}).get("count", 0))
         self._pid: int | None = None
         self._handles: dict[int, BinaryIO] = {}
+        self._tables: dict[int, np.ndarray] = {}
 
     def read_bytes(self, record: Record) -> bytes:
         """The image member's bytes; a short read (a shard cut after the check) is an ``OSError``, i.e. an
         unreadable sample, skipped and counted like any other."""
-        if self._pid != os.getpid():  # a forked or unpickled copy: never share an inherited file position
-            self._handles, self._pid = {}, os.getpid()
-        f = self._handles.get(record.shard)
-        if f is None:
-            f = self._handles[record.shard] = open(self.shard_paths[record.shard], "rb")  # noqa: SIM115 (kept open)
-        f.seek(record.offset)
-        data = f.read(record.size)
+        if _PREAD:  # one system call, no file position: a handle inherited by a forked copy is safe to share
+            f = self._handles.get(record.shard)
+            if f is None:
+                f = self._handles[record.shard] = open(self.shard_paths[record.shard], "rb", buffering=0)  # noqa: SIM115 (kept open)
+                self._pid = os.getpid()
+            data = os.pread(f.fileno(), record.size, record.offset)
+        else:  # pragma: no cover - platforms without pread
+            if self._pid != os.getpid():  # a forked or unpickled copy: never share an inherited file position
+                self._handles, self._pid = {}, os.getpid()
+            f = self._handles.get(record.shard)
+            if f is None:
+                f = self._handles[record.shard] = open(self.shard_paths[record.shard], "rb")  # noqa: SIM115 (kept open)
+            f.seek(record.offset)
+            data = f.read(record.size)
         if len(data) != record.size:
             raise OSError(f"read {len(data)} of {record.size} bytes: the shard is shorter than its index says")
         return data
 
+    def restart_table(self, record: Record) -> np.ndarray:
+        """The record's restart table (a view of its shard's memory-mapped table file, opened once per process)."""
+        tables = self._tables.get(record.shard)
+        if tables is None:
+            path = self.table_paths[record.shard]
+            if path is None:
+                raise OSError(f"{record}: a restart table in a shard without a table file")
+            tables = self._tables[record.shard] = np.load(path, mmap_mode="r").view(np.ndarray)
+        head = tables[record.table:record.table + jpegroi.HEAD]
+        n = int(head[-1]) if len(head) == jpegroi.HEAD else -1
+        if n < 1 or record.table + jpegroi.HEAD + n + 1 > len(tables):
+            raise OSError(f"{record}: its restart table does not fit in {self.table_paths[record.shard]}")
+        return tables[record.table:record.table + jpegroi.HEAD + n + 1]
+
     def read(self, source: Record) -> Any:
-        return self.decode(self.read_bytes(source))
+        data = self.read_bytes(source)
+        known = getattr(self.decoder, "decode_known", None) if source.kind else None
+        if known is None:  # no decoder that uses what the index knows, or an older pack: decoded from the bytes alone
+            return self.decode(data)
+        return known(data, source.width, source.height, source.kind, self.restart_table(source) if source.table >= 0 else None)
 
     def image_bytes(self, index: int) -> NamedBytes:
         """Sample ``index``'s encoded image, named by its record (figures read these with ``try_load_rgb``)."""
@@ -219,7 +298,7 @@ class PackedImages(ImageFiles):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_handles"], state["_pid"] = {}, None  # file objects do not pickle; the copy opens its own
+        state["_handles"], state["_tables"], state["_pid"] = {}, {}, None  # files do not pickle; the copy opens its own
         return state
 
     def __del__(self) -> None:
@@ -243,23 +322,44 @@ def capped_size(size: tuple[int, int], max_side: int | None, short_side: int | N
     return max(1, round(w * s)), max(1, round(h * s))
 
 
-def prepare(job: tuple[str, int | None, int | None, int]) -> tuple[bytes, str, bool] | str:
-    """One source file -> (bytes to store, extension, re-encoded?), or the reason it is skipped.  Runs in
-    the packing workers; decodes the whole image through the training loader's protected decoder."""
-    path, max_side, short_side, quality = job
+Job = tuple[str, int | None, int | None, int, str | None]  # path, max_side, short_side, quality, restart markers
+
+
+class Prepared(NamedTuple):
+    """One image as it is stored: bytes, extension, re-encoded?, (width, height, Pillow format, mode), restart table."""
+
+    data: bytes
+    ext: str
+    reencoded: bool
+    meta: tuple[int, int, str, str]
+    table: np.ndarray | None
+
+
+def prepare(job: Job) -> Prepared | str:
+    """One source file -> what to store (:class:`Prepared`), or the reason it is skipped.  Runs in the packing
+    workers; decodes the whole image through the training loader's protected decoder.  With ``restart`` (``"mcu"``
+    or ``"row"``: ``--roi``) every image is re-encoded as a JPEG with restart markers and its table computed."""
+    path, max_side, short_side, quality, restart = job
     try:
         data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format or ""
+            fmt, mode = im.format or "", im.mode
         img = load_rgb(data)
     except UNREADABLE as e:
         return f"{type(e).__name__}: {e}".replace("\n", " ")
     target = capped_size(img.size, max_side, short_side)
-    if target == img.size:
-        return data, _EXT.get(fmt, fmt.lower() or Path(path).suffix.lstrip(".").lower()), False
-    buf = io.BytesIO()
-    img.resize(target, Image.Resampling.LANCZOS).save(buf, "JPEG", quality=quality)
-    return buf.getvalue(), "jpg", True
+    if restart is None and target == img.size:
+        return Prepared(data, _EXT.get(fmt, fmt.lower() or Path(path).suffix.lstrip(".").lower()), False, (*img.size, fmt, mode), None)
+    if restart is not None and mode == "L":
+        img = img.convert("L")  # a grey image stays grey: exact, load_rgb only replicated it
+    if target != img.size:
+        img = img.resize(target, Image.Resampling.LANCZOS)
+    if restart is None:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+        return Prepared(buf.getvalue(), "jpg", True, (*img.size, "JPEG", img.mode), None)
+    out = jpegroi.encode(img, quality, restart)
+    return Prepared(out, "jpg", True, (*img.size, "JPEG", img.mode), jpegroi.restart_table(out))
 
 
 def _key(rel: Path, used: set[str]) -> str:
@@ -276,13 +376,16 @@ def _key(rel: Path, used: set[str]) -> str:
 
 class ShardWriter:
     """Appends samples to ``shard-NNNNNN.tar`` files of about ``shard_size`` bytes, recording where each
-    image member's data starts.  Members are written deterministically (mtime 0, root owner, mode 644):
-    packing the same folder twice gives the same bytes."""
+    image member's data starts, and their restart tables to ``shard-NNNNNN.roi.npy`` (written when the shard
+    closes).  Members are written deterministically (mtime 0, root owner, mode 644): packing the same folder
+    twice gives the same bytes."""
 
     def __init__(self, folder: Path, shard_size: int) -> None:
         self.folder, self.shard_size = folder, shard_size
         self.shards: list[dict[str, Any]] = []
         self.tar: tarfile.TarFile | None = None
+        self.tables: list[np.ndarray] = []
+        self.table_ints = 0
 
     def _member(self, name: str, data: bytes) -> int:
         assert self.tar is not None
@@ -294,8 +397,9 @@ class ShardWriter:
         # the data ends the member, padded to whole blocks: its start is the offset now minus those blocks
         return self.tar.offset - -(-len(data) // _BLOCK) * _BLOCK
 
-    def add(self, key: str, ext: str, data: bytes, label: int) -> tuple[int, int]:
-        """Write one sample; returns (shard number, byte offset of the image data)."""
+    def add(self, key: str, ext: str, data: bytes, label: int, table: np.ndarray | None = None) -> tuple[int, int, int]:
+        """Write one sample; returns (shard number, byte offset of the image data, offset of its restart table in
+        the shard's table file or -1)."""
         if self.tar is not None and self.tar.offset > 0 and self.tar.offset + len(data) + 3 * _BLOCK > self.shard_size:
             self._close()
         if self.tar is None:
@@ -306,20 +410,30 @@ class ShardWriter:
         if label >= 0:
             self._member(f"{key}.cls", str(label).encode())
         self.shards[-1]["samples"] += 1
-        return len(self.shards) - 1, offset
+        at = -1
+        if table is not None:
+            at = self.table_ints
+            self.tables.append(table.astype(np.int32, copy=False))
+            self.table_ints += len(table)
+        return len(self.shards) - 1, offset, at
 
     def _close(self) -> None:
         if self.tar is not None:
             self.tar.close()
             self.shards[-1]["bytes"] = (self.folder / self.shards[-1]["name"]).stat().st_size
             self.tar = None
+            if self.tables:
+                name = self.shards[-1]["name"].removesuffix(".tar") + TABLES_SUFFIX
+                np.save(self.folder / name, np.concatenate(self.tables))
+                self.shards[-1]["tables"] = {"name": name, "ints": self.table_ints}
+            self.tables, self.table_ints = [], 0
 
     def close(self) -> list[dict[str, Any]]:
         self._close()
         return self.shards
 
 
-def _results(jobs: list[tuple[str, int | None, int | None, int]], workers: int) -> Iterator[tuple[bytes, str, bool] | str]:
+def _results(jobs: list[Job], workers: int) -> Iterator[Prepared | str]:
     """:func:`prepare` over ``jobs``, in order, in ``workers`` processes (0: in this one)."""
     if workers <= 0:
         yield from map(prepare, jobs)
@@ -332,18 +446,22 @@ def _results(jobs: list[tuple[str, int | None, int | None, int]], workers: int) 
 
 def pack_split(src: Path, dst: Path, *, max_side: int | None = None, short_side: int | None = None,
                quality: int = DEFAULT_QUALITY, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 0,
-               say: Callable[[str], None] = print, shown: Path | None = None) -> dict[str, Any]:
+               roi: str | None = None, say: Callable[[str], None] = print, shown: Path | None = None) -> dict[str, Any]:
     """Pack one image folder (with or without class sub-folders) into ``dst`` (created); returns its index.
-    Messages name ``shown`` (where ``dst`` will be moved), else ``dst``."""
+    ``roi``: ``"mcu"`` or ``"row"`` re-encodes every image with restart markers there (``--roi``).  Messages name
+    ``shown`` (where ``dst`` will be moved), else ``dst``."""
+    if roi is not None and roi not in jpegroi.RESTARTS:
+        raise ValueError(f"roi must be one of {jpegroi.RESTARTS} or None, got {roi!r}")
     shown = shown or dst
     folder = ImageFiles(src)  # the folder's own listing: same classes, same order, same 'no images' error
     dst.mkdir(parents=True)
     writer = ShardWriter(dst, shard_size)
-    cols: dict[str, list[Any]] = {c: [] for c in ("shard", "key", "offset", "size", "ext", "label")}
+    names = ("shard", "key", "offset", "size", "ext", "label", *META_COLUMNS, *(("roi",) if roi else ()))
+    cols: dict[str, list[Any]] = {c: [] for c in names}
     skipped: list[dict[str, str]] = []
     used: set[str] = set()
-    n_reencoded = 0
-    jobs = [(str(p), max_side, short_side, quality) for p, _ in folder.samples]
+    n_reencoded = n_tables = 0
+    jobs: list[Job] = [(str(p), max_side, short_side, quality, roi) for p, _ in folder.samples]
     t_last = time.monotonic()
     try:
         for i, ((path, label), res) in enumerate(zip(folder.samples, _results(jobs, workers))):
@@ -353,11 +471,11 @@ def pack_split(src: Path, dst: Path, *, max_side: int | None = None, short_side:
                 if len(skipped) <= 20:
                     say(f"  skipped unreadable {path}: {res}")
                 continue
-            data, ext, reencoded = res
-            n_reencoded += reencoded
+            n_reencoded += res.reencoded
+            n_tables += res.table is not None
             key = _key(rel, used)
-            shard, offset = writer.add(key, ext, data, label)
-            for c, v in zip(("shard", "key", "offset", "size", "ext", "label"), (shard, key, offset, len(data), ext, label)):
+            shard, offset, at = writer.add(key, res.ext, res.data, label, res.table)
+            for c, v in zip(names, (shard, key, offset, len(res.data), res.ext, label, *res.meta, at)):
                 cols[c].append(v)
             if time.monotonic() - t_last > 10:
                 t_last = time.monotonic()
@@ -370,8 +488,9 @@ def pack_split(src: Path, dst: Path, *, max_side: int | None = None, short_side:
         raise UserError(f"none of the {len(jobs)} images under {src} could be read: nothing to pack")
     index = {
         "format": FORMAT, "version": VERSION, "source": str(src.resolve()),
-        "reencode": {"max_side": max_side, "short_side": short_side, "quality": quality if (max_side or short_side) else None,
+        "reencode": {"max_side": max_side, "short_side": short_side, "quality": quality if (max_side or short_side or roi) else None,
                      "count": n_reencoded},
+        "roi": {"restart": roi, "count": n_tables} if roi else None,
         "classes": folder.classes, "shards": shards, "samples": cols,
         "skipped": {"count": len(skipped), "files": skipped},
     }
@@ -381,7 +500,8 @@ def pack_split(src: Path, dst: Path, *, max_side: int | None = None, short_side:
     total = sum(s["bytes"] for s in shards)
     say(f"{shown}: {len(cols['key'])} images" + (f" in {len(folder.classes)} classes" if folder.classes else " (no classes)")
         + f", {len(shards)} shard{'s' * (len(shards) != 1)}, {total / 2**20:.1f} MiB; {len(skipped)} unreadable skipped"
-        + (f"; {n_reencoded} re-encoded" if max_side or short_side else ""))
+        + (f"; {n_reencoded} re-encoded" if max_side or short_side or roi else "")
+        + (f", {n_tables} with restart tables" if roi else ""))
     return index
 
 
@@ -459,6 +579,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "training (default: keep originals)")
     p.add_argument("--quality", type=_int_in(1, 100), default=DEFAULT_QUALITY,
                    help=f"JPEG quality of re-encoded images (default {DEFAULT_QUALITY})")
+    p.add_argument("--roi", action="store_true",
+                   help="re-encode every image as JPEG at --quality with restart markers, so that the fast decoder decodes only "
+                        "the crop box (lossy: one more JPEG generation; see maecore/packed.py)")
+    p.add_argument("--roi_restart", choices=jpegroi.RESTARTS, default="mcu",
+                   help="with --roi: a restart marker after every MCU (default; boxes cut both ways) or every MCU row")
     p.add_argument("--shard_size", type=byte_size, default=DEFAULT_SHARD_SIZE, help="bytes per shard, e.g. 500M (default 1G)")
     p.add_argument("--workers", type=_int_in(0, 256), default=min(8, os.cpu_count() or 1),
                    help="decoding processes (default min(8, CPUs); 0 = in this process)")
@@ -470,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     out = pack(args.src, args.dst, force=args.force, max_side=args.max_side, short_side=args.short_side,
-               quality=args.quality, shard_size=args.shard_size, workers=args.workers)
+               quality=args.quality, shard_size=args.shard_size, workers=args.workers, roi=args.roi_restart if args.roi else None)
     print(f"packed {args.src} -> {', '.join(map(str, out))} in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -237,6 +237,25 @@ def test_uint8_normalize_hook_and_float_batches_pass_unchanged():
     assert hook(floats) is floats
 
 
+def test_pixel_interleaved_collate_gives_the_default_batch(photos):
+    """The fast path's collate stacks the decoders' HWC-memory images as they are (channels-last): the same values
+    as default_collate's batch, normalised to the same contiguous floats."""
+    from torch.utils.data import default_collate
+
+    from maecore.data import collate_pixels, decode_collate
+
+    assert decode_collate("fast") is collate_pixels and decode_collate("official") is None
+    ds = SeededDataset(build_pretrain_dataset(photos["500x375"], 64))
+    samples = [ds[k] for k in keys(6, 3)]
+    ours, default = collate_pixels(samples), default_collate(samples)
+    assert len(ours) == len(default) == 3 and all(torch.equal(a, b) for a, b in zip(ours, default))
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    a, b = (normalize_uint8(x[0], IMAGENET_MEAN, IMAGENET_STD) for x in (ours, default))
+    assert torch.equal(a, b) and a.is_contiguous()
+    floats = [(torch.rand(3, 4, 4), 1, 0), (torch.rand(3, 4, 4), 2, 0)]
+    assert torch.equal(collate_pixels(floats)[0], default_collate(floats)[0])
+
+
 # ---- datasets: packed, resume, bad files -------------------------------------------------------------------
 def test_packed_and_folder_give_the_same_fast_samples_and_resume_exactly(photos):
     folder = SeededDataset(build_pretrain_dataset(photos["500x375"], 224))  # fast is the default
@@ -359,12 +378,13 @@ def test_bench_data_smoke_prints_both_pipelines(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "official" in text and "fast" in text and "cores/GPU" in text and "45% of 989 TFLOP/s" in text
     d = json.loads(out.read_text())["data"]
-    assert {(r["format"], r["pipeline"]) for r in d["runs"]} == {(f, p) for f in ("folder", "packed") for p in ("official", "fast")}
-    assert all(r["img_per_s"] > 0 for r in d["runs"])
+    formats = ("folder", "packed", "packed-roi")
+    assert {(r["format"], r["pipeline"]) for r in d["runs"]} == {(f, p) for f in formats for p in ("official", "fast")}
+    assert all(r["img_per_s"] > 0 and r["cpu_img_per_s"] > 0 for r in d["runs"])  # 0 workers: CPU seconds too
     gpu = d["gpu_assumption"]
     assert gpu["train_flops_per_img"] == 6 * gpu["forward_macs_per_img"] and 5000 < gpu["gpu_img_per_s"] < 10000
-    assert {(s["dataset"], s["format"]) for s in d["summary"]} == {(n, f) for n in ("synthetic", "photos") for f in ("folder", "packed")}
-    assert all(s["ratio_per_core"] > 0 and s["fast_cores_per_gpu"] > 0 for s in d["summary"])
+    assert {(s["dataset"], s["format"]) for s in d["summary"]} == {(n, f) for n in ("synthetic", "photos") for f in formats}
+    assert all(s["ratio_per_core"] > 0 and s["ratio_per_cpu_s"] > 0 and s["fast_cores_per_gpu"] > 0 for s in d["summary"])
     assert res["data"]["summary"] == d["summary"]
 
 

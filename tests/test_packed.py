@@ -13,8 +13,10 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from maecore.data import ImageFiles, ResumableSampler, SeededDataset
@@ -263,3 +265,135 @@ def test_training_errors_on_bad_packed_data(tiny_world, packed, tmp_path, capsys
     assert "without class labels" in _error(cls_cli, [*cls_args, "--data_path", tmp_path / "flat_packed"], capsys)
     with pytest.raises(UserError, match="not a packed dataset"):
         PackedImages(flat / "train")
+
+
+# ---- --roi packs (crop-box decoding), and packs made before the size columns --------------------------------
+@pytest.fixture(scope="module")
+def packed_roi(tiny_world, tmp_path_factory) -> Path:
+    """The tiny world packed with --roi: every image re-encoded at quality 90 with a restart marker per MCU."""
+    dst = tmp_path_factory.mktemp("packed_roi") / "imagenet"
+    pack(tiny_world["imagenet"], dst, shard_size=8 * 1024, roi="mcu", say=quiet)
+    return dst
+
+
+def test_roi_pack_round_trip(tiny_world, packed_roi, tmp_path, capsys):
+    from maecore.data import JPEG_RGB, load_rgb
+    from maecore.jpegroi import restart_table
+    from maecore.packed import main
+
+    for split, n in (("train", 56), ("val", 14)):
+        folder = ImageFiles(tiny_world["imagenet"] / split)
+        ds = PackedImages(packed_roi / split)
+        assert len(ds) == n and ds.classes == folder.classes and ds.targets == folder.targets
+        index = json.loads((packed_roi / split / INDEX_NAME).read_text())
+        assert index["roi"] == {"restart": "mcu", "count": n} and index["reencode"]["count"] == n and index["reencode"]["quality"] == 90
+        assert len(index["shards"]) > 1 and all((packed_roi / split / s["tables"]["name"]).is_file() for s in index["shards"])
+        for i, (rec, _) in enumerate(ds.samples):
+            data = record_bytes(ds, i)
+            assert rec.kind == JPEG_RGB and rec.ext == "jpg" and (rec.width, rec.height) == (32, 32) and rec.table >= 0
+            assert np.array_equal(ds.restart_table(rec), restart_table(data))  # the stored table is the bytes' own
+            # the original pixels after one more JPEG generation at quality 90 (32-px shapes with sharp colour edges:
+            # most of the loss is 4:2:0 chroma)
+            assert np.abs(np.asarray(load_rgb(data), float) - np.asarray(load_rgb(folder.samples[i][0]), float)).mean() < 10
+        seen = [(k, sorted(g)) for s in index["shards"] for k, g in iter_tar_samples(packed_roi / split / s["name"])]
+        assert [k for k, _ in seen] == index["samples"]["key"] and all(exts == ["cls", "jpg"] for _, exts in seen)
+    # the command line: per-row markers; a grey image stays grey
+    src = tmp_path / "src"
+    shutil.copytree(tiny_world["imagenet"] / "val", src)
+    grey = sorted((src / "star").glob("*.jpg"))[0]
+    Image.open(grey).convert("L").save(grey)
+    assert main([str(src), str(tmp_path / "rows"), "--roi", "--roi_restart", "row", "--quality", "80", "--workers", "0"]) == 0
+    assert "14 re-encoded, 14 with restart tables" in capsys.readouterr().out
+    ds = PackedImages(tmp_path / "rows")
+    index = json.loads((tmp_path / "rows" / INDEX_NAME).read_text())
+    assert index["roi"]["restart"] == "row" and index["reencode"]["quality"] == 80
+    modes = dict(zip(index["samples"]["key"], index["samples"]["mode"]))
+    assert modes.pop(f"star/{grey.stem}") == "L" and set(modes.values()) == {"RGB"}
+    tables = [ds.restart_table(r) for r, _ in ds.samples]
+    assert all(t[4] == 32 // t[2] for t in tables)  # a restart interval of one MCU row (2 MCUs of 16 px, 4 grey ones of 8)
+
+
+def test_roi_pack_crops_are_the_whole_decodes_and_resume_exactly(packed_roi):
+    from maecore.data import FastRandomResizedCrop
+
+    ds = SeededDataset(build_pretrain_dataset(packed_roi, 32))
+    fast = ds.base.decoder
+    assert isinstance(ds.base, PackedImages) and isinstance(fast, FastRandomResizedCrop)
+    fast.roi_min_saving = 0  # 32-px images: decoded whole by default (the box's JPEG would spare too little)
+    # a decoder without the known-source path: header parsed, whole image decoded, then cropped
+    whole = SeededDataset(PackedImages(packed_roi / "train", decoder=lambda data: fast(data)))
+    for epoch in (0, 1):
+        shards = []
+        for rank in range(2):
+            s = ResumableSampler(len(ds), True, seed=5, rank=rank, world_size=2)
+            s.set_epoch(epoch)
+            shards.append([i for i, _ in s])
+        assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(56))
+    s = ResumableSampler(len(ds), True, seed=5, rank=1, world_size=2)
+    s.set_epoch(1)
+    keys = list(s)
+    full = [ds[k] for k in keys]
+    assert all(torch.equal(a[0], whole[k][0]) and a[1:] == whole[k][1:] for a, k in zip(full, keys))
+    s.set_epoch(1, start=11)
+    resumed = [ds[k] for k in s]
+    assert len(resumed) == len(full) - 11
+    assert all(torch.equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(full[11:], resumed))
+    loader = lambda nw: [b for b in DataLoader(ds, batch_size=8, sampler=keys, num_workers=nw)]  # noqa: E731
+    for a, b in zip(loader(0), loader(2)):  # workers map the table files themselves
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_roi_record_damaged_after_packing_is_skipped_and_counted(packed_roi, tmp_path, caplog):
+    from maecore.data import FastRandomResizedCrop
+    from maecore.jpegroi import HEAD
+
+    copy = tmp_path / "copy"
+    shutil.copytree(packed_roi / "train", copy)
+    ds = PackedImages(copy)
+    # record 9: its restart table points past its bytes; record 20: its entropy-coded data zeroed (same size)
+    rec = ds.samples[9][0]
+    path = ds.table_paths[rec.shard]
+    tables = np.load(path)
+    tables[rec.table + HEAD:rec.table + HEAD + int(tables[rec.table + HEAD - 1]) + 1] += rec.size
+    np.save(path, tables)
+    rec = ds.samples[20][0]
+    header_end = int(ds.restart_table(rec)[6])
+    with open(ds.shard_paths[rec.shard], "r+b") as f:
+        f.seek(rec.offset + header_end)
+        f.write(b"\0" * (rec.size - header_end))
+    fast = FastRandomResizedCrop(32)
+    fast.roi_min_saving = 0  # always the box's JPEG, as on big images
+    ds = PackedImages(copy, decoder=fast)
+    for i in (9, 20):
+        img, target, skipped = ds[i]
+        assert skipped == 1 and target == ds.targets[i + 1] and img.shape == (3, 32, 32)
+        assert f"{ds.samples[i][0].key}.jpg" in caplog.text
+    assert "restart" in caplog.text
+    s = ResumableSampler(len(ds), True, seed=0)
+    assert sum(SeededDataset(ds)[k][2] for k in s) == 2  # counted once each per epoch, as n_skipped
+    # a table file cut short or gone: the dataset is refused with one line at open
+    np.save(path, tables[:-3])
+    with pytest.raises(UserError, match="restart tables"):
+        PackedImages(copy)
+    path.unlink()
+    with pytest.raises(UserError, match="restart tables"):
+        PackedImages(copy)
+
+
+def test_a_pack_made_before_the_size_columns_reads_as_before(packed, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(packed / "train", old)
+    index = json.loads((old / INDEX_NAME).read_text())
+    for c in ("width", "height", "format", "mode"):
+        del index["samples"][c]
+    (old / INDEX_NAME).write_text(json.dumps(index))
+    ds = SeededDataset(build_pretrain_dataset(old, 32))
+    assert all(r.kind == 0 and r.width == 0 and r.table == -1 for r, _ in ds.base.samples)
+    new = SeededDataset(build_pretrain_dataset(packed / "train", 32))
+    assert all(r.kind and (r.width, r.height) == (32, 32) for r, _ in new.base.samples)
+    ks = [(i, 7919 * i + 1) for i in range(56)]
+    assert all(torch.equal(ds[k][0], new[k][0]) and ds[k][1:] == new[k][1:] for k in ks)  # the header path, the same crops
+    index["samples"]["width"] = index["samples"]["height"] = [32] * 56  # half the size columns: refused
+    (old / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(UserError, match="inconsistent"):
+        PackedImages(old)
