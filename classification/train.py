@@ -62,7 +62,7 @@ from maecore.cli import (
 )
 from maecore.convert import load_weights
 from maecore.data import DECODE_HELP, DECODES, decode_collate, decode_device_batch, decode_unavailable
-from maecore.engine import SCHEDULE_KEYS, Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
+from maecore.engine import SCHEDULE_KEYS, Trainer, add_engine_args, config_from_args, dump_args, resolve_amp, use_attention
 from maecore.errors import UserError
 from maecore.models import resolve_model
 from maecore.optim import WarmupCosine, adamw, param_groups
@@ -384,6 +384,7 @@ def run_eval(args: argparse.Namespace, device: torch.device, amp: str, given: Co
         raise UserError(f"{args.resume}: does not fit {args.model} ({e}); "
                         "check --model/--patch_size/--embed_dim/--depth/--num_heads") from None
     model.to(device)
+    use_attention(model, args.attn, device, amp)  # the kernel its training evaluated with
     res = evaluate(model, eval_loader(val_ds, args.batch_size, args.num_workers), device, num_classes, amp)
     confusion = res.pop("confusion")
     if du.is_main():

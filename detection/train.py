@@ -33,7 +33,7 @@ from maecore.cli import (
     run_cli,
 )
 from maecore.convert import load_backbone
-from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
+from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp, use_attention
 from maecore.errors import UserError
 from maecore.models import model_kwargs
 from maecore.optim import WarmupStep, adamw, param_groups
@@ -210,6 +210,7 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
     amp = resolve_amp(args.amp, device)
 
     def evaluate(m, epoch: int) -> dict:
+        use_attention(m, args.attn, device, amp)  # --eval: the kernel training evaluates with (in training: a no-op)
         return evaluate_coco(m, val_set, device, out, args.eval_batch_size, min(args.num_workers, 2), amp,
                              args.max_eval_images, args.vis_images, vis_name="predictions.png")
 

@@ -221,6 +221,14 @@ def resolve_attention(attn: str, device: torch.device, amp: str) -> str:
     return attn
 
 
+def use_attention(model: nn.Module, attn: str, device: torch.device, amp: str) -> str:
+    """Set ``model``'s attention modules to the kernel :func:`resolve_attention` picks; returns it.  Training and the
+    ``--eval`` paths both call it, so a run's own evaluation and a later one of its checkpoint compute alike."""
+    resolved = resolve_attention(attn, device, amp)
+    set_fused_attention(model, resolved == "fused")
+    return resolved
+
+
 def autocast(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()
@@ -412,8 +420,7 @@ class Trainer:
         self.schedule_keys = tuple(k for k in schedule_keys if k not in self.model_keys)
         self.out = Path(cfg.output_dir)
         self.amp = resolve_amp(cfg.amp, device)
-        self.attn = resolve_attention(cfg.attn, device, self.amp)
-        set_fused_attention(self.model, self.attn == "fused")
+        self.attn = use_attention(self.model, cfg.attn, device, self.amp)
         self.logger = RunLogger(self.out, du.is_main())
         self.lock = FolderLock(self.out)
 

@@ -35,7 +35,7 @@ from maecore.cli import (
     run_cli,
 )
 from maecore.convert import load_backbone
-from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp
+from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp, use_attention
 from maecore.errors import UserError
 from maecore.models import model_kwargs
 from maecore.optim import WarmupPoly, adamw, param_groups
@@ -135,10 +135,12 @@ def window_of(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int
 def run_eval(args: argparse.Namespace, model: torch.nn.Module, dataset, device: torch.device,
              vis_dir: Path | None) -> dict:
     window, stride = window_of(args)
+    amp = resolve_amp(args.amp, device)
+    use_attention(model, args.attn, device, amp)  # --eval: the kernel training evaluates with (in training: a no-op)
     return evaluate_segmentation(
         model, dataset, window, stride,
         scales=MS_SCALES if args.aug_test else (1.0,), flip=args.aug_test,
-        device=device, amp=resolve_amp(args.amp, device), num_workers=min(args.num_workers, 4),
+        device=device, amp=amp, num_workers=min(args.num_workers, 4),
         vis_dir=vis_dir, num_vis=args.num_vis, max_images=args.eval_max_images,
     )
 

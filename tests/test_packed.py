@@ -85,10 +85,10 @@ def test_round_trip_same_samples_labels_and_bytes_as_the_folder(tiny_world, pack
         assert m.offset_data == index["samples"]["offset"][0] and m.size == index["samples"]["size"][0]
 
 
-def test_every_image_once_per_epoch_across_ranks_and_exact_resume(tiny_world, packed):
-    ds = SeededDataset(build_pretrain_dataset(packed, 32))
-    folder = SeededDataset(build_pretrain_dataset(tiny_world["imagenet"], 32))
-    assert isinstance(ds.base, PackedImages)
+def ranks_and_resume(ds) -> tuple[list, list]:
+    """The 56-image split ``ds`` under 2 ranks: each epoch's shards disjoint and together every index once; rank 1's
+    epoch-1 samples, and the same after a restart part-way through its shard.  Returns its keys and samples."""
+    assert len(ds) == 56
     for epoch in (0, 1):
         shards = []
         for rank in range(2):
@@ -104,6 +104,14 @@ def test_every_image_once_per_epoch_across_ranks_and_exact_resume(tiny_world, pa
     resumed = [ds[k] for k in s]
     assert len(resumed) == len(full) - 11
     assert all(torch.equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(full[11:], resumed))
+    return keys, full
+
+
+def test_every_image_once_per_epoch_across_ranks_and_exact_resume(tiny_world, packed):
+    ds = SeededDataset(build_pretrain_dataset(packed, 32))
+    folder = SeededDataset(build_pretrain_dataset(tiny_world["imagenet"], 32))
+    assert isinstance(ds.base, PackedImages)
+    keys, full = ranks_and_resume(ds)
     assert all(torch.equal(a[0], folder[k][0]) for a, k in zip(full[:6], keys))  # the folder's crops, bit for bit
     # DataLoader workers each open their own shard handles: the same batches as in-process reading
     loader = lambda nw: [b for b in DataLoader(ds, batch_size=8, sampler=keys, num_workers=nw)]
@@ -322,22 +330,8 @@ def test_roi_pack_crops_are_the_whole_decodes_and_resume_exactly(packed_roi):
     fast.roi_min_saving = 0  # 32-px images: decoded whole by default (the box's JPEG would spare too little)
     # a decoder without the known-source path: header parsed, whole image decoded, then cropped
     whole = SeededDataset(PackedImages(packed_roi / "train", decoder=lambda data: fast(data)))
-    for epoch in (0, 1):
-        shards = []
-        for rank in range(2):
-            s = ResumableSampler(len(ds), True, seed=5, rank=rank, world_size=2)
-            s.set_epoch(epoch)
-            shards.append([i for i, _ in s])
-        assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(56))
-    s = ResumableSampler(len(ds), True, seed=5, rank=1, world_size=2)
-    s.set_epoch(1)
-    keys = list(s)
-    full = [ds[k] for k in keys]
+    keys, full = ranks_and_resume(ds)
     assert all(torch.equal(a[0], whole[k][0]) and a[1:] == whole[k][1:] for a, k in zip(full, keys))
-    s.set_epoch(1, start=11)
-    resumed = [ds[k] for k in s]
-    assert len(resumed) == len(full) - 11
-    assert all(torch.equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(full[11:], resumed))
     loader = lambda nw: [b for b in DataLoader(ds, batch_size=8, sampler=keys, num_workers=nw)]  # noqa: E731
     for a, b in zip(loader(0), loader(2)):  # workers map the table files themselves
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
