@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from maecore.benchmark import Timing, Variant, flop_rate, fmt, run_windows, speedup, step_memory, summary
-from maecore.engine import TrainStep, autocast, resolve_attention, to_device
+from maecore.engine import TrainStep, autocast, to_device, use_attention
 from maecore.errors import UserError
 from maecore.optim import adamw, param_groups
 from maecore.vit import set_fused_attention
@@ -104,8 +104,7 @@ def ours_variant(model: MaskedAutoencoderViT, batch: tuple[torch.Tensor, ...], d
     """The engine's step: the engine's attention kernel (``--attn auto``: SDPA, or the explicit softmax under bf16 on
     a CPU), bf16 autocast without a scaler on GPU (fp16 gets the engine's GradScaler), fused AdamW
     (``maecore.optim.adamw``), pinned + non-blocking host->device copy, no host sync."""
-    attention = resolve_attention(attn, device, amp)
-    set_fused_attention(model, attention == "fused")
+    attention = use_attention(model, attn, device, amp)
     opt = adamw(optimizer_groups(model), LR, BETAS, device)
     runner = torch.compile(model) if compile_model else model
     train_step = TrainStep(model, opt, make_step_fn(mask_ratio), device, amp, runner=runner)
