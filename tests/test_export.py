@@ -279,12 +279,13 @@ def test_segmentor_in_mmsegmentation(segmentor, tmp_path, capsys):
     cfg.model.pretrained = None  # the trunk's MAE checkpoint: the whole model is loaded below
     net = MODELS.build(cfg.model).eval()
     load_checkpoint(net, str(dst), strict=True)
-    rgb = torch.randint(0, 256, (3, 40, 150), generator=torch.Generator().manual_seed(6), dtype=torch.uint8)
-    sample = SegDataSample(metainfo=dict(img_shape=(40, 150), ori_shape=(40, 150)))
-    with torch.no_grad():
-        theirs = net.test_step(dict(inputs=[rgb.flip(0)], data_samples=[sample]))[0].seg_logits.data  # BGR, as mmcv loads
-        ours = slide_inference(model, normalize(rgb.float() / 255)[None], 5, (32, 32), default_stride((32, 32)))[0]
-    assert theirs.shape == ours.shape and (theirs - ours).abs().max() <= 1e-4
+    for h, w in ((40, 150), (20, 90)):  # the second lower than the window: padded by mmseg's preprocessor, by us per window
+        rgb = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(h), dtype=torch.uint8)
+        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w)))
+        with torch.no_grad():
+            theirs = net.test_step(dict(inputs=[rgb.flip(0)], data_samples=[sample]))[0].seg_logits.data  # BGR, as mmcv loads
+            ours = slide_inference(model, normalize(rgb.float() / 255)[None], 5, (32, 32), default_stride((32, 32)))[0]
+        assert theirs.shape == ours.shape and (theirs - ours).abs().max() <= 1e-4, (h, w)
 
 
 # ---- detection -> detectron2 ---------------------------------------------------------------------------------
