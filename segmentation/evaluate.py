@@ -93,6 +93,12 @@ def default_stride(window: tuple[int, int]) -> tuple[int, int]:
     return (window[0] * 2 // 3, window[1] * 2 // 3)
 
 
+def eval_scale(window: tuple[int, int], s: float = 1.0) -> tuple[int, int]:
+    """The (long, short) bounds a test image is resized to fit, keeping its ratio: (4·w, h) times ``s``
+    (mmseg's ``Resize(scale=(2048, 512))`` for a 512 crop)."""
+    return (int(4 * window[1] * s), int(window[0] * s))
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -114,7 +120,7 @@ def predict(
     passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     acc = None
     for s, f in passes:
-        size = rescale_size(h0, w0, (int(4 * window[1] * s), int(window[0] * s)))
+        size = rescale_size(h0, w0, eval_scale(window, s))
         x = normalize(to_tensor(image.resize((size[1], size[0]), Image.BILINEAR)))[None].to(device)
         if f:
             x = x.flip(-1)

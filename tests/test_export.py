@@ -137,7 +137,7 @@ def test_segmentor_to_mmseg_and_back_same_logits(segmentor, tmp_path, capsys):
     dst = tmp_path / "upernet_mmseg.pth"
     code, out, err = run([ckpt, "-o", dst, "--to", "mmseg"], capsys)
     assert code == 0, err
-    assert "read back: all" in out and "model.decode_head.num_classes=5" in out and "model.backbone.out_indices=(0, 1, 2, 3)" in out
+    assert "read back: all" in out and "model.decode_head.num_classes=5" in out and "model.backbone.out_indices=(0,1,2,3)" in out
     ck = torch.load(dst, weights_only=True)
     sd = ck["state_dict"]
     assert MMSEG_NAMES <= set(sd) and not any(".blocks." in k or "norm1" in k for k in sd)
@@ -157,37 +157,135 @@ def test_mmseg_config_taps_the_blocks_the_segmentor_taps():
     assert all(_default_out_indices(d) == default_out_indices(d) for d in range(1, 41))
 
 
+MMSEG_CONFIG = Path(__file__).parents[1] / "segmentation/configs/mmseg/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
+RUNTIME = ("model", "train_dataloader", "val_dataloader", "test_dataloader")  # what mmseg's runner reads
+
+
+def _shipped_config() -> dict:
+    """The shipped mmseg config as mmengine holds it, without mmseg: each top-level name its own copy (a
+    variable such as ``crop_size`` is substituted when the file is read, so setting it later changes nothing)."""
+    import copy
+    import runpy
+
+    return {k: copy.deepcopy(v) for k, v in runpy.run_path(str(MMSEG_CONFIG)).items() if not k.startswith("__")}
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, str(k)))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, (*path, str(i)))
+    else:
+        yield ".".join(path), node
+
+
+def _merge(cfg: dict, overrides: dict) -> dict:
+    """mmengine's ``merge_from_dict`` on plain dicts: dotted keys, a number indexes a list."""
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[int(last) if isinstance(node, list) else last] = value
+    return cfg
+
+
+def _crop_valued(value) -> bool:
+    """A value the shipped config derives from its 512 crop: the crop, the stride 341, the scale (2048, 512)."""
+    return isinstance(value, tuple) and any(v in (512, 341) for v in value)
+
+
+def test_mmseg_overrides_set_every_value_the_shipped_config_derives_from_the_crop(segmentor, tmp_path, capsys):
+    """A 32-px segmentor: the recorded overrides name every crop-derived value mmseg's runner reads, set to
+    what our evaluation and training use, and mmseg's sliding windows then cover every pixel of the test view
+    (the stride left at 341 for a 32-px window leaves holes and mmseg's ``slide_inference`` asserts)."""
+    from segmentation.data import rescale_size
+    from segmentation.evaluate import default_stride, eval_scale, window_grid
+
+    _, args, ckpt = segmentor
+    dst = tmp_path / "upernet_mmseg.pth"
+    code, out, err = run([ckpt, "-o", dst, "--to", "mmseg"], capsys)
+    assert code == 0, err
+    overrides = torch.load(dst, weights_only=True)["meta"]["config_overrides"]
+    shipped = _shipped_config()
+    derived = {p for sec in RUNTIME for p, v in _leaves(shipped[sec], (sec,)) if _crop_valued(v)}
+    assert len(derived) >= 8 and derived <= set(overrides), sorted(derived - set(overrides))
+    cfg = _merge(shipped, overrides)
+    assert not [p for sec in RUNTIME for p, v in _leaves(cfg[sec], (sec,)) if _crop_valued(v)]
+    crop, model, train = (32, 32), cfg["model"], cfg["train_dataloader"]["dataset"]["pipeline"]
+    assert model["backbone"]["img_size"] == model["test_cfg"]["crop_size"] == crop
+    assert model["data_preprocessor"]["size"] == model["data_preprocessor"]["test_cfg"]["size"] == crop
+    assert model["test_cfg"]["stride"] == default_stride(crop) == (21, 21)
+    for loader in ("val_dataloader", "test_dataloader"):
+        resize = cfg[loader]["dataset"]["pipeline"][1]
+        assert resize["type"] == "Resize" and resize["scale"] == eval_scale(crop) == (128, 32)
+    assert train[2]["type"] == "RandomResize" and train[2]["scale"] == tuple(args.scale)
+    assert train[2]["ratio_range"] == tuple(args.ratio_range) and train[3]["cat_max_ratio"] == args.cat_max_ratio
+    assert train[3]["type"] == "RandomCrop" and train[3]["crop_size"] == crop
+    # every pixel of the test view (resized to the recorded scale, padded to at least the crop) under a window
+    for h0, w0 in ((48, 400), (300, 40), (50, 50), (20, 90)):
+        h, w = (max(v, c) for v, c in zip(rescale_size(h0, w0, cfg["test_dataloader"]["dataset"]["pipeline"][1]["scale"]),
+                                          model["data_preprocessor"]["test_cfg"]["size"]))
+        count = torch.zeros(h, w)
+        for y0, y1, x0, x1 in window_grid(h, w, model["test_cfg"]["crop_size"], model["test_cfg"]["stride"]):
+            count[y0:y1, x0:x1] += 1
+        assert count.min() >= 1, (h0, w0)
+    # the --cfg-options line of the report says the same
+    line = next(n for n in out.splitlines() if "--cfg-options" in n)
+    assert "model.test_cfg.stride=(21,21)" in line.split() and "val_dataloader.dataset.pipeline.1.scale=(128,32)" in line.split()
+
+
+def test_mmseg_stride_and_test_scale_are_the_evaluations():
+    from maecore.convert.trained import mmseg_crop_overrides
+    from segmentation.evaluate import default_stride, eval_scale
+
+    for c in (16, 32, 64, 100, 224, 512, 640):
+        o = mmseg_crop_overrides((c, c), {})
+        assert o["model.test_cfg.stride"] == default_stride((c, c)) and o["test_dataloader.dataset.pipeline.1.scale"] == eval_scale((c, c))
+    assert mmseg_crop_overrides((512, 512), {})["model.test_cfg.stride"] == (341, 341)  # the shipped config's own
+    assert mmseg_crop_overrides((64, 64), {"stride": 40})["model.test_cfg.stride"] == (40, 40)  # --stride as trained
+
+
 def test_segmentor_in_mmsegmentation(segmentor, tmp_path, capsys):
+    """Built in mmseg from the shipped config and the report's ``--cfg-options`` (as mmseg's tools/test.py
+    takes them), data preprocessor and all: mmseg's own ``slide_inference`` over an image wider than several
+    windows gives our sliding-window logits."""
     pytest.importorskip("mmseg", reason="mmsegmentation is not installed")
-    from mmengine.config import Config
+    import argparse
+
+    from mmengine.config import Config, DictAction
     from mmengine.runner import load_checkpoint
     from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
     from mmseg.utils import register_all_modules
+
+    from segmentation.data import normalize
+    from segmentation.evaluate import default_stride, slide_inference
 
     model, args, ckpt = segmentor
     dst = tmp_path / "upernet_mmseg.pth"
-    assert run([ckpt, "-o", dst, "--to", "mmseg"], capsys)[0] == 0
-    overrides = torch.load(dst, weights_only=True)["meta"]["config_overrides"]
+    code, out, err = run([ckpt, "-o", dst, "--to", "mmseg"], capsys)
+    assert code == 0, err
+    words = next(n for n in out.splitlines() if "--cfg-options" in n).split("--cfg-options", 1)[1].split()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction)
+    options = parser.parse_args(["--cfg-options", *words]).cfg_options
+    assert options == torch.load(dst, weights_only=True)["meta"]["config_overrides"]
     register_all_modules()
-    cfg = Config.fromfile(str(Path(__file__).parents[1] / "segmentation/configs/mmseg/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"))
-    cfg.model.pretrained = None
-    cfg.model.data_preprocessor = None
-    for k, v in overrides.items():
-        if k.startswith("model."):
-            node, *path = k.split(".")[1:]
-            target = cfg.model
-            for p in [node, *path][:-1]:
-                target = target[p]
-            target[[node, *path][-1]] = tuple(v) if isinstance(v, list) and "size" in k else v
-    bn = dict(type="BN", requires_grad=True)  # SyncBN needs a process group
-    cfg.model.neck.norm_cfg = cfg.model.decode_head.norm_cfg = cfg.model.auxiliary_head.norm_cfg = bn
+    cfg = Config.fromfile(str(MMSEG_CONFIG))
+    cfg.merge_from_dict(options)
+    cfg.model.pretrained = None  # the trunk's MAE checkpoint: the whole model is loaded below
     net = MODELS.build(cfg.model).eval()
     load_checkpoint(net, str(dst), strict=True)
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        theirs = net.decode_head(net.neck(net.backbone(x)))
-        theirs = nn.functional.interpolate(theirs, size=(32, 32), mode="bilinear", align_corners=False)
-        assert (theirs - model(x)).abs().max() <= 1e-4
+    for h, w in ((40, 150), (20, 90)):  # the second lower than the window: padded by mmseg's preprocessor, by us per window
+        rgb = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(h), dtype=torch.uint8)
+        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w)))
+        with torch.no_grad():
+            theirs = net.test_step(dict(inputs=[rgb.flip(0)], data_samples=[sample]))[0].seg_logits.data  # BGR, as mmcv loads
+            ours = slide_inference(model, normalize(rgb.float() / 255)[None], 5, (32, 32), default_stride((32, 32)))[0]
+        assert theirs.shape == ours.shape and (theirs - ours).abs().max() <= 1e-4, (h, w)
 
 
 # ---- detection -> detectron2 ---------------------------------------------------------------------------------

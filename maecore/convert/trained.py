@@ -20,8 +20,10 @@ read back and compared with the checkpoint after writing):
   'meta': …}``): the backbone renamed to mmseg's ``MAE`` (``layers.i.ln1``, ``gamma_1``, ``ffn.layers.0.0``…,
   as ``--to mmseg`` does for a trunk) plus each layer's ``relative_position_index`` buffer (mmseg stores it);
   ``neck.*``, ``decode_head.*``, ``auxiliary_head.*`` already carry mmseg's names and are copied as they are.
-  The shipped config ``segmentation/configs/mmseg/`` loads it with the sizes set to the checkpoint's.
-  Read back into our segmentor: the same logits (tests).
+  The shipped config ``segmentation/configs/mmseg/`` loads it with the recorded overrides (``meta
+  ['config_overrides']``, and the report's ``--cfg-options`` words): the sizes of the checkpoint's model and
+  every value the config derives from its 512 crop (:func:`mmseg_crop_overrides`).  Read back into our
+  segmentor: the same logits (tests).
 * **detection -> detectron2**: the ViTDet Mask R-CNN as detectron2's ``GeneralizedRCNN``
   (``{'model': …}``, or a model-zoo ``.pkl``).  The trunk (``backbone.net.*``) and the simple feature pyramid
   (``backbone.simfp_*``) have detectron2's names already; the heads are renamed and re-laid-out:
@@ -315,9 +317,10 @@ def segmentation_to_mmseg(state: dict[str, torch.Tensor], args: dict[str, Any]) 
     else:
         cfg["model.auxiliary_head"] = None
         rep.notes.append("trained without the auxiliary FCN head (--aux_weight 0): set auxiliary_head=None")
-    cfg.update({"model.test_cfg.crop_size": (h, w), "crop_size": (h, w)})
-    rep.notes.append("segmentation/configs/mmseg/ with " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-    meta: dict[str, Any] = {"converter": "tools/convert.py", "task": "segmentation", "config_overrides": _jsonable(cfg)}
+    cfg.update(mmseg_crop_overrides((h, w), args))
+    rep.notes.append(f"{MMSEG_CONFIG} with --cfg-options " + " ".join(cfg_options(cfg)))
+    # tuples stay tuples (mmcv's Resize and RandomResize reject lists): cfg.merge_from_dict(meta["config_overrides"])
+    meta: dict[str, Any] = {"converter": "tools/convert.py", "task": "segmentation", "config_overrides": cfg}
     if num_classes != 150:  # else mmseg's ADE20K names and palette apply
         meta["dataset_meta"] = {"classes": [str(i) for i in range(num_classes)]}
     return TrainedExport("mmseg", out, rep, arch, meta=meta, task="segmentation", source_state=dict(state))
@@ -330,6 +333,52 @@ def _default_out_indices(depth: int) -> tuple[int, ...]:
     for i in range(1, 4):
         idx[i] = min(max(idx[i], idx[i - 1] + 1), depth - 1)
     return tuple(idx)
+
+
+MMSEG_CONFIG = "segmentation/configs/mmseg/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
+
+
+def mmseg_crop_overrides(crop: tuple[int, int], args: dict[str, Any]) -> dict[str, Any]:
+    """Every value of the shipped mmseg config that follows the crop (512 there), set for ``crop`` = (h, w) and
+    the checkpoint's training pipeline, as mmengine's ``merge_from_dict`` / ``--cfg-options`` keys.
+
+    The config's top-level ``crop_size`` is substituted when the file is read, so setting it afterwards changes
+    nothing: each copy is named (the model's ``data_preprocessor`` and ``test_cfg``, each dataloader's
+    pipeline).  The test view is ours (``segmentation.evaluate``): resized to fit (4·w, h) keeping the ratio,
+    padded to at least the crop, windows every ``--stride`` (default 2/3 of the crop: 341 for 512).  A stride
+    left at 341 for a 64-px crop would leave pixels that no window covers (mmseg's ``slide_inference`` asserts)."""
+    h, w = crop
+    stride = tuple(int(s) for s in (2 * [args["stride"]] if args.get("stride") else (h * 2 // 3, w * 2 // 3)))
+    test_scale = (4 * w, h)  # mmcv's (w, h) order; keep_ratio uses only its long and short bounds
+    out: dict[str, Any] = {
+        "crop_size": (h, w),
+        "model.data_preprocessor.size": (h, w),  # training batches padded to the crop
+        "model.data_preprocessor.test_cfg.size": (h, w),  # test images padded to at least the crop
+        "model.test_cfg.crop_size": (h, w),
+        "model.test_cfg.stride": stride,
+        # train_pipeline: LoadImageFromFile, LoadAnnotations, RandomResize, RandomCrop, RandomFlip, ...
+        "train_dataloader.dataset.pipeline.2.scale": tuple(int(v) for v in args.get("scale") or test_scale),
+        "train_dataloader.dataset.pipeline.3.crop_size": (h, w),
+    }
+    if args.get("ratio_range"):
+        out["train_dataloader.dataset.pipeline.2.ratio_range"] = tuple(float(v) for v in args["ratio_range"])
+    if args.get("cat_max_ratio"):
+        out["train_dataloader.dataset.pipeline.3.cat_max_ratio"] = float(args["cat_max_ratio"])
+    for loader in ("val_dataloader", "test_dataloader"):  # test_pipeline: LoadImageFromFile, Resize, ...
+        out[f"{loader}.dataset.pipeline.1.scale"] = test_scale
+    return out
+
+
+def cfg_options(overrides: dict[str, Any]) -> list[str]:
+    """``key=value`` words that mmengine's ``--cfg-options`` (``DictAction``) parses back to the same values."""
+    def literal(v: Any) -> str:
+        if isinstance(v, tuple):
+            return "(" + ",".join(literal(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+        if isinstance(v, list):
+            return "[" + ",".join(literal(x) for x in v) + "]"
+        return str(v)
+
+    return [f"{k}={literal(v)}" for k, v in overrides.items()]
 
 
 def _write_mmseg(conv: TrainedExport, dst: Path, force: bool) -> list[Path]:
