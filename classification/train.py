@@ -51,8 +51,10 @@ from maecore import distributed as du
 from maecore.checkpoint import checkpoint_args, load_for_eval, unwrap_state_dict
 from maecore.cli import (
     OneLineParser,
+    add_engine_args,
     add_model_args,
     check_model_args,
+    config_from_args,
     given_flags,
     non_negative_float,
     positive_float,
@@ -62,7 +64,7 @@ from maecore.cli import (
 )
 from maecore.convert import load_weights
 from maecore.data import DECODE_HELP, DECODES, decode_collate, decode_device_batch, decode_unavailable
-from maecore.engine import SCHEDULE_KEYS, Trainer, add_engine_args, config_from_args, dump_args, resolve_amp, use_attention
+from maecore.engine import SCHEDULE_KEYS, Trainer, dump_args, resolve_amp, use_attention
 from maecore.errors import UserError
 from maecore.models import resolve_model
 from maecore.optim import WarmupCosine, adamw, param_groups

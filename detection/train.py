@@ -22,8 +22,10 @@ from maecore import distributed as du
 from maecore.checkpoint import load_for_eval, unwrap_state_dict
 from maecore.cli import (
     OneLineParser,
+    add_engine_args,
     add_model_args,
     check_model_args,
+    config_from_args,
     given_flags,
     non_negative_float,
     non_negative_int,
@@ -33,7 +35,7 @@ from maecore.cli import (
     run_cli,
 )
 from maecore.convert import load_backbone
-from maecore.engine import Trainer, add_engine_args, config_from_args, dump_args, resolve_amp, use_attention
+from maecore.engine import Trainer, dump_args, resolve_amp, use_attention
 from maecore.errors import UserError
 from maecore.models import model_kwargs
 from maecore.optim import WarmupStep, adamw, param_groups

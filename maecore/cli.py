@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from maecore.errors import UserError  # noqa: F401  (re-exported: ``from maecore.cli import UserError`` keeps working)
 
 if TYPE_CHECKING:  # the registry imports torch: the CLI layer imports it only when a parser is built
+    from maecore.engine.config import EngineConfig
     from maecore.models import Family
 
 
@@ -200,6 +201,56 @@ def upgrade_saved_args(saved: Mapping[str, Any] | None) -> Mapping[str, Any] | N
             value = out.pop(old)
             out.setdefault(new, value)
     return out
+
+
+# ---- the engine's flags --------------------------------------------------------------------------
+def config_from_args(args: Any, **overrides: Any) -> EngineConfig:
+    """Build an EngineConfig from an argparse namespace with the engine's flag names."""
+    from maecore.engine.config import EngineConfig  # the engine imports torch: only once a run is configured
+
+    names = {f for f in EngineConfig.__dataclass_fields__}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw.update(overrides)
+    return EngineConfig(**kw)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine's flags (:class:`maecore.engine.EngineConfig`), named as in the official MAE scripts where those
+    have one."""
+    from maecore.distributed import DEFAULT_TIMEOUT_MIN  # imports torch: only when a parser is built
+
+    g = parser.add_argument_group("engine")
+    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, logs, figures")
+    g.add_argument("--epochs", type=positive_int, default=800)
+    g.add_argument("--batch_size", type=positive_int, default=64, help="per-process batch size")
+    g.add_argument("--accum_iter", type=positive_int, default=1, help="gradient accumulation steps")
+    g.add_argument("--num_workers", type=non_negative_int, default=8)
+    g.add_argument("--pin_mem", action="store_true", default=True, help="pin host memory (GPU)")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="auto = bf16 on GPUs that support it and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
+    g.add_argument("--attn", default="auto", choices=["auto", "fused", "explicit"],
+                   help="attention kernel: auto = the explicit softmax path under bf16 on CPUs (torch's fused CPU kernel "
+                        "is slow there), SDPA's fused kernels elsewhere")
+    g.add_argument("--clip_grad", type=non_negative_float, default=None)
+    g.add_argument("--log_every", type=positive_int, default=20, help="log (and sync) every N optimizer steps")
+    g.add_argument("--save_every_steps", type=non_negative_int, default=0, help="also checkpoint every N steps")
+    g.add_argument("--keep_every", type=non_negative_int, default=20, help="keep checkpoint-<epoch>.pth every N epochs")
+    g.add_argument("--eval_every", type=positive_int, default=1)
+    g.add_argument("--max_steps", type=non_negative_int, default=0, help="stop after N optimizer steps (smoke runs)")
+    g.add_argument("--resume", default="", help="'auto' (output_dir/checkpoint-last.pth) or a checkpoint path")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a folder holding checkpoints: they are moved to previous-N/, not deleted")
+    g.add_argument("--resume_override", default="", metavar="KEY[,KEY...]",
+                   help="on resume, take these schedule flags (batch_size, lr, epochs…; 'all') from the command line "
+                        "instead of refusing a change")
+    g.add_argument("--no_progress", dest="progress", action="store_false")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dist_timeout", type=positive_float, default=DEFAULT_TIMEOUT_MIN, metavar="MIN",
+                   help="under torchrun: minutes a collective waits for the other ranks before failing with a line "
+                        "naming this rank (a dead or stuck rank never hangs the job forever)")
 
 
 # ---- flags a checkpoint can supply ---------------------------------------------------------------

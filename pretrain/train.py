@@ -15,8 +15,10 @@ import torch
 from maecore import distributed as du
 from maecore.cli import (
     OneLineParser,
+    add_engine_args,
     add_model_args,
     check_model_args,
+    config_from_args,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -24,7 +26,7 @@ from maecore.cli import (
     run_cli,
 )
 from maecore.data import DECODE_HELP, DECODES, decode_unavailable
-from maecore.engine import SCHEDULE_KEYS, StepFn, Trainer, add_engine_args, config_from_args, dump_args
+from maecore.engine import SCHEDULE_KEYS, StepFn, Trainer, dump_args
 from maecore.models import resolve_model
 from maecore.optim import WarmupCosine, adamw, param_groups
 from pretrain.data import build_pretrain_dataset, fixed_images, pretrain_collate, pretrain_device_batch

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maecore import engine
-from maecore.engine import describe_amp, read_log, resolve_amp, resolve_attention
+from maecore.engine import describe_amp, hooks, precision, read_log, resolve_amp, resolve_attention
 from maecore.errors import UserError
 
 # a 2-block ViT-tiny/8 on 32 px, pixel targets: over 5 epochs of the tiny world (7 steps each) the epoch-mean loss
@@ -20,7 +19,7 @@ TINY = ["--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--depth", "2", 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_follows_the_cpu(monkeypatch, native: bool) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     assert resolve_amp("auto", cpu) == ("bf16" if native else "none")
     assert resolve_amp("auto", cpu, cpu_bf16=False) == "none"  # the benchmarks' fp32-vs-fp32 comparisons
     assert resolve_amp("bf16", cpu) == "bf16" and resolve_amp("none", cpu) == "none"
@@ -61,7 +60,7 @@ def test_without_a_bar_a_status_line_keeps_moving(tiny_world, tmp_path, capsys, 
     left (0 here: a line after every step)."""
     from pretrain.train import main
 
-    monkeypatch.setattr(engine, "STATUS_EVERY_S", 0.0)
+    monkeypatch.setattr(hooks, "STATUS_EVERY_S", 0.0)
     main([*TINY, "--data_path", str(tiny_world["imagenet"]), "--output_dir", str(tmp_path / "o"), "--epochs", "1"])
     lines = [ln.strip() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  step ")]
     assert len(lines) == 7 and lines[0].startswith("step 1/7, epoch 0, loss ") and lines[-1].startswith("step 7/7, epoch 0, loss ")
