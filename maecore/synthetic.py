@@ -32,10 +32,10 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from maecore.cli import OneLineParser, size_type
 
@@ -112,7 +112,16 @@ def _shoelace(p: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
+def _mask_utils() -> ModuleType:
+    """pycocotools' mask API, imported on first use: importing this module (every test module's collection
+    does, ``pytest -m cuda`` on a machine without pycocotools included) needs no pycocotools."""
+    from pycocotools import mask
+
+    return mask
+
+
 def _raster(poly: np.ndarray, h: int, w: int) -> np.ndarray:
+    mask_utils = _mask_utils()
     rle = mask_utils.frPyObjects([poly.reshape(-1).tolist()], h, w)
     # pycocotools' decode trips a harmless numpy-2 "copy keyword" warning.
     with warnings.catch_warnings():
@@ -424,7 +433,7 @@ def scene_annotations(scene: Scene, image_id: int, first_ann_id: int) -> list[di
         if poly is not None:
             segm: list | dict = [poly]
         else:
-            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            rle = _mask_utils().encode(np.asfortranarray(m.astype(np.uint8)))
             segm = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
         anns.append({
             "id": first_ann_id + k,

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -218,7 +219,7 @@ def test_gpu_check_selects_the_cuda_tests_and_they_skip_here_with_a_reason(tmp_p
 
 def test_gpu_check_writes_one_json_and_a_table(tmp_path, capsys):
     from pipeline.benchmark import main as bench_main
-    from pipeline.gpu_check import format_table, parse_junit, summarize, write_summary
+    from pipeline.gpu_check import OUTPUT_FILES, format_table, parse_junit, summarize, write_summary
 
     # a real benchmark JSON (the tiny model on the CPU: its schema is what the GPU run writes)
     bench_json = tmp_path / "benchmark.json"
@@ -248,6 +249,38 @@ def test_gpu_check_writes_one_json_and_a_table(tmp_path, capsys):
     assert json.loads(path.read_text()) == json.loads(json.dumps(summary))
     table = format_table(summary)
     assert "FAILED" in table and "test_compile_step" in table and "ours" in table and "MFU" in table
+    # what failed: the failed and the skipped test, with their messages (the tests stage exited 1: its log's end)
+    assert [(f["what"], f["outcome"]) for f in summary["failed"]] == [
+        ("test test_compile_step", "failed"), ("test test_fsdp_one_process", "skipped"), ("stage tests", "exit 1")]
+    assert summary["failed"][0]["message"] == "AssertionError: boom" and "FAILED test test_compile_step: failed" in table
     all_good = summarize(cases[:1], json.loads(bench_json.read_text()), {**stages, "tests": {**stages["tests"], "rc": 0}}, {})
     assert all_good["ok"] is True and "ACCEPTED" in format_table(all_good)
-    assert summarize(cases[:1], None, {**stages, "benchmark": {"rc": 1, "seconds": 1.0, "timed_out": False}}, {})["ok"] is False
+    bench_log = tmp_path / "benchmark.log"
+    bench_log.write_text("".join(f"line {i}\n" for i in range(100)) + "RuntimeError: CUDA out of memory\n")
+    failed = summarize(cases[:1], None, {**stages, "benchmark": {"rc": 1, "seconds": 1.0, "timed_out": False, "log": str(bench_log)}}, {})
+    assert failed["ok"] is False and [f["what"] for f in failed["failed"]] == ["stage tests", "stage benchmark"]
+    tail = failed["failed"][1]["log_tail"].splitlines()
+    assert len(tail) == 40 and tail[-1] == "RuntimeError: CUDA out of memory"  # the end of its log, in the JSON
+    assert "  | RuntimeError: CUDA out of memory" in format_table(failed)
+    assert len(OUTPUT_FILES) <= 8 and {"gpu_check.json", "gpu_check.txt", "pytest.xml", "benchmark.json"} <= set(OUTPUT_FILES)
+
+
+def test_gpu_check_stage_is_killed_whole_when_it_runs_out_of_time(tmp_path):
+    """A stage past its limit is killed with its children (pytest's torchrun workers would hold the GPU)."""
+    from pipeline.gpu_check import run_stage
+
+    child_pid = tmp_path / "child.pid"
+    code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(child_pid)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(60)")
+    st = run_stage([sys.executable, "-c", code], 3, tmp_path / "stage.log")
+    assert st["timed_out"] and st["rc"] is None and st["seconds"] < 30
+    assert "started" in (tmp_path / "stage.log").read_text() and "stopped after" in (tmp_path / "stage.log").read_text()
+    stat = Path(f"/proc/{int(child_pid.read_text())}/stat")
+    for _ in range(50):  # the grandchild is gone too (a zombie until whoever adopted it reaps it)
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the stage's child outlived the stage")
+    ok = run_stage([sys.executable, "-c", "print('fine')"], 30, tmp_path / "ok.log")
+    assert ok["rc"] == 0 and not ok["timed_out"] and (tmp_path / "ok.log").read_text() == "fine\n"
