@@ -8,6 +8,7 @@ import contextlib
 import os
 import pickle
 import random
+import re
 import socket
 import tempfile
 import time
@@ -304,6 +305,28 @@ def folder_checkpoints(folder: str | os.PathLike) -> list[Path]:
     """The checkpoints a training run leaves in its output folder (``checkpoint*.pth``)."""
     folder = Path(folder)
     return sorted(folder.glob("checkpoint*.pth")) if folder.is_dir() else []
+
+
+# what save_atomic leaves of a checkpoint (checkpoint*.pth) when killed mid-write: tempfile.mkstemp's name, prefix
+# ".<name>." and suffix ".tmp" around 8 of [a-z0-9_]
+_CHECKPOINT_TEMP = re.compile(r"\.checkpoint[^/]*\.pth\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """Delete the temporary checkpoints that saves killed mid-write (SIGKILL, a power cut) left in a run's output
+    folder — each up to a whole checkpoint that nothing will read — and return their ``(name, bytes)``.  Only for
+    the run that holds the folder's :class:`FolderLock`: no run that writes them can be alive then.  Only
+    ``folder``'s own ``.checkpoint*.pth.XXXXXXXX.tmp`` files; any other file stays."""
+    folder = Path(folder)
+    removed: list[tuple[str, int]] = []
+    for p in sorted(folder.glob(".checkpoint*.pth.*.tmp")) if folder.is_dir() else []:
+        if not _CHECKPOINT_TEMP.fullmatch(p.name) or p.is_symlink() or not p.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            size = p.stat().st_size
+            p.unlink()
+            removed.append((p.name, size))
+    return removed
 
 
 def set_aside(folder: str | os.PathLike, names: Sequence[str]) -> Path | None:

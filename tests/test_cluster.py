@@ -379,3 +379,58 @@ def test_fsdp_finetune_equals_ddp(tiny_world, tmp_path, finetune_ref):
     same_parameters(out / "checkpoint-last.pth", finetune_ref / "checkpoint-last.pth")
     same_optimizer(out / "checkpoint-last.pth", finetune_ref / "checkpoint-last.pth")
     assert read_log(out, "eval") == read_log(finetune_ref, "eval")  # evaluated with the gathered weights
+
+
+# ---- 6. a stop signal to one rank under torchrun: every rank ends with 75 --------------------------------
+# Loaded by every process of the job (a sitecustomize on PYTHONPATH): rank 1's exit takes 3 s more, as a library's
+# exit hook (a metrics uploader, a flush to a slow file system) or the interpreter's teardown can make it.  torchrun
+# ends the ranks still running with SIGTERM once one has exited, so rank 1 is still ending when that comes.
+SLOW_EXIT = """\
+import atexit, os, time
+if os.environ.get("RANK") == "1":
+    if os.environ.get("SLOW_EXIT_AT") == "atexit":
+        atexit.register(time.sleep, 3)
+    else:  # in the interpreter's teardown (modules cleared), after Python has dropped its own signal handlers
+        class _SlowTeardown:
+            def __del__(self, sleep=time.sleep):
+                sleep(3)
+        _slow = _SlowTeardown()
+"""
+
+
+def rank_exit_codes(report: str) -> dict[int, int]:
+    """rank -> exit code, from torchrun's failure report (``rank : 1 (local_rank: 1)`` / ``exitcode : 75 (pid: …)``)."""
+    import re
+
+    found = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", report)
+    return {int(r): int(c) for r, c in found}
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+@pytest.mark.parametrize("signalled, slow_at", [(0, "atexit"), (1, "teardown")])
+def test_a_stop_signal_to_one_rank_ends_every_rank_with_75(tiny_world, tmp_path, signalled, slow_at):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_EXIT)
+    out = tmp_path / "run"
+    cmd = torchrun_standalone("pretrain", [*PRETRAIN, "--epochs", "50", "--data_path", tiny_world["imagenet"], "--output_dir", out])
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env(PYTHONPATH=f"{site}{os.pathsep}{ROOT}", SLOW_EXIT_AT=slow_at),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sent = 0
+    deadline = time.time() + 200
+    while time.time() < deadline and agent.poll() is None:
+        if last_step(out) >= 2 and (pid := worker_pid(agent.pid, signalled)):
+            os.kill(pid, signal.SIGUSR1)
+            sent = last_step(out)
+            break
+        time.sleep(0.005)
+    report, _ = agent.communicate(timeout=300)
+    assert sent, "the run ended before a rank could be signalled"
+    assert "closing signal SIGTERM" in report  # torchrun did end the slow rank's exit with SIGTERM …
+    assert rank_exit_codes(report) == {0: 75, 1: 75}, report[-3000:]  # … and still every rank ended with 75
+    assert agent.returncode == 1  # torchrun's own status when its workers fail (the README says so)
+    stops = read_log(out, "stop")
+    assert len(stops) == 1 and stops[0]["signals"] == ["SIGUSR1"] and sent <= stops[0]["step"] <= sent + 2
+    assert load_file(out / "checkpoint-last.pth")["step"] == stops[0]["step"]
+    who = "SIGUSR1" if signalled == 0 else "SIGUSR1 on another rank"  # rank 0 prints the line
+    assert f"stopped by {who} after step {stops[0]['step']} " in report

@@ -153,10 +153,12 @@ def test_a_hook_state_is_checkpointed_and_restored_exactly_across_a_stop(tmp_pat
                 os.kill(os.getpid(), signal.SIGUSR1)
 
     first = OnlineProbe()
-    with pytest.raises(Preempted):
+    with pytest.raises(Preempted) as stopped:
         trainer(tmp_path / "b", hooks=[first, SignalAt()]).fit()
     ckpt = load_file(tmp_path / "b" / "checkpoint-last.pth")
     assert (ckpt["step"], ckpt["iter_in_epoch"]) == (4, 2) and ckpt["extra"]["online_probe"]["updates"] == 2 == first.updates
+    assert signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL  # a stopped process ignores stop signals to its exit …
+    stopped.value.release()  # … unless it carries on
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handlers were the run's only
 
     again = OnlineProbe()

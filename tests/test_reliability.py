@@ -176,6 +176,45 @@ def test_a_second_concurrent_run_is_refused_and_a_dead_run_leaves_no_stale_lock(
     assert int(pid) == os.getpid()
 
 
+def test_temporaries_of_a_save_killed_mid_write_go_when_the_next_run_takes_the_folder(tiny_world, tmp_path):
+    """A SIGKILL while checkpoint-last.pth is written leaves its temporary (a whole checkpoint's worth); the next run
+    to take the folder's lock removes it, says so in one line and logs it.  Other files stay."""
+    from maecore.checkpoint import load_file
+    from maecore.engine import read_log
+
+    out = tmp_path / "out"
+    common = [*TINY, "--data_path", tiny_world["imagenet"], "--output_dir", out, "--epochs", "50", "--num_workers", "0",
+              "--save_every_steps", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", *map(str, common)], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    left: list[Path] = []
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None and not left:
+        # a save under way (not the first: there is a checkpoint to resume from): freeze the run, kill it if still saving
+        if (out / "checkpoint-last.pth").exists() and list(out.glob(".checkpoint-last.pth.*.tmp")):
+            os.kill(proc.pid, signal.SIGSTOP)
+            if left := list(out.glob(".checkpoint-last.pth.*.tmp")):
+                os.kill(proc.pid, signal.SIGKILL)
+            else:
+                os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.001)
+    _, err = proc.communicate(timeout=60)
+    assert left and proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert list(out.glob(".checkpoint-last.pth.*.tmp")) == left
+    others = [out / ".checkpoint-last.pth.tmp", out / ".notes.pth.abcd1234.tmp", out / "previous-1" / left[0].name]
+    for f in others:  # not a temporary of this folder's checkpoints: never touched
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"keep")
+    step, size = load_file(out / "checkpoint-last.pth")["step"], left[0].stat().st_size
+    p = run([*common, "--resume", "auto", "--max_steps", step + 1])
+    lines = [ln for ln in p.stdout.splitlines() if "temporary checkpoint" in ln]
+    assert lines == [f"{out}: removed 1 temporary checkpoint file(s) of saves killed mid-write "
+                     f"({size / 2**20:.1f} MiB): {left[0].name}"], p.stdout
+    assert not left[0].exists() and all(f.read_bytes() == b"keep" for f in others)
+    assert read_log(out, "cleanup") == [{"type": "cleanup", "step": 0, "removed": [left[0].name], "bytes": size}]
+    assert load_file(out / "checkpoint-last.pth")["step"] == step + 1
+
+
 # ---- 4. resume checks the run's flags before touching anything --------------------------------------
 @pytest.mark.parametrize("change, expect", [
     (["--depth", "3"], r"it was trained with other model flags \(depth 2 -> 3\)"),

@@ -34,9 +34,10 @@ Nothing is lost, and a failure is one line (``error: …``, status 2), never a t
   and Ctrl-C) finish the current optimizer step, write ``checkpoint-last.pth`` atomically, print one line and exit with status
   :data:`EXIT_REQUEUE` = 75 (``EX_TEMPFAIL``: "try again"): a job script requeues on 75 and the run continues
   with ``--resume auto`` to the same numbers as an uninterrupted run.  Under DDP every rank stops at the
-  same step, and every rank learns which signals were received (:attr:`Preempted.signals`: a launcher requeues on
-  its own signal only).  Further signals while stopping are ignored (a second Ctrl-C outside the save aborts at once;
-  the save itself is atomic either way).
+  same step, every rank learns which signals were received (:attr:`Preempted.signals`: a launcher requeues on
+  its own signal only), and every rank ends with 75.  Further signals while stopping are ignored, to the process's
+  exit (torchrun's SIGTERM to the other ranks once one has exited included); a second Ctrl-C while the current
+  step finishes aborts at once (a save is atomic either way).
 """
 
 from __future__ import annotations

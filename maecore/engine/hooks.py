@@ -352,12 +352,13 @@ class StopOnSignal(HookBase):
     """SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT stop the run at the next step boundary (or epoch start): every rank
     agrees on the same step (a vote that costs no sync per step), ``on_stop`` is fired (the checkpoint is written
     there), one line is printed and :class:`Preempted` raised (exit status :data:`EXIT_REQUEUE`).  The signal
-    handlers are installed for the run only."""
+    handlers are installed for the run only — after a stop, to the process's exit (:meth:`StopSignals.hold`)."""
 
     priority = STOP
 
     def __init__(self) -> None:
         self.vote = du.AnyRank(len(STOP_SIGNALS))  # one flag per signal: every rank learns which were sent
+        self.stopped: Preempted | None = None
 
     def before_train(self) -> None:
         self.trainer.signals.install()
@@ -370,7 +371,11 @@ class StopOnSignal(HookBase):
         self._check()
 
     def after_train(self) -> None:
-        self.trainer.signals.restore()
+        if self.stopped is None:
+            self.trainer.signals.restore()
+        else:  # a late signal (torchrun's SIGTERM once another rank has exited) must not turn 75 into a kill
+            self.trainer.signals.hold()
+            self.stopped.release = self.trainer.signals.restore
         if self.trainer.finished:
             self.vote.close()
 
@@ -395,4 +400,5 @@ class StopOnSignal(HookBase):
         if du.is_main():
             t.logger.log("stop", t.step, signal=name, signals=agreed, epoch=t.epoch, iter_in_epoch=t.iter_in_epoch)
             print(msg, file=sys.stderr, flush=True)
-        raise Preempted(msg, agreed)
+        self.stopped = Preempted(msg, agreed)
+        raise self.stopped

@@ -2,10 +2,11 @@
 fits.
 
 * One run per output folder.  ``run.lock`` (pid and host; an OS record lock, so a crashed run leaves no
-  stale lock) refuses a second concurrent run.  A fresh run into a folder that holds a checkpoint is refused unless
-  ``--resume`` or ``--overwrite`` is given; ``--overwrite`` moves the old checkpoints and ``args.json`` into
-  ``previous-N/`` (and the old ``log.jsonl`` to ``log.N.jsonl``): nothing is deleted.  ``args.json`` is
-  written only after these checks.
+  stale lock) refuses a second concurrent run.  The run that takes it removes the temporaries that saves killed
+  mid-write left (one line, and a ``cleanup`` record in the log).  A fresh run into a folder that holds a
+  checkpoint is refused unless ``--resume`` or ``--overwrite`` is given; ``--overwrite`` moves the old checkpoints
+  and ``args.json`` into ``previous-N/`` (and the old ``log.jsonl`` to ``log.N.jsonl``): nothing is deleted.
+  ``args.json`` is written only after these checks.
 * Resume checks the run's flags against the checkpoint's saved args before anything in the folder is touched:
   the task's model flags (``model_keys``) must match; the schedule flags (:data:`SCHEDULE_KEYS`) must too,
   unless ``--resume_override KEY[,KEY…]`` (or ``all``) takes the new value, which is printed and logged.
@@ -28,6 +29,7 @@ from maecore.checkpoint import (
     checkpoint_nonfinite,
     folder_checkpoints,
     load_file,
+    remove_stale_temporaries,
     set_aside,
 )
 from maecore.engine.config import SCHEDULE_KEYS, EngineConfig
@@ -108,8 +110,8 @@ class RunFolder:
 
     def claim(self, model: nn.Module, optimizer: torch.optim.Optimizer
               ) -> tuple[dict[str, Any] | None, Path | None, dict[str, tuple[Any, Any]]]:
-        """Checks first (reading only), then the folder is this run's: lock, old checkpoints set aside
-        (``--overwrite``), ``args.json``, logs.  Returns the checkpoint to resume from (or None), its path and
+        """Checks first (reading only), then the folder is this run's: lock, stale temporaries removed, old
+        checkpoints set aside (``--overwrite``), ``args.json``, logs.  Returns the checkpoint to resume from (or None), its path and
         the overridden flags.  All ranks agree on a refusal."""
         cfg = self.cfg
         ckpt, path, overrides = None, None, {}
@@ -135,7 +137,12 @@ class RunFolder:
         if errs:
             self.lock.release()
             raise UserError(errs[0])
+        removed: list[tuple[str, int]] = []
         if du.is_main():
+            if removed := remove_stale_temporaries(self.out):  # under the lock: no save of them is alive
+                names = ", ".join(n for n, _ in removed[:3]) + (" …" if len(removed) > 3 else "")
+                print(f"{self.out}: removed {len(removed)} temporary checkpoint file(s) of saves killed mid-write "
+                      f"({sum(b for _, b in removed) / 2**20:.1f} MiB): {names}")
             if path is None:
                 if cfg.overwrite and (moved := set_aside(self.out, [p.name for p in folder_checkpoints(self.out)] + ["args.json"])):
                     print(f"{self.out}: the earlier run's checkpoints and args.json moved to {moved.name}/ (--overwrite)")
@@ -143,6 +150,8 @@ class RunFolder:
                     print(f"{self.logger.path} was from an earlier run: moved to {old.name}")
             (self.out / "args.json").write_text(json.dumps(self.args, indent=1, default=str))
             self.logger.open()
+            if removed:
+                self.logger.log("cleanup", 0, removed=[n for n, _ in removed], bytes=sum(b for _, b in removed))
         du.barrier()
         return ckpt, path, overrides
 
