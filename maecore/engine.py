@@ -84,8 +84,8 @@ LAST = "checkpoint-last.pth"
 # flags that change the optimisation or the data order, not the network: a resumed run keeps the checkpoint's
 # values unless --resume_override names them (keys a task does not have are skipped)
 SCHEDULE_KEYS = ("batch_size", "accum_iter", "lr", "blr", "min_lr", "epochs", "warmup_epochs", "warmup_iters",
-                 "max_iters", "milestones", "weight_decay", "layer_decay", "clip_grad", "seed", "mask_ratio",
-                 "mask_type", "drop_path", "model_ema_decay")
+                 "max_iters", "milestones", "poly_after_warmup", "weight_decay", "wd_rule", "layer_decay", "clip_grad",
+                 "seed", "mask_ratio", "mask_type", "drop_path", "model_ema_decay")
 
 
 class Preempted(SystemExit):
@@ -378,6 +378,8 @@ class Trainer:
     Hooks: ``evaluate(model, epoch) -> dict`` every ``eval_every`` epochs, ``on_epoch_end(model,
     epoch)`` (figures), ``after_step(model, step)`` (EMA…); ``extra_state`` modules (EMA weights…)
     are checkpointed too.  ``model`` here is the bare module; the trainer wraps it in DDP.
+    ``schedule(t)`` gives the lr at fractional epoch ``t``, or at optimizer step ``t`` (0-based) when it has a true
+    ``per_step`` attribute (``maecore.optim.WarmupStep`` / ``WarmupPoly``).
     ``model_keys``: the ``args`` keys that define the network (a resume must match them);
     ``schedule_keys``: those a resume keeps unless ``--resume_override`` names them.
     ``device_batch(batch) -> batch`` runs on every batch once it is on the device (``maecore.data.UInt8Normalize``:
@@ -573,7 +575,9 @@ class Trainer:
                             f"{unexpected[:3]}, other shape {shapes[:3]})")
         groups = ckpt["optimizer"].get("param_groups", []) if isinstance(ckpt["optimizer"], dict) else []
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
-            raise UserError(f"{path}: its optimizer state has other parameter groups than this run's optimizer")
+            hint = ("; a checkpoint from before --wd_rule (issue #24) resumes with --wd_rule uniform"
+                    if "wd_rule" in self.args and "wd_rule" not in saved else "")
+            raise UserError(f"{path}: its optimizer state has other parameter groups than this run's optimizer{hint}")
         if what := checkpoint_nonfinite(ckpt):
             raise UserError(f"cannot resume from {path}: it holds NaN/inf in {what}; resume from an earlier checkpoint")
         return {k: (old, new) for k, old, new in d}
@@ -850,7 +854,10 @@ class Trainer:
                 break
             boundary = (it + 1) % cfg.accum_iter == 0
             if it % cfg.accum_iter == 0:
-                lr = self.schedule(self.epoch + it / self.iters_per_epoch)
+                # fractional epochs (the official MAE clock), or the optimizer step for schedules counted in
+                # iterations (detectron2, mmseg): exact whatever the epoch length and the accumulation
+                clock = self.step if getattr(self.schedule, "per_step", False) else self.epoch + it / self.iters_per_epoch
+                lr = self.schedule(clock)
                 set_lr(opt, lr)
             batch = to_device(batch, self.device)
             if self.device_batch is not None:
