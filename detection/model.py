@@ -201,9 +201,24 @@ class ViTMaskRCNN(MaskRCNN):
     ``backbone.net``; it knows which of its parameters AdamW must not decay."""
 
     def no_weight_decay(self) -> set[str]:
-        """The trunk's position table and ``rel_pos_h/w`` tables, as full names (``backbone.net.…``), as
-        ViTDet's optimizer overrides them; norms and biases are 1-D and skipped by ``param_groups`` anyway."""
+        """The trunk's position table and ``rel_pos_h/w`` tables, as full names (``backbone.net.…``): with the
+        1-D parameters (norms, biases), what ``--wd_rule uniform`` exempts.  ViTDet's own rule is
+        :meth:`vitdet_no_weight_decay`."""
         return {f"backbone.net.{n}" for n in self.backbone.net.no_weight_decay()}
+
+    def vitdet_no_weight_decay(self) -> set[str]:
+        """What detectron2's ViTDet B/L optimizer exempts: ``get_default_optimizer_params`` with
+        ``weight_decay_norm=0.0`` (``configs/common/optim.py``) and ``overrides={"pos_embed": {"weight_decay": 0.0}}``
+        (``mask_rcnn_vitdet_b_100ep.py``) gives no weight decay to the position table and to the parameters of
+        ``torch.nn`` norm modules, which in ViTDet are only the trunk's ``nn.LayerNorm``s (the pyramid and the heads
+        use detectron2's own ``LayerNorm``, not a torch norm type).  Biases, ``rel_pos_h/w`` and everything else
+        decay.  Full names; every other parameter, 1-D or not, decays (``param_groups(..., decay_1d=True)``)."""
+        net = self.backbone.net
+        names = {f"backbone.net.{n}" for n, _ in net.named_parameters() if n.rsplit(".", 1)[-1] == "pos_embed"}
+        for mod_name, mod in net.named_modules():
+            if isinstance(mod, nn.LayerNorm):
+                names |= {f"backbone.net.{mod_name}.{n}" for n, _ in mod.named_parameters(recurse=False)}
+        return names
 
 
 class PaddedInputTransform(GeneralizedRCNNTransform):

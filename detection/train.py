@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Collection
 from functools import partial
 from pathlib import Path
@@ -43,7 +44,7 @@ from maecore.optim import WarmupStep, adamw, param_groups
 from .data import build_datasets, collate
 from .evaluate import evaluate_coco
 from .model import build_detector, layer_id_fn
-from .recipes import RECIPES
+from .recipes import RECIPES, VITDET_MILESTONES
 
 # what builds the network (its shape and its test-time settings): ``--eval --resume CKPT`` takes these from
 # the checkpoint's saved args unless given on the command line; training-only, data and output flags stay
@@ -86,9 +87,19 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=non_negative_float, default=1e-4, help="absolute lr (ViTDet: 1e-4 at batch 64)")
     g.add_argument("--weight_decay", type=non_negative_float, default=0.1)
+    g.add_argument("--wd_rule", choices=["official", "decay_all", "uniform"], default="official",
+                   help="which parameters skip weight decay: official = ViTDet-B/L's detectron2 config (the position table "
+                        "and the trunk's LayerNorms only; biases, rel_pos_h/w and the pyramid's and heads' norms decay); "
+                        "decay_all = ViTDet-H's (none); uniform = every 1-D parameter, pos_embed and rel_pos_h/w")
     g.add_argument("--layer_decay", type=ratio(0.0, 1.0, lo_open=True), default=0.7)
-    g.add_argument("--warmup_iters", type=non_negative_int, default=250, help="linear warm-up, in optimizer steps")
-    g.add_argument("--milestones", type=ratio(0.0, 1.0), nargs="*", default=[0.889, 0.963], help="x0.1 steps, fractions of --epochs")
+    g.add_argument("--warmup_iters", type=non_negative_float, default=250,
+                   help="linear warm-up from 0.001, in optimizer steps (ViTDet-H: 187.4966, B's 250 / 184,375 of its run)")
+    g.add_argument("--max_iters", type=non_negative_int, default=0,
+                   help="optimizer steps in total (ViTDet: 184,375 at batch 64), over as many epochs as they need; "
+                        "0, or --epochs given without it: whole --epochs")
+    g.add_argument("--milestones", type=ratio(0.0, 1.0), nargs="*", default=list(VITDET_MILESTONES),
+                   help="x0.1 from these fractions of the run's optimizer steps on, each rounded down to a step "
+                        "(default: ViTDet's 163,889 and 177,546 of 184,375)")
     g.add_argument("--best_key", default="bbox/AP", help="eval metric whose best checkpoint is kept")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", "--eval-only", "--eval_only", dest="eval", action="store_true",
@@ -107,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if pre.recipe:
         p.set_defaults(**RECIPES[pre.recipe])
     args = p.parse_args(argv)
+    given = given_flags(p, argv)
+    if "epochs" in given and "max_iters" not in given:
+        args.max_iters = 0  # --epochs on the command line wins over a recipe's iteration count
     if not 0 < args.lsj_scale[0] <= args.lsj_scale[1]:
         p.error("--lsj_scale needs 0 < min <= max")
     if args.eval and not (args.resume or args.finetune):
@@ -152,20 +166,37 @@ def build_model(args: argparse.Namespace, num_classes: int):
     return model
 
 
+def optimizer_groups(model, args: argparse.Namespace) -> list[dict]:
+    """ViTDet's layer decay (``get_vit_lr_decay_rate``) with the weight-decay rule of ``--wd_rule``."""
+    if args.wd_rule == "official":
+        names, decay_1d = model.vitdet_no_weight_decay(), True
+    elif args.wd_rule == "decay_all":
+        names, decay_1d = set(), True
+    else:
+        names, decay_1d = model.no_weight_decay(), False
+    return param_groups(model, args.weight_decay, layer_decay=args.layer_decay, layer_id=layer_id_fn(model),
+                        num_layers=model.backbone.net.depth + 1, no_weight_decay=names, decay_1d=decay_1d)
+
+
 def build_optimizer(model, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.999); no weight decay on norms, biases, pos-embed, rel-pos; ViTDet layer decay."""
-    depth = model.backbone.net.depth
-    groups = param_groups(model, args.weight_decay, layer_decay=args.layer_decay, layer_id=layer_id_fn(model),
-                          num_layers=depth + 1, no_weight_decay=model.no_weight_decay())
-    return adamw(groups, args.lr, (0.9, 0.999), device)
+    """AdamW (0.9, 0.999) over :func:`optimizer_groups`."""
+    return adamw(optimizer_groups(model, args), args.lr, (0.9, 0.999), device)
 
 
-def step_schedule(args: argparse.Namespace, iters_per_epoch: int) -> WarmupStep:
-    """The ViTDet schedule in fractional epochs: the warm-up given in optimizer steps is converted
-    with the run's steps per epoch, the milestones are fractions of ``--epochs``."""
-    steps_per_epoch = max(iters_per_epoch // args.accum_iter, 1)
-    return WarmupStep(args.lr, warmup=args.warmup_iters / steps_per_epoch,
-                      milestones=tuple(m * args.epochs for m in args.milestones), gamma=0.1, warmup_factor=0.001)
+def schedule_length(args: argparse.Namespace, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs, optimizer steps) of the run: ``--max_iters`` steps (ViTDet counts iterations, not epochs) over as
+    many epochs as they need, or ``--epochs`` whole epochs."""
+    if args.max_iters:
+        return math.ceil(args.max_iters / steps_per_epoch), args.max_iters
+    return args.epochs, args.epochs * steps_per_epoch
+
+
+def step_schedule(args: argparse.Namespace, total_steps: int) -> WarmupStep:
+    """The ViTDet schedule in optimizer steps: ``--warmup_iters`` steps of linear warm-up from 0.001, x0.1 from each
+    milestone on, the milestones being fractions of the run's ``total_steps`` rounded down to a step, as fvcore counts
+    them (ViTDet-B/L: 163,889 and 177,546 of 184,375; H: 122,916 and 133,159 of 138,281)."""
+    milestones = tuple(int(m * total_steps + 1e-6) for m in args.milestones)
+    return WarmupStep(args.lr, warmup=args.warmup_iters, milestones=milestones, gamma=0.1, warmup_factor=0.001)
 
 
 def resolve_classes(args: argparse.Namespace, found: int, source: object) -> int:
@@ -233,19 +264,23 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
     assert train_set is not None
     optimizer = build_optimizer(model, args, device)
     ipe = -(-len(train_set) // du.world_size()) // args.batch_size
-    schedule = step_schedule(args, max(ipe, 1))
+    steps_per_epoch = max(ipe // args.accum_iter, 1)
+    args.epochs, total = schedule_length(args, steps_per_epoch)
+    schedule = step_schedule(args, total)
     if du.is_main():
         n = sum(p.numel() for p in model.parameters())
         eff = args.batch_size * args.accum_iter * du.world_size()
         print(f"{args.backbone} {args.model}: {n / 1e6:.2f}M params; eff. batch {eff}; lr {args.lr:.3g}; "
-              f"{ipe // args.accum_iter} steps/epoch; warm-up {schedule.warmup:.3f} ep; milestones {schedule.milestones}")
+              f"{steps_per_epoch} steps/epoch; {total} steps ({args.epochs} epochs); warm-up {schedule.warmup:g} steps; "
+              f"x0.1 at steps {list(schedule.milestones)}; weight decay rule {args.wd_rule}")
 
     def step_fn(m, batch):
         images, targets = batch
         losses = m(images, targets)
         return sum(losses.values()), losses
 
-    cfg = config_from_args(args)
+    # --max_iters ends the run mid-epoch; --max_steps (smoke runs) may end it sooner
+    cfg = config_from_args(args, max_steps=min(filter(None, (args.max_steps, args.max_iters)), default=0))
     trainer = Trainer(cfg, model, optimizer, train_set, step_fn, schedule, device, args=dump_args(args),
                       collate_fn=collate, evaluate=evaluate, model_keys=MODEL_KEYS)
     summary = trainer.fit()

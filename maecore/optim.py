@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -17,9 +18,10 @@ def param_groups(
     layer_id: Callable[[str], int] | None = None,
     num_layers: int | None = None,
     no_weight_decay: Iterable[str] = (),
+    decay_1d: bool = False,
 ) -> list[dict]:
-    """Groups for AdamW: no weight decay for 1-D parameters (biases, norms, layer scale) and the
-    names in ``no_weight_decay`` (pos-embed, cls token, relative position…); with ``layer_decay``
+    """Groups for AdamW: no weight decay for 1-D parameters (biases, norms, layer scale; unless ``decay_1d``)
+    and the names in ``no_weight_decay`` (pos-embed, cls token, relative position…); with ``layer_decay``
     < 1 each group also carries ``lr_scale = layer_decay ** (num_layers - layer_id(name))``
     (the BEiT rule; ``num_layers`` = depth + 1).  Frozen parameters are left out."""
     skip = tuple(no_weight_decay)
@@ -27,7 +29,7 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_wd = p.ndim <= 1 or any(name == s or name.endswith("." + s) or name.startswith(s) for s in skip)
+        no_wd = (p.ndim <= 1 and not decay_1d) or any(name == s or name.endswith("." + s) or name.startswith(s) for s in skip)
         lid = layer_id(name) if (layer_id is not None and layer_decay != 1.0) else 0
         key = (lid, no_wd)
         if key not in groups:
@@ -56,7 +58,7 @@ def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: tor
 
 @dataclass
 class WarmupCosine:
-    """Per-iteration schedule in fractional epochs: linear warm-up, then half-cycle cosine to min_lr
+    """Per-iteration schedule in fractional epochs (the engine's clock): linear warm-up, then half-cycle cosine to min_lr
     (the official MAE ``adjust_learning_rate``)."""
 
     lr: float
@@ -73,37 +75,54 @@ class WarmupCosine:
 
 @dataclass
 class WarmupStep:
-    """Linear warm-up (from ``warmup_factor``·lr) then ×``gamma`` at each milestone (detectron2 style)."""
+    """detectron2's ViTDet schedule (``WarmupParamScheduler`` over ``MultiStepParamScheduler``), counted in
+    optimizer steps: a linear warm-up from ``warmup_factor``·lr over ``warmup`` steps, then ×``gamma`` from each
+    milestone step on."""
 
     lr: float
     warmup: float
-    milestones: tuple[float, ...]
+    milestones: tuple[int, ...]
     gamma: float = 0.1
     warmup_factor: float = 0.001
+    per_step: ClassVar[bool] = True  # the engine passes the optimizer step, not fractional epochs
 
-    def __call__(self, t: float) -> float:
-        base = self.lr * self.gamma ** sum(t >= m for m in self.milestones)
-        if t < self.warmup:
-            a = t / self.warmup
+    def __call__(self, step: float) -> float:
+        base = self.lr * self.gamma ** sum(step >= m for m in self.milestones)
+        if step < self.warmup:
+            a = step / self.warmup
             return base * (self.warmup_factor * (1 - a) + a)
         return base
 
 
 @dataclass
 class WarmupPoly:
-    """Linear warm-up then polynomial decay to ``min_lr`` (mmseg ``PolyLR``)."""
+    """Linear warm-up and polynomial decay to ``min_lr`` over ``total`` optimizer steps, as mmsegmentation runs them.
+
+    Default, mmseg 0.x (mmcv's ``PolyLrUpdaterHook`` with ``warmup='linear'``): the poly decay runs over all
+    ``total`` steps and the warm-up multiplies it, ``poly(i) * (ratio + (1 - ratio) * i / warmup)``.
+    ``restart``, mmseg 1.x (mmengine's ``LinearLR(start_factor=ratio, end=warmup)`` then
+    ``PolyLR(begin=warmup, end=total)``, stepped once per iteration): the warm-up reaches lr at step
+    ``warmup - 1`` (mmengine interpolates over ``end - begin - 1`` steps) and the decay starts afresh at step
+    ``warmup``, reaching ``min_lr`` at the last step ``total - 1``."""
 
     lr: float
-    warmup: float
-    total: float
+    warmup: int
+    total: int
     power: float = 1.0
     min_lr: float = 0.0
     warmup_ratio: float = 1e-6
+    restart: bool = False
+    per_step: ClassVar[bool] = True
 
-    def __call__(self, t: float) -> float:
-        decayed = (self.lr - self.min_lr) * (1 - min(t, self.total) / self.total) ** self.power + self.min_lr
-        if t < self.warmup:
-            k = (1 - t / self.warmup) * (1 - self.warmup_ratio)
+    def __call__(self, step: float) -> float:
+        if self.restart:
+            if step < self.warmup:
+                return self.lr * (self.warmup_ratio + (1 - self.warmup_ratio) * step / max(self.warmup - 1, 1))
+            span = max(self.total - self.warmup - 1, 1)
+            return (self.lr - self.min_lr) * (1 - min(step - self.warmup, span) / span) ** self.power + self.min_lr
+        decayed = (self.lr - self.min_lr) * (1 - min(step, self.total) / self.total) ** self.power + self.min_lr
+        if step < self.warmup:
+            k = (1 - step / self.warmup) * (1 - self.warmup_ratio)
             return decayed * (1 - k)
         return decayed
 

@@ -25,10 +25,11 @@ import torch.nn as nn
 from maecore.benchmark import Timing, Variant, flop_rate, fmt, run_windows, speedup, step_memory, summary
 from maecore.engine import TrainStep, autocast, to_device, use_attention
 from maecore.errors import UserError
-from maecore.optim import adamw, param_groups
+from maecore.optim import adamw
 from maecore.vit import set_fused_attention
 from pretrain.model import MaskedAutoencoderViT, build_mae
 from pretrain.train import make_step_fn
+from pretrain.train import optimizer_groups as train_groups
 
 WEIGHT_DECAY = 0.05
 LR = 1.5e-4
@@ -96,7 +97,7 @@ def host_batch(batch_size: int, input_size: int, device: torch.device, seed: int
 
 
 def optimizer_groups(model: nn.Module) -> list[dict]:
-    return param_groups(model, WEIGHT_DECAY, no_weight_decay=model.no_weight_decay())
+    return train_groups(model, WEIGHT_DECAY)  # main_pretrain.py's groups, as training makes them
 
 
 def ours_variant(model: MaskedAutoencoderViT, batch: tuple[torch.Tensor, ...], device: torch.device, amp: str,

@@ -1,4 +1,16 @@
-"""Named pretraining recipes.  ``paper`` is He et al. App. A.1; ``demo`` fits a few CPU minutes."""
+"""Named pretraining recipes.  ``paper`` is He et al. App. A.1; ``demo`` fits a few CPU minutes.
+
+Both train with ``main_pretrain.py``'s parameter groups (timm 0.3.2 ``add_weight_decay`` with no skip list: only
+1-D parameters and biases skip weight decay, ``cls_token`` and ``mask_token`` decay) and its per-iteration
+warm-up + cosine, tested per parameter against a transcription of the official code
+(tests/test_official_recipes.py).
+
+Choices where we differ from, or add to, the official code (all opt-in):
+
+* ``--wd_rule uniform``: no weight decay on the cls and mask tokens either (timm's later convention,
+  ``model.no_weight_decay()``).
+* ``--mask_type``, ``--encoder_mask_tokens`` and the decoder sizes: the paper's ablations (Table 1).
+"""
 
 from __future__ import annotations
 

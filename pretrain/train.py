@@ -60,6 +60,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state per block (FSDP2)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--weight_decay", type=non_negative_float, default=0.05)
+    g.add_argument("--wd_rule", choices=["official", "uniform"], default="official",
+                   help="which parameters skip weight decay: official = main_pretrain.py's (timm 0.3.2 add_weight_decay: "
+                        "1-D parameters and biases only; the cls and mask tokens decay); uniform = also the cls and mask tokens")
     g.add_argument("--lr", type=non_negative_float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
     g.add_argument("--blr", type=non_negative_float, default=1.5e-4, help="base lr: lr = blr * eff_batch / 256")
     g.add_argument("--min_lr", type=non_negative_float, default=0.0)
@@ -141,6 +144,18 @@ def make_step_fn(mask_ratio: float) -> StepFn:
     return step_fn
 
 
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, wd_rule: str = "official") -> list[dict]:
+    """AdamW groups.  ``official``: ``main_pretrain.py`` calls timm 0.3.2's ``add_weight_decay(model, wd)`` with no
+    skip list, which exempts 1-D parameters and ``.bias`` only, so ``cls_token`` and ``mask_token`` decay (the
+    frozen sin-cos tables are in no group).  ``uniform``: also the tokens (``model.no_weight_decay()``)."""
+    return param_groups(model, weight_decay, no_weight_decay=model.no_weight_decay() if wd_rule == "uniform" else ())
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95) over :func:`optimizer_groups`, as ``main_pretrain.py``."""
+    return adamw(optimizer_groups(model, args.weight_decay, args.wd_rule), args.lr, (0.9, 0.95), device)
+
+
 def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     du.seed_everything(args.seed + du.rank())
     out = Path(args.output_dir)
@@ -155,8 +170,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     eff_batch = args.batch_size * args.accum_iter * du.world_size()
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
-    groups = param_groups(model, args.weight_decay, no_weight_decay=model.no_weight_decay())
-    optimizer = adamw(groups, args.lr, (0.9, 0.95), device)
+    optimizer = build_optimizer(model, args, device)
     schedule = WarmupCosine(args.lr, args.min_lr, args.warmup_epochs, args.epochs)
 
     if du.is_main():

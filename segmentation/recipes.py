@@ -1,16 +1,28 @@
 """Named ADE20K UperNet recipes.
 
 ``base`` is the MAE paper's ViT-B setting as mmsegmentation reproduces it (48.13 mIoU single scale,
-``mae-base_upernet_8xb2-amp-160k_ade20k-512x512``): AdamW lr 1e-4 (0.9, 0.999), wd 0.05, layer decay
-0.65, 1500 warm-up iterations then poly (power 1) to 0 at 160k, 8 processes x batch 2 = 16, crop 512,
-drop path 0.1, UperNet channels 768, auxiliary FCN 256 channels weight 0.4.  ``batch_size`` is per
-process, as everywhere in the toolkit: on one GPU use ``--batch_size 16`` (or ``--accum_iter 8``).
+``mae-base_upernet_8xb2-amp-160k_ade20k-512x512``), number for number (tests/test_official_recipes.py):
+AdamW lr 1e-4 (0.9, 0.999), wd 0.05, layer decay 0.65, 8 processes x batch 2 = 16, crop 512, drop path 0.1,
+UperNet channels 768, auxiliary FCN 256 channels weight 0.4; weight decay as mmseg's
+``LayerDecayOptimizerConstructor`` gives it (1-D parameters and biases exempt; ``pos_embed``, ``cls_token`` and
+the relative-position tables decay, since its bare-name exemption never matches the ``backbone.`` names);
+poly (power 1) to 0 over all 160k iterations with a 1500-iteration linear warm-up from 1e-6 multiplied in:
+mmseg 0.x's ``lr_config``, which the published 48.13 was trained with (its checkpoint and log are dated
+2022-04-26, mmseg v0.24's code; the mmseg-1.x config in segmentation/configs/mmseg/ is a port whose ``LinearLR`` +
+``PolyLR`` restarts the decay after the warm-up: ``--poly_after_warmup``).  ``batch_size`` is per process, as
+everywhere in the toolkit: on one GPU use ``--batch_size 16`` (or ``--accum_iter 8``).
 
 ``large`` scales the same setup to ViT-L (blocks 7/11/15/23, channels 1024); no ViT-L UperNet recipe is
 published with the MAE code, so its layer decay (0.75, the MAE ViT-L fine-tuning value) and drop path (0.2)
 are our choices, not reproduced numbers.
 
 ``demo`` trains a small ViT/8 from scratch on 64-px crops of the synthetic ADE world (CPU minutes).
+
+Choices where we differ from, or add to, the official code (all opt-in):
+
+* ``--wd_rule uniform``: no weight decay on ``pos_embed``, ``cls_token`` and the relative-position tables either
+  (what mmseg's constructor means to do, and the BEiT/timm convention).
+* ``--poly_after_warmup``: the mmseg-1.x schedule of the shipped config (up to 1 % higher lr than 0.x's).
 """
 
 from __future__ import annotations

@@ -75,9 +75,17 @@ def get_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=non_negative_float)
     o.add_argument("--min_lr", type=non_negative_float, default=0.0)
     o.add_argument("--weight_decay", type=non_negative_float)
+    o.add_argument("--wd_rule", choices=["official", "uniform"], default="official",
+                   help="which parameters skip weight decay: official = mmseg's LayerDecayOptimizerConstructor (1-D "
+                        "parameters and biases; pos_embed, cls_token and the relative-position tables decay: its exemption "
+                        "of pos_embed / cls_token never matches the backbone.-prefixed names); uniform = also those")
     o.add_argument("--layer_decay", type=ratio(0.0, 1.0, lo_open=True))
     o.add_argument("--warmup_iters", type=non_negative_int)
     o.add_argument("--max_iters", type=positive_int, help="optimizer steps in total (sets the engine's epochs)")
+    o.add_argument("--poly_after_warmup", action="store_true",
+                   help="start the poly decay after the warm-up, as the mmseg-1.x config (LinearLR, then PolyLR from "
+                        "--warmup_iters); default: mmseg 0.x's poly over all --max_iters with the warm-up multiplied in, "
+                        "what mmseg's published 48.13 mIoU was trained with")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", "--eval_only", "--eval-only", dest="eval", action="store_true",
                    help="only evaluate the checkpoint given by --resume")
@@ -179,10 +187,11 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, given: C
     return res
 
 
-def schedule_in_epochs(args: argparse.Namespace, n_train: int) -> tuple[int, float, int]:
-    """(epochs, optimizer steps per epoch, eval_every in epochs) from the iteration-based flags."""
+def schedule_in_epochs(args: argparse.Namespace, n_train: int) -> tuple[int, int, int]:
+    """(epochs, optimizer steps per epoch, eval_every in epochs) from the iteration-based flags.  An epoch's
+    batches left over after its last whole accumulation make no step, so the epochs hold all --max_iters steps."""
     per_rank = math.ceil(n_train / du.world_size())
-    steps_per_epoch = (per_rank // args.batch_size) / args.accum_iter
+    steps_per_epoch = (per_rank // args.batch_size) // args.accum_iter
     if steps_per_epoch < 1:
         raise UserError(f"{n_train} training images give no full optimizer step per epoch "
                         f"(batch {args.batch_size} x accum {args.accum_iter} x {du.world_size()} processes)")
@@ -191,12 +200,25 @@ def schedule_in_epochs(args: argparse.Namespace, n_train: int) -> tuple[int, flo
     return epochs, steps_per_epoch, eval_every
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.999), BEiT layer decay over the blocks (neck and heads at scale 1), no weight decay
-    on norms, biases, pos-embed and relative-position tables."""
-    groups = param_groups(model, args.weight_decay, args.layer_decay, layer_id=model.layer_id,
-                          num_layers=model.backbone.depth + 1, no_weight_decay=model.no_weight_decay())
-    return adamw(groups, args.lr, (0.9, 0.999), device)
+def optimizer_groups(model: UperNetViT, args: argparse.Namespace) -> list[dict]:
+    """BEiT layer decay over the blocks (neck and heads at scale 1) and the weight-decay rule of ``--wd_rule``:
+    ``official`` is mmseg's ``LayerDecayOptimizerConstructor``, which exempts 1-D parameters and ``.bias`` (its
+    ``name in ('pos_embed', 'cls_token')`` sees ``backbone.pos_embed`` and never matches), so the position table,
+    the cls token and the relative-position tables decay; ``uniform`` also exempts those."""
+    names = model.no_weight_decay() if args.wd_rule == "uniform" else ()
+    return param_groups(model, args.weight_decay, args.layer_decay, layer_id=model.layer_id,
+                        num_layers=model.backbone.depth + 1, no_weight_decay=names)
+
+
+def build_optimizer(model: UperNetViT, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.999) over :func:`optimizer_groups`."""
+    return adamw(optimizer_groups(model, args), args.lr, (0.9, 0.999), device)
+
+
+def poly_schedule(args: argparse.Namespace) -> WarmupPoly:
+    """mmseg's warm-up + poly (power 1) in optimizer steps: 0.x's by default, 1.x's with ``--poly_after_warmup``."""
+    return WarmupPoly(args.lr, args.warmup_iters, args.max_iters, power=1.0, min_lr=args.min_lr,
+                      restart=args.poly_after_warmup)
 
 
 def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
@@ -214,8 +236,7 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
 
     optimizer = build_optimizer(model, args, device)
     args.epochs, spe, args.eval_every = schedule_in_epochs(args, len(dataset))
-    # the engine's clock is fractional epochs: 1500 / 160k iterations become epochs at this batch
-    schedule = WarmupPoly(args.lr, args.warmup_iters / spe, args.max_iters / spe, power=1.0, min_lr=args.min_lr)
+    schedule = poly_schedule(args)  # counted in optimizer steps, whatever the epoch length
 
     if du.is_main():
         n_bb = sum(p.numel() for p in model.backbone.parameters())

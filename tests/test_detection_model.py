@@ -105,10 +105,17 @@ def test_vitdet_layer_decay_and_no_weight_decay():
     assert where["backbone.net.blocks.3.mlp.fc1.weight"]["lr_scale"] == pytest.approx(decay)
     for k in ("backbone.simfp_3.0.weight", "rpn.head.cls_logits.weight", "roi_heads.mask_predictor.mask_fcn_logits.weight"):
         assert where[k]["lr_scale"] == 1.0 and where[k]["weight_decay"] == 0.1
+    # --wd_rule uniform: every 1-D parameter, pos_embed and rel_pos_h/w
     for k in ("backbone.net.pos_embed", "backbone.net.blocks.2.attn.rel_pos_h", "backbone.simfp_2.1.weight",
               "backbone.simfp_2.4.norm.weight", "backbone.net.blocks.0.norm1.weight"):
         assert where[k]["weight_decay"] == 0.0, k
     assert where["backbone.net.blocks.1.attn.qkv.weight"]["weight_decay"] == 0.1
+    # ViTDet's own rule (--wd_rule official): pos_embed and the trunk's LayerNorms only; biases and rel_pos decay
+    groups = param_groups(m, 0.1, layer_decay=decay, layer_id=layer_id_fn(m), num_layers=depth + 1,
+                          no_weight_decay=m.vitdet_no_weight_decay(), decay_1d=True)
+    exempt = {n for g in groups if g["weight_decay"] == 0.0 for n in g["names"]}
+    assert exempt == {"backbone.net.pos_embed"} | {f"backbone.net.blocks.{i}.norm{j}.{k}" for i in range(depth) for j in (1, 2)
+                                                   for k in ("weight", "bias")}
 
 
 def test_mae_checkpoint_loads_into_backbone_net(tmp_path):

@@ -16,7 +16,8 @@ pytest.importorskip("pycocotools")
 from detection.data import LSJ, CocoInstances
 from detection.evaluate import STAT_NAMES, merge_shards, predict, run_cocoeval, to_coco_results
 from detection.model import build_detector
-from detection.train import cli, main, step_schedule
+from detection.recipes import VITDET_MILESTONES
+from detection.train import cli, main, schedule_length, step_schedule
 
 SMALL = ["--arch", "tiny", "--embed_dim", "64", "--depth", "4", "--num_heads", "2", "--patch_size", "16",
          "--image_size", "64", "--pretrain_img_size", "64", "--window_size", "2", "--global_blocks", "1", "3",
@@ -136,13 +137,18 @@ def test_predictions_come_back_in_original_image_coordinates():
     assert float(b[:, 1::2].max()) > 40  # and scaled back up (x 1.25) from the 40-px content
 
 
-def test_vitdet_schedule_in_epochs():
-    args = Namespace(lr=1e-4, warmup_iters=250, milestones=[0.889, 0.963], epochs=100, accum_iter=1)
-    sched = step_schedule(args, iters_per_epoch=1844)  # 118k images / 64
-    assert sched.warmup == pytest.approx(250 / 1844)
-    assert sched.milestones == pytest.approx((88.9, 96.3))
-    assert sched(0.0) == pytest.approx(1e-7) and sched(50.0) == pytest.approx(1e-4)
-    assert sched(90.0) == pytest.approx(1e-5) and sched(97.0) == pytest.approx(1e-6)
+def test_vitdet_schedule_in_steps():
+    """ViTDet counts iterations: 184,375 whatever the dataset's size (tests/test_official_recipes.py compares every
+    recipe with detectron2's scheduler)."""
+    args = Namespace(lr=1e-4, warmup_iters=250, milestones=list(VITDET_MILESTONES), epochs=100, max_iters=184_375)
+    epochs, total = schedule_length(args, steps_per_epoch=1832)  # COCO's 117,266 annotated images at batch 64
+    assert (epochs, total) == (101, 184_375)
+    sched = step_schedule(args, total)
+    assert sched.warmup == 250 and sched.milestones == (163_889, 177_546)
+    assert sched(0) == pytest.approx(1e-7) and sched(50_000) == pytest.approx(1e-4)
+    assert sched(163_888) == pytest.approx(1e-4) and sched(163_889) == pytest.approx(1e-5) and sched(177_546) == pytest.approx(1e-6)
+    args.max_iters = 0  # whole --epochs
+    assert schedule_length(args, steps_per_epoch=1832) == (100, 183_200)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -9,8 +9,8 @@ from typing import Any
 # flags that change the optimisation or the data order, not the network: a resumed run keeps the checkpoint's
 # values unless --resume_override names them (keys a task does not have are skipped)
 SCHEDULE_KEYS = ("batch_size", "accum_iter", "lr", "blr", "min_lr", "epochs", "warmup_epochs", "warmup_iters",
-                 "max_iters", "milestones", "weight_decay", "layer_decay", "clip_grad", "seed", "mask_ratio",
-                 "mask_type", "drop_path", "model_ema_decay")
+                 "max_iters", "milestones", "poly_after_warmup", "weight_decay", "wd_rule", "layer_decay", "clip_grad",
+                 "seed", "mask_ratio", "mask_type", "drop_path", "model_ema_decay")
 
 
 @dataclass

@@ -103,7 +103,9 @@ class RunFolder:
                             f"{unexpected[:3]}, other shape {shapes[:3]})")
         groups = ckpt["optimizer"].get("param_groups", []) if isinstance(ckpt["optimizer"], dict) else []
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
-            raise UserError(f"{path}: its optimizer state has other parameter groups than this run's optimizer")
+            hint = ("; a checkpoint from before --wd_rule (issue #24) resumes with --wd_rule uniform"
+                    if "wd_rule" in self.args and "wd_rule" not in saved else "")
+            raise UserError(f"{path}: its optimizer state has other parameter groups than this run's optimizer{hint}")
         if what := checkpoint_nonfinite(ckpt):
             raise UserError(f"cannot resume from {path}: it holds NaN/inf in {what}; resume from an earlier checkpoint")
         return {k: (old, new) for k, old, new in d}

@@ -58,6 +58,8 @@ class Trainer:
     every ``eval_every`` epochs, ``on_epoch_end(model, epoch)`` (figures), ``after_step(model, step)`` (EMA…),
     and ``extra_state`` modules (EMA weights…) checkpointed under ``extra``; ``hooks`` and :meth:`register_hooks`
     add more.  ``model_keys``: the ``args`` keys that define the network (a resume must match them);
+    ``schedule(t)`` gives the lr at fractional epoch ``t``, or at optimizer step ``t`` (0-based) when it has a true
+    ``per_step`` attribute (``maecore.optim.WarmupStep`` / ``WarmupPoly``).
     ``schedule_keys``: those a resume keeps unless ``--resume_override`` names them.
     ``device_batch(batch) -> batch`` runs on every batch once it is on the device (``maecore.data.UInt8Normalize``:
     uint8 images from the fast decoders normalised there); without it batches go to ``step_fn`` as loaded.
@@ -362,7 +364,10 @@ class Trainer:
                 break
             boundary = (it + 1) % cfg.accum_iter == 0
             if it % cfg.accum_iter == 0:
-                self.lr = self.schedule(self.epoch + it / self.iters_per_epoch)
+                # fractional epochs (the official MAE clock), or the optimizer step for schedules counted in
+                # iterations (detectron2, mmseg): exact whatever the epoch length and the accumulation
+                per_step = getattr(self.schedule, "per_step", False)
+                self.lr = self.schedule(self.step if per_step else self.epoch + it / self.iters_per_epoch)
                 set_lr(self.optimizer, self.lr)
                 self.call_hooks("before_step")
             batch = to_device(batch, self.device)

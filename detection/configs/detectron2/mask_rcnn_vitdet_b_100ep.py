@@ -55,7 +55,8 @@ lr_multiplier = L(WarmupParamScheduler)(
     warmup_factor=0.001,
 )
 
-# AdamW lr 1e-4, wd 0.1, layer-wise lr decay 0.7 over 12 blocks, no decay on the position table
+# AdamW lr 1e-4, wd 0.1, layer-wise lr decay 0.7 over 12 blocks, no decay on the position table nor (common/optim.py:
+# weight_decay_norm=0.0) the trunk's nn.LayerNorms; biases, rel_pos and the pyramid's and heads' LN decay (as python -m detection)
 optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.lr = 1e-4
 optimizer.weight_decay = 0.1

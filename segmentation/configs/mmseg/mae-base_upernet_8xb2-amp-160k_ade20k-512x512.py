@@ -134,6 +134,9 @@ optim_wrapper = dict(
     constructor="LayerDecayOptimizerConstructor",
     paramwise_cfg=dict(num_layers=12, layer_decay_rate=0.65),
 )
+# mmseg 1.x's port of the 0.x lr_config that the 48.13 was trained with: this restarts the poly decay after the
+# warm-up (python -m segmentation --poly_after_warmup); the toolkit's `base` recipe keeps 0.x's poly over all 160k
+# iterations with the warm-up multiplied in (up to ~1 % less lr)
 param_scheduler = [
     dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=1500),
     dict(type="PolyLR", eta_min=0.0, power=1.0, begin=1500, end=160000, by_epoch=False),
