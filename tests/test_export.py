@@ -459,9 +459,10 @@ def test_detector_in_detectron2(detector, detector8, patch, tmp_path, capsys):
         our_logits, our_deltas = model.rpn.head(list(ours.values()))
         for a, b in zip(logits + deltas, our_logits + our_deltas):
             assert (a - b).abs().max() <= 1e-4
-        boxes = torch.tensor([[2.0, 3.0, 12.0, 9.0], [5.0, 5.0, 60.0, 50.0], [0.0, 10.0, 40.0, 63.0], [20.0, 1.0, 27.0, 30.0]])
+        # from the finest level to the coarsest (a box past the image: level 5 or more, clamped to the last)
+        boxes = torch.tensor([[2.0, 3.0, 12.0, 9.0], [5.0, 5.0, 60.0, 50.0], [0.0, 10.0, 40.0, 63.0], [20.0, 1.0, 27.0, 30.0],
+                              [-200.0, -150.0, 250.0, 260.0]])
         feats = [theirs[f] for f in net.roi_heads.box_in_features]
-        model.roi_heads.box_roi_pool.setup_scales(list(ours.values())[:4], [(64, 64)])
         pooled = model.roi_heads.box_roi_pool(ours, [boxes], [(64, 64)])
         assert (net.roi_heads.box_pooler(feats, [Boxes(boxes)]) - pooled).abs().max() <= 1e-4
         detections = net([{"image": x[0] * 255, "height": 64, "width": 64}])[0]["instances"]
