@@ -6,6 +6,7 @@ frameworks expect (instantiated when detectron2 / mmsegmentation are installed, 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -355,32 +356,117 @@ def test_detector_to_detectron2_and_back_same_detections(detector, tmp_path, cap
             assert (da[k] - db[k]).abs().max() <= TOL, k
 
 
-def test_detector_in_detectron2(detector, tmp_path, capsys):
-    """detectron2's ViTDet Mask R-CNN, configured with the overrides the converter reports, loads every tensor by
-    name (strict) and its backbone (trunk + simple feature pyramid) computes ours."""
-    pytest.importorskip("detectron2", reason="detectron2 is not installed")
-    from detectron2 import model_zoo
-    from detectron2.config import instantiate
+# detectron2's SimpleFeaturePyramid (modeling/backbone/vit.py), transcribed: level strides int(patch / scale) for scales
+# (4, 2, 1, 0.5), each named p<log2 stride>, and the top block's one level more
+def d2_pyramid(patch: int) -> tuple[list[str], list[int]]:
+    strides = [int(patch / s) for s in (4.0, 2.0, 1.0, 0.5)]
+    top = int(math.log2(strides[-1])) + 1
+    return [f"p{int(math.log2(s))}" for s in strides] + [f"p{top}"], strides + [2**top]
 
-    model, args, ckpt = detector
+
+# what common/models/mask_rcnn_fpn.py + mask_rcnn_vitdet.py set (transcribed), under the shipped config
+D2_LEVEL_DEFAULTS = {
+    "model.backbone.top_block.in_feature": "p5",  # LastLevelMaxPool's fixed in_feature
+    "model.proposal_generator.in_features": ["p2", "p3", "p4", "p5", "p6"],
+    "model.proposal_generator.anchor_generator.strides": [4, 8, 16, 32, 64],
+    "model.roi_heads.box_in_features": ["p2", "p3", "p4", "p5"],
+    "model.roi_heads.box_pooler.scales": [1 / 4, 1 / 8, 1 / 16, 1 / 32],
+    "model.roi_heads.mask_in_features": ["p2", "p3", "p4", "p5"],
+    "model.roi_heads.mask_pooler.scales": [1 / 4, 1 / 8, 1 / 16, 1 / 32],
+}
+D2_B_CONFIG = Path(__file__).resolve().parents[1] / "detection" / "configs" / "detectron2" / "mask_rcnn_vitdet_b_100ep.py"
+
+
+@pytest.fixture(scope="module")
+def detector8(tmp_path_factory):
+    """The demo's pyramid: patch 8, strides 2, 4, 8, 16 and 32 (detectron2's p1-p5)."""
+    from detection.train import build_model, get_parser
+
+    torch.manual_seed(0)
+    flags = list(SMALL)
+    flags[flags.index("--patch_size") + 1], flags[flags.index("--window_size") + 1] = "8", "4"
+    args = get_parser().parse_args(flags)
+    args.num_classes, args.category_ids, args.category_names = 5, [10, 20, 30, 40, 50], CLASSES
+    model = perturb(build_model(args, 5), 4)
+    return model, args, save_like_trainer(model, args, tmp_path_factory.mktemp("det8") / "ckpt.pth")
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+def test_detectron2_levels_follow_the_pyramid(detector, detector8, patch, tmp_path, capsys):
+    """The recorded overrides, applied over the shipped config's level values, name the levels and strides detectron2's
+    pyramid builds for the checkpoint's patch size, and those are our pyramid's own strides and pooler scales."""
+    model, _, ckpt = detector if patch == 16 else detector8
+    dst = tmp_path / "vitdet.pth"
+    code, out, err = run([ckpt, "-o", dst, "--to", "detectron2"], capsys)
+    assert code == 0, err
+    overrides = torch.load(dst, weights_only=True)["meta"]["config_overrides"]
+    used = {k: overrides.get(k, v) for k, v in D2_LEVEL_DEFAULTS.items()}
+    names, strides = d2_pyramid(patch)
+    scales = [1 / s for s in strides[:4]]
+    assert used == {
+        "model.backbone.top_block.in_feature": names[3], "model.proposal_generator.in_features": names,
+        "model.proposal_generator.anchor_generator.strides": strides, "model.roi_heads.box_in_features": names[:4],
+        "model.roi_heads.box_pooler.scales": scales, "model.roi_heads.mask_in_features": names[:4],
+        "model.roi_heads.mask_pooler.scales": scales,
+    }
+    assert (patch == 16) == (not set(D2_LEVEL_DEFAULTS) & set(overrides))  # patch 16: the config as shipped
+    assert all(f"{k}={overrides[k]}" in out for k in set(D2_LEVEL_DEFAULTS) & set(overrides))  # the report lists them
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(5))]
+    with torch.no_grad():
+        feats = model.backbone(model.transform(images)[0].tensors)
+        model(images)  # torchvision's poolers infer their scales from the feature maps
+    assert [64 // f.shape[-1] for f in feats.values()] == strides
+    assert model.roi_heads.box_roi_pool.scales == scales and model.roi_heads.mask_roi_pool.scales == scales
+    # the top block's level is an argument of the shipped config's top block (detectron2's LastLevelMaxPool takes none)
+    import ast
+
+    assigned = {ast.unparse(n.targets[0]): ast.unparse(n.value) for n in ast.parse(D2_B_CONFIG.read_text()).body
+                if isinstance(n, ast.Assign)}
+    assert assigned["model.backbone.top_block"] == "L(last_level_max_pool)(in_feature='p5')"
+
+
+@pytest.mark.parametrize("patch", [16, 8])
+def test_detector_in_detectron2(detector, detector8, patch, tmp_path, capsys):
+    """detectron2's ViTDet Mask R-CNN, built from the shipped LazyConfig with the overrides the converter reports,
+    loads every tensor by name (strict); its pyramid, RPN head and RoI poolers compute ours level by level, and it
+    runs inference (patch 8 before the levels were recorded: IndexError in SimpleFeaturePyramid.forward)."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed")
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.structures import Boxes
+
+    model, args, ckpt = detector if patch == 16 else detector8
     dst = tmp_path / "vitdet.pth"
     assert run([ckpt, "-o", dst, "--to", "detectron2"], capsys)[0] == 0
     saved = torch.load(dst, weights_only=True)
-    cfg = model_zoo.get_config("common/models/mask_rcnn_vitdet.py")
+    cfg = LazyConfig.load(str(D2_B_CONFIG))
     for k, v in saved["meta"]["config_overrides"].items():
         node = cfg
         *path, last = k.split(".")
         for p in path:
             node = getattr(node, p)
-        setattr(node, last, tuple(v) if "topk" in k else v)
+        setattr(node, last, v)
     net = instantiate(cfg.model).eval()
     net.load_state_dict(saved["model"], strict=True)
-    x = torch.rand(1, 3, 64, 64)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         ours = model.backbone(model.transform(list(x))[0].tensors)
         theirs = net.backbone((x * 255 - net.pixel_mean) / net.pixel_std)
-    for level in ("p2", "p3", "p4", "p5", "p6"):
-        assert (ours[level] - theirs[level]).abs().max() <= 1e-4, level
+        names = net.proposal_generator.in_features
+        assert list(theirs) == names and len(ours) == len(names)
+        for a, b in zip(ours.values(), theirs.values()):
+            assert (a - b).abs().max() <= 1e-4
+        logits, deltas = net.proposal_generator.rpn_head([theirs[f] for f in names])
+        our_logits, our_deltas = model.rpn.head(list(ours.values()))
+        for a, b in zip(logits + deltas, our_logits + our_deltas):
+            assert (a - b).abs().max() <= 1e-4
+        # from the finest level to the coarsest (a box past the image: level 5 or more, clamped to the last)
+        boxes = torch.tensor([[2.0, 3.0, 12.0, 9.0], [5.0, 5.0, 60.0, 50.0], [0.0, 10.0, 40.0, 63.0], [20.0, 1.0, 27.0, 30.0],
+                              [-200.0, -150.0, 250.0, 260.0]])
+        feats = [theirs[f] for f in net.roi_heads.box_in_features]
+        pooled = model.roi_heads.box_roi_pool(ours, [boxes], [(64, 64)])
+        assert (net.roi_heads.box_pooler(feats, [Boxes(boxes)]) - pooled).abs().max() <= 1e-4
+        detections = net([{"image": x[0] * 255, "height": 64, "width": 64}])[0]["instances"]
+    assert len(detections) > 0 and detections.pred_masks.shape[-2:] == (64, 64)
 
 
 # ---- refusals ---------------------------------------------------------------------------------------------------
@@ -396,3 +482,18 @@ def test_trained_checkpoints_refuse_what_they_cannot_be(segmentor, detector, tmp
     assert code == 0, err
     trunk = torch.load(tmp_path / "trunk.pth", weights_only=True)["model"]
     assert all(k.startswith(("blocks.", "pos_embed", "patch_embed")) for k in trunk)
+
+
+def test_detector_patch_size_detectron2_cannot_name(tmp_path, capsys):
+    """Patch 12 gives strides 3, 6, 12, 24: detectron2's pyramid names levels by log2 stride and its RoI pooler
+    needs power-of-two scales, so the conversion refuses in one line rather than write a model that cannot run."""
+    from detection.train import build_model, get_parser
+
+    flags = list(SMALL)
+    flags[flags.index("--patch_size") + 1], flags[flags.index("--input_size") + 1] = "12", "96"
+    args = get_parser().parse_args(flags)
+    args.num_classes = 5
+    ckpt = save_like_trainer(build_model(args, 5), args, tmp_path / "ckpt.pth")
+    code, _, err = run([ckpt, "-o", tmp_path / "vitdet.pth", "--to", "detectron2"], capsys)
+    assert code == 2 and err.startswith("error: ") and "patch size 12" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "vitdet.pth").exists()

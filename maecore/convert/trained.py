@@ -55,6 +55,8 @@ read back and compared with the checkpoint after writing):
   (4) degenerate boxes are filtered at 1e-3 (proposals) / 1e-2 (detections) pixels in torchvision, at 0 in
   detectron2; (5) our test view resizes with ``F.interpolate`` (antialiased when shrinking), detectron2 with
   PIL.  The round trip back into our detector gives the same detections (tests).
+  detectron2 names the pyramid's levels by stride (``p<log2 stride>``): the shipped config's p2-p6 hold for patch
+  16 only, so for another patch size the level values are recorded too (:func:`pyramid_levels`).
 """
 
 from __future__ import annotations
@@ -459,6 +461,7 @@ def detection_to_detectron2(state: dict[str, torch.Tensor], args: dict[str, Any]
     trunk = {k[len("backbone.net."):]: v for k, v in state.items() if k.startswith("backbone.net.")}
     arch = _arch(trunk, args, pos_prefix=1)
     cfg = _lazyconfig(state, args, arch, num_classes)
+    cfg.update(pyramid_levels(arch.patch_size, _simfp_stages(state)))
     rep.notes.append("detectron2 LazyConfig (detection/configs/detectron2/) with " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     rep.notes.append("not identical in detectron2 (see maecore/convert/trained.py): anchors (torchvision rounds them), "
                      "mask pasting, box filtering at 1e-3/1e-2 px, test resize (F.interpolate vs PIL); RoIAlign matches "
@@ -497,6 +500,46 @@ def _lazyconfig(state: dict[str, torch.Tensor], args: dict[str, Any], arch: Arch
         "model.roi_heads.box_predictor.test_score_thresh": float(args.get("score_thresh", 0.05)),
         "model.roi_heads.box_predictor.test_topk_per_image": int(args.get("detections_per_img") or 100),
         "model.roi_heads.box_pooler.pooler_type": "ROIAlign", "model.roi_heads.mask_pooler.pooler_type": "ROIAlign",
+    }
+
+
+def _simfp_stages(state: dict[str, torch.Tensor]) -> list[int]:
+    """The pyramid's stages as its module names give them (``backbone.simfp_3.…`` -> 3), finest first."""
+    return sorted({int(m[1]) for k in state if (m := re.match(r"backbone\.simfp_(\d+)\.", k))})
+
+
+# detectron2's mask_rcnn_vitdet.py (through mask_rcnn_fpn.py) is written for patch 16: levels p2-p5 and p6
+D2_LEVELS = ("p2", "p3", "p4", "p5", "p6")
+
+
+def pyramid_levels(patch_size: int, stages: list[int] | None = None) -> dict[str, Any]:
+    """The LazyConfig values that name the pyramid's levels, for a trunk of ``patch_size`` (``{}`` for 16).
+
+    detectron2's ``SimpleFeaturePyramid`` names each level ``p<log2 stride>`` and its top block adds the next
+    one, so scales (4, 2, 1, 0.5) give p2-p5 + p6 for patch 16 but p1-p4 + p5 for patch 8 (strides 2-32), while the
+    config's top block, RPN, RoI heads and poolers name p2-p6 and strides 4-64.  Ours holds five levels in the same
+    order whatever their strides, so the same weights run once these are set.  ``stages``: the checkpoint's
+    ``simfp_*`` numbers, which must be the ones detectron2 builds for this patch size."""
+    first = patch_size.bit_length() - 3  # log2 of the finest stride, patch / 4
+    if patch_size < 4 or patch_size & (patch_size - 1):
+        raise UserError(f"patch size {patch_size}: detectron2's pyramid levels need strides that are powers of two "
+                        "(patch / 4 ... 2 x patch), so only patch sizes 4, 8, 16, 32, ... convert to detectron2")
+    if stages is not None and stages != list(range(first, first + 4)):
+        found = ", ".join(f"simfp_{i}" for i in stages)
+        raise UserError(f"pyramid modules {found or 'none'} do not match patch size {patch_size} (detectron2 builds "
+                        f"simfp_{first} to simfp_{first + 3})")
+    levels = [f"p{first + i}" for i in range(5)]
+    if tuple(levels) == D2_LEVELS:
+        return {}
+    strides = [2 ** (first + i) for i in range(5)]
+    scales = [1.0 / s for s in strides[:4]]  # exact: powers of two
+    return {
+        # the top block pools the last of the four levels (an argument of last_level_max_pool in the shipped mask_rcnn_vitdet_b_100ep.py)
+        "model.backbone.top_block.in_feature": levels[3],
+        "model.proposal_generator.in_features": levels,
+        "model.proposal_generator.anchor_generator.strides": strides,
+        "model.roi_heads.box_in_features": levels[:4], "model.roi_heads.box_pooler.scales": scales,
+        "model.roi_heads.mask_in_features": levels[:4], "model.roi_heads.mask_pooler.scales": scales,
     }
 
 

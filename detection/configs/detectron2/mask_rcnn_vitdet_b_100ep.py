@@ -16,6 +16,7 @@ from functools import partial
 import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
@@ -24,6 +25,20 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 # in blocks 2, 5, 8, 11, decomposed relative position (zero-init), LN in the box/mask heads
 model = model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model
 model.backbone.net.drop_path_rate = 0.1
+
+
+def last_level_max_pool(in_feature: str = "p5") -> LastLevelMaxPool:
+    """detectron2's top block (p6 = max-pool of the last level) with that level as an argument.
+
+    ``LastLevelMaxPool`` takes none and always reads ``p5``, the last level for patch 16 only: patch 8 gives
+    p1-p4.  ``python -m maecore.convert CKPT --to detectron2`` records ``model.backbone.top_block.in_feature``
+    (and the RPN's and RoI heads' levels) for such a checkpoint."""
+    block = LastLevelMaxPool()
+    block.in_feature = in_feature
+    return block
+
+
+model.backbone.top_block = L(last_level_max_pool)(in_feature="p5")
 
 # large-scale jitter: flip, resize by 0.1-2.0, fixed 1024 crop
 image_size = 1024
