@@ -46,7 +46,7 @@ def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int, amp: str = "none"
 ) -> dict:
     """Accuracy, top-5 and cross-entropy over ``loader`` (this rank's non-padded shard), summed over
-    ranks.  Returns ``{'acc1', 'acc5', 'loss', 'n', 'n_skipped', 'confusion'}`` (percent; confusion
+    ranks.  Returns ``{'acc1', 'acc5', 'loss', 'n_images', 'n_skipped', 'confusion'}`` (percent; confusion
     is a (true, predicted) count matrix on the CPU)."""
     was_training = model.training
     model.eval()
@@ -72,7 +72,7 @@ def evaluate(
     c1, c5, loss, n, skipped = sums.tolist()
     model.train(was_training)
     n = max(n, 1.0)
-    return {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n, "n": int(n), "n_skipped": int(skipped),
+    return {"acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n, "loss": loss / n, "n_images": int(n), "n_skipped": int(skipped),
             "confusion": confusion.cpu()}
 
 

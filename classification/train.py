@@ -12,7 +12,8 @@ Flags follow the official scripts (``--finetune``, ``--blr``, ``--layer_decay``,
 --resume CKPT``…).  ``--data_path`` holds ``train/`` and ``val/`` class folders.  Run under
 ``torchrun`` for DDP; evaluation counts each image once.  ``--eval --resume CKPT`` on a checkpoint of
 ours takes the model flags (``MODEL_KEYS``) from it unless given on the command line; a file without
-saved args (an official release, a converted file) needs ``--model`` etc.
+saved args (an official release, a converted file) needs ``--model`` etc.; it writes ``OUT/eval.json``
+(:func:`maecore.checkpoint.write_eval`: the log's ``eval`` record, as every task's ``--eval`` does).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from classification.model import (
 )
 from classification.recipes import PROTOCOL_DEFAULTS, RECIPES
 from maecore import distributed as du
-from maecore.checkpoint import checkpoint_args, load_for_eval, unwrap_state_dict
+from maecore.checkpoint import checkpoint_args, checkpoint_step, load_for_eval, unwrap_state_dict, write_eval
 from maecore.cli import (
     OneLineParser,
     add_engine_args,
@@ -330,7 +331,7 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
             r = evaluate(ema.module, val_loader, device, num_classes, amp)
             res.update({f"{k}_ema": v for k, v in r.items() if k in ("acc1", "acc5", "loss")})
         if du.is_main():
-            print(f"epoch {epoch}: acc1 {res['acc1']:.2f} acc5 {res['acc5']:.2f} loss {res['loss']:.4f} on {res['n']} images")
+            print(f"epoch {epoch}: acc1 {res['acc1']:.2f} acc5 {res['acc5']:.2f} loss {res['loss']:.4f} on {res['n_images']} images")
         return res
 
     after_step = (lambda m, step: ema.update(m, step)) if ema is not None else None
@@ -365,6 +366,7 @@ def run_eval(args: argparse.Namespace, device: torch.device, amp: str, given: Co
         raise UserError(msg)
     state = unwrap_state_dict(ckpt)
     saved_classes = (checkpoint_args(ckpt) or {}).get("classes")
+    step = checkpoint_step(ckpt)
     del ckpt
     has_train = (Path(args.data_path) / "train").is_dir()
     _, val_ds, classes = build_datasets(args.data_path, None, eval_transform(args.input_size, args.crop_pct),
@@ -393,6 +395,7 @@ def run_eval(args: argparse.Namespace, device: torch.device, amp: str, given: Co
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_confusion(confusion, classes, out, f"eval {Path(args.resume).name}")
+        write_eval(out, "classification", args.resume, step, res)
         print(json.dumps(res))
     return res
 

@@ -124,8 +124,9 @@ def evaluate_coco(
     vis_name: str = "predictions.png",
 ) -> dict[str, float]:
     """Predict on ``dataset`` (this rank's shard), gather per-image results, run COCOeval bbox and
-    segm on rank 0, write ``coco_instances_results.json`` / ``metrics.json`` / the overlay figure,
-    and return ``{"bbox/AP": …, "segm/AP50": …}`` on every rank."""
+    segm on rank 0, write ``coco_instances_results.json`` / ``cocoeval.txt`` / the overlay figure,
+    and return ``{"bbox/AP": …, "segm/AP50": …, "n_images": …, "n_detections": …}`` on every rank (what the run's
+    ``log.jsonl`` records; ``--eval`` writes it to ``eval.json``)."""
     was_training = model.training
     model.eval()
     n = min(len(dataset), max_images) if max_images else len(dataset)
@@ -148,14 +149,13 @@ def evaluate_coco(
         for iou_type in ("bbox", "segm"):
             for k, v in run_cocoeval(dataset.coco, results, img_ids, iou_type, summary).items():
                 metrics[f"{iou_type}/{k}"] = v
-        metrics["n_images"] = float(len(img_ids))
-        metrics["n_detections"] = float(len(results))
-        print(one_line(metrics))  # the whole table goes to cocoeval.txt (and metrics.json)
+        metrics["n_images"] = len(img_ids)  # counts as integers, as in the other tasks' records
+        metrics["n_detections"] = len(results)
+        print(one_line(metrics))  # the whole table goes to cocoeval.txt
         if output_dir is not None:
             out = Path(output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "coco_instances_results.json").write_text(json.dumps(results))
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
             (out / "cocoeval.txt").write_text("\n\n".join(summary) + "\n")
             if vis_images:
                 overlay_figure(dataset, merged, out / vis_name, vis_images)

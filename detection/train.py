@@ -1,7 +1,9 @@
 """Mask R-CNN on COCO with a ViT backbone: ``python -m detection --recipe vitdet_b --data_path COCO
 --finetune mae_pretrain_vit_base.pth --output_dir OUT``; ``--eval`` (alias ``--eval-only``) evaluates a checkpoint:
 ``python -m detection --eval --resume OUT/checkpoint-best.pth --data_path COCO --output_dir EVAL`` builds the
-detector from the model flags saved in the checkpoint (``MODEL_KEYS``; a flag given on the command line wins).
+detector from the model flags saved in the checkpoint (``MODEL_KEYS``; a flag given on the command line wins)
+and writes ``EVAL/eval.json`` (:func:`maecore.checkpoint.write_eval`: the log's ``eval`` record, as every task's
+``--eval`` does) beside COCOeval's table and the detections.
 
 ``--data_path`` is a COCO 2017 root (``train2017/``, ``val2017/``, ``annotations/instances_*2017.json``);
 ``--train_json``/``--val_json``/``--train_images``/``--val_images`` point at any other COCO-format set.
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from maecore import distributed as du
-from maecore.checkpoint import load_for_eval, unwrap_state_dict
+from maecore.checkpoint import checkpoint_step, load_for_eval, unwrap_state_dict, write_eval
 from maecore.cli import (
     OneLineParser,
     add_engine_args,
@@ -248,6 +250,7 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
                              args.max_eval_images, args.vis_images, vis_name="predictions.png")
 
     if args.eval:
+        step = checkpoint_step(ckpt)
         if ckpt is not None:
             state = unwrap_state_dict(ckpt)
             del ckpt
@@ -258,6 +261,7 @@ def run(args: argparse.Namespace, device: torch.device, given: Collection[str] =
         model.to(device)
         metrics = evaluate(model, 0)
         if du.is_main():
+            write_eval(out, "detection", args.resume or args.finetune, step, metrics)
             print(json.dumps(metrics))
         return metrics
 

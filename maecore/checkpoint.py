@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import pickle
 import random
@@ -161,6 +162,30 @@ def load_for_eval(path: str | os.PathLike, args: argparse.Namespace, parser: arg
     fill_from_checkpoint(parser, args, upgrade_saved_args(checkpoint_args(ckpt)), keys, given, source=str(path),
                          log=print if du.is_main() else None)
     return ckpt
+
+
+EVAL_NAME = "eval.json"  # what --eval writes, in every task
+
+
+def checkpoint_step(obj: Any) -> int | None:
+    """The optimizer step a training checkpoint of this toolkit was saved at, or ``None`` (a file from elsewhere)."""
+    step = obj.get("step") if isinstance(obj, dict) and checkpoint_args(obj) is not None else None
+    return step if type(step) is int else None
+
+
+def write_eval(out_dir: str | os.PathLike, task: str, checkpoint: str | os.PathLike, step: int | None,
+               metrics: dict[str, Any]) -> Path:
+    """``--eval``'s result, the same file and layout in every task: ``OUT/eval.json``, one flat record as the
+    ``eval`` records of a run's ``log.jsonl`` — ``type`` "eval", the ``task``, the evaluated ``checkpoint`` and the
+    ``step`` it was saved at (``None`` for a checkpoint from elsewhere), then the metrics under the names the task's
+    training log gives them — so one reader serves both.  Written atomically (a reader never sees half a file)."""
+    path = Path(out_dir) / EVAL_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"type": "eval", "task": task, "checkpoint": str(checkpoint), "step": step, **metrics}
+    tmp = path.with_name(f".{EVAL_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 # ---- finiteness: a checkpoint holds finite numbers only --------------------------------------------

@@ -10,9 +10,10 @@ sub-folders (ImageNet layout) or without — into ``DST``; a classification root
   tar reader read them;
 * ``packed-index.json``: the shards (name, byte size, sample count), the class names, and per sample (in
   columns) its shard, key, the byte offset and size of the image member's data, its extension and its label,
-  the stored image's width, height, Pillow format and mode (so the fast decoder draws its crop without
-  parsing the header: absent from packs made before, which read as before), and with ``--roi`` the offset of its
-  restart table; what was skipped at pack time and why.  The index is written last: a folder without it is an
+  the CRC-32 of the image bytes (``crc32``), the stored image's width, height, Pillow format and mode (so the fast
+  decoder draws its crop without parsing the header), and with ``--roi`` the offset of its restart table; what
+  was skipped at pack time and why.  Every column after the label is optional: packs made before one was added
+  read as before (without it), and older readers ignore a column they do not know.  The index is written last: a folder without it is an
   interrupted pack, refused by the readers.
 * with ``--roi``, ``shard-000000.roi.npy``, … : per shard one int32 array, the restart tables
   (:func:`maecore.jpegroi.restart_table`) of its images one after the other.
@@ -41,7 +42,11 @@ markers (~7 % larger files for per-MCU markers on 500x375 photos, ~0 % per row) 
 Every image is decoded at pack time through the training loader's protected decoder
 (:func:`maecore.data.load_rgb`): what training would skip (empty, not an image, truncated, no known 8-bit
 scale) is skipped here, printed and counted in the index.  A record damaged after packing is skipped and
-counted at read time like an unreadable file in a folder (``n_skipped``).
+counted at read time like an unreadable file in a folder (``n_skipped``): every read checks the bytes against
+their CRC-32 (``zlib.crc32``, ~1 GB/s: a few % of a decode, docs/benchmarks.md), so damage that still decodes
+(a flipped bit in the entropy-coded data) is caught too, not trained on.  ``python -m maecore.packed --verify DST``
+checks a whole pack offline (:mod:`maecore.packverify`): every record's checksum, the shards' sizes and tar
+structure, the restart tables; a summary, and for a damaged pack one ``error:`` line and exit status 2.
 
 Reading (:class:`PackedImages`) is random access by index — each process opens each shard once and reads
 the recorded byte range — so the sampler's per-epoch permutation, rank shards and exact mid-epoch resume
@@ -58,6 +63,7 @@ import re
 import shutil
 import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +83,7 @@ VERSION = 1
 SHARD_NAME = "shard-{:06d}.tar"
 TABLES_SUFFIX = ".roi.npy"  # beside each shard of a --roi pack: its images' restart tables
 META_COLUMNS = ("width", "height", "format", "mode")  # optional per-sample columns (absent from older packs)
+CRC_COLUMN = "crc32"  # optional: zlib.crc32 of each record's image bytes (absent from packs made before it)
 SPLITS = ("train", "val")
 DEFAULT_QUALITY = 90
 DEFAULT_SHARD_SIZE = 1 << 30  # ~1 GiB: few files for a big dataset, each still quick to copy or checksum
@@ -132,6 +139,9 @@ def read_index(folder: Path) -> dict[str, Any]:
             raise ValueError("labels do not match the class list")
         if any(c in cols for c in META_COLUMNS) and any(len(cols.get(c, ())) != n for c in META_COLUMNS):
             raise ValueError(f"the columns {', '.join(META_COLUMNS)} come together, one value per sample")
+        crcs = cols.get(CRC_COLUMN)
+        if crcs is not None and (len(crcs) != n or any(type(c) is not int or not 0 <= c < 1 << 32 for c in crcs)):
+            raise ValueError(f"the {CRC_COLUMN} column needs one unsigned 32-bit integer per sample")
         for s in shards:
             t = s.get("tables")
             if t is not None and not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("ints"), int)):
@@ -151,7 +161,8 @@ def read_index(folder: Path) -> dict[str, Any]:
 class Record:
     """Where one sample's image bytes lie: shard file, byte offset and size of the member's data; and what the
     index knows of the image (packs made before these columns: zeros, -1): its size, its kind for the fast
-    decoder (:func:`maecore.data.jpeg_kind`), where its restart table starts in its shard's table file."""
+    decoder (:func:`maecore.data.jpeg_kind`), where its restart table starts in its shard's table file, the
+    CRC-32 of its bytes."""
 
     shard: int
     offset: int
@@ -163,9 +174,15 @@ class Record:
     height: int = 0
     kind: int = 0
     table: int = -1
+    crc: int = -1
 
     def __str__(self) -> str:
         return f"{self.shard_path}:{self.key}.{self.ext}"
+
+
+class ChecksumError(OSError):
+    """A record's bytes do not match the CRC-32 the index recorded at pack time: damaged after packing.  An
+    ``OSError``, so the readers skip and count it like any unreadable sample."""
 
 
 class NamedBytes(bytes):
@@ -231,9 +248,9 @@ class PackedImages(ImageFiles):
         meta = zip(cols["width"], cols["height"], (jpeg_kind(f, m) for f, m in zip(cols["format"], cols["mode"])),
                    cols.get("roi", [-1] * n)) if "width" in cols else [(0, 0, 0, -1)] * n
         self.samples = [
-            (Record(sh, off, size, key, ext, names[sh], *m), label)
-            for sh, key, off, size, ext, label, m in zip(cols["shard"], cols["key"], cols["offset"], cols["size"], cols["ext"],
-                                                         cols["label"], meta)
+            (Record(sh, off, size, key, ext, names[sh], *m, crc), label)
+            for sh, key, off, size, ext, label, m, crc in zip(cols["shard"], cols["key"], cols["offset"], cols["size"], cols["ext"],
+                                                              cols["label"], meta, cols.get(CRC_COLUMN, [-1] * n))
         ]
         self.classes = list(index["classes"])
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -244,8 +261,9 @@ class PackedImages(ImageFiles):
         self._tables: dict[int, np.ndarray] = {}
 
     def read_bytes(self, record: Record) -> bytes:
-        """The image member's bytes; a short read (a shard cut after the check) is an ``OSError``, i.e. an
-        unreadable sample, skipped and counted like any other."""
+        """The image member's bytes; a short read (a shard cut after the check) or bytes that do not match their
+        CRC-32 (:class:`ChecksumError`) are an ``OSError``, i.e. an unreadable sample, skipped and counted like any
+        other."""
         if _PREAD:  # one system call, no file position: a handle inherited by a forked copy is safe to share
             f = self._handles.get(record.shard)
             if f is None:
@@ -262,6 +280,8 @@ class PackedImages(ImageFiles):
             data = f.read(record.size)
         if len(data) != record.size:
             raise OSError(f"read {len(data)} of {record.size} bytes: the shard is shorter than its index says")
+        if record.crc >= 0 and (crc := zlib.crc32(data)) != record.crc:
+            raise ChecksumError(f"CRC-32 {crc:08x}, the index records {record.crc:08x}: damaged after packing")
         return data
 
     def restart_table(self, record: Record) -> np.ndarray:
@@ -456,7 +476,7 @@ def pack_split(src: Path, dst: Path, *, max_side: int | None = None, short_side:
     folder = ImageFiles(src)  # the folder's own listing: same classes, same order, same 'no images' error
     dst.mkdir(parents=True)
     writer = ShardWriter(dst, shard_size)
-    names = ("shard", "key", "offset", "size", "ext", "label", *META_COLUMNS, *(("roi",) if roi else ()))
+    names = ("shard", "key", "offset", "size", "ext", "label", CRC_COLUMN, *META_COLUMNS, *(("roi",) if roi else ()))
     cols: dict[str, list[Any]] = {c: [] for c in names}
     skipped: list[dict[str, str]] = []
     used: set[str] = set()
@@ -475,7 +495,7 @@ def pack_split(src: Path, dst: Path, *, max_side: int | None = None, short_side:
             n_tables += res.table is not None
             key = _key(rel, used)
             shard, offset, at = writer.add(key, res.ext, res.data, label, res.table)
-            for c, v in zip(names, (shard, key, offset, len(res.data), res.ext, label, *res.meta, at)):
+            for c, v in zip(names, (shard, key, offset, len(res.data), res.ext, label, zlib.crc32(res.data), *res.meta, at)):
                 cols[c].append(v)
             if time.monotonic() - t_last > 10:
                 t_last = time.monotonic()
@@ -568,9 +588,13 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="pack_dataset.py", description="Pack an image folder into tar shards with an index (see maecore/packed.py).")
-    p.add_argument("src", type=Path, help="image folder: class sub-folders or loose images, or a root with train/ and val/")
-    p.add_argument("dst", type=Path, help="output folder (must not exist, unless --force)")
+    p = OneLineParser(prog="pack_dataset.py", description="Pack an image folder into tar shards with an index (see maecore/packed.py); "
+                                                          "or check a packed one (--verify DST).")
+    p.add_argument("src", type=Path, nargs="?", help="image folder: class sub-folders or loose images, or a root with train/ and val/")
+    p.add_argument("dst", type=Path, nargs="?", help="output folder (must not exist, unless --force)")
+    p.add_argument("--verify", type=Path, metavar="DST", default=None,
+                   help="only check the packed dataset DST (every record's CRC-32, shard sizes and tar structure, restart "
+                        "tables): a summary, exit 0 when clean, else one error line and exit 2")
     cap = p.add_mutually_exclusive_group()
     cap.add_argument("--max_side", type=_int_in(16, 1 << 16), default=None,
                      help="re-encode images whose long side exceeds N as JPEG with that long side (default: keep originals)")
@@ -592,7 +616,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify is not None:
+        if args.src is not None:
+            parser.error("--verify DST checks a packed dataset: give no SRC/DST to pack")
+        from maecore.packverify import verify  # only needed here
+
+        verify(args.verify)
+        return 0
+    if args.dst is None:
+        parser.error("give SRC and DST to pack (or --verify DST to check a packed dataset)")
     t0 = time.perf_counter()
     out = pack(args.src, args.dst, force=args.force, max_side=args.max_side, short_side=args.short_side,
                quality=args.quality, shard_size=args.shard_size, workers=args.workers, roi=args.roi_restart if args.roi else None)

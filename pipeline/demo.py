@@ -231,7 +231,7 @@ def _classify(ctx: Context, stage: str, name: str, slug: str, extra: list[str]) 
 
         def record(res: dict, key: str = f"{name}|{init}") -> None:
             rows[key] = {"metric": "top-1", "value": res.get("acc1"), "wall_s": res["wall_s"],
-                         "tuned_params": res.get("tuned_params"), "n": res.get("n")}
+                         "tuned_params": res.get("tuned_params"), "n": res.get("n_images")}
 
         jobs.append(Job(stage, f"{slug} {init}", "-m classification",
                         ["--data_path", str(ctx.world / "imagenet"), "--output_dir", str(out), *common(ctx), *extra,

@@ -9,7 +9,7 @@ batch 4 = 3072 steps, 530 s): box AP 1.1 -> 2.8 -> 4.3 -> 10.3 -> 15.0 -> 22.2 (
 0.5 -> 18.9.  From scratch there are no pretrained layers to protect, so layer decay is off
 (``--layer_decay 1.0``); the recipe's 0.9 is for fine-tuning from MAE.
 Prints the AP trajectory and writes it to ``OUT/study.json`` (the run's own files are beside it:
-``log.jsonl``, ``metrics.json``, ``coco_instances_results.json``, ``predictions.png``).
+``log.jsonl``, ``cocoeval.txt``, ``coco_instances_results.json``, ``predictions.png``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 ``--recipe base`` (the default: the MAE paper's ViT-B setting), ``large`` or ``demo`` (synthetic world).
 ``--finetune MAE_CKPT`` loads pretrained encoder weights (ours or an official release); ``--eval --resume
 CKPT`` only evaluates a trained checkpoint, built from the model flags saved in it (``ARCH_KEYS``; a flag
-given on the command line wins), so ``--data_path`` and ``--output_dir`` are all it needs.  Iterations are
+given on the command line wins), so ``--data_path`` and ``--output_dir`` are all it needs; it writes
+``OUT/eval.json`` (:func:`maecore.checkpoint.write_eval`: the log's ``eval`` record, as every task's ``--eval``
+does).  Iterations are
 the unit of the schedule (``--max_iters``, ``--warmup_iters``, ``--eval_iters``); the engine's epochs are
 derived from them.  Run under ``torchrun`` for DDP (SyncBatchNorm is switched on there; evaluation sums one
 confusion matrix over the ranks, each image counted once).
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from maecore import distributed as du
-from maecore.checkpoint import load_for_eval, unwrap_state_dict
+from maecore.checkpoint import checkpoint_step, load_for_eval, unwrap_state_dict, write_eval
 from maecore.cli import (
     OneLineParser,
     add_engine_args,
@@ -172,6 +174,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, given: C
         raise UserError(msg)
     model = build_model(args)
     missing, unexpected = model.load_state_dict(unwrap_state_dict(ckpt), strict=False)
+    step = checkpoint_step(ckpt)
     del ckpt
     if missing or unexpected:
         raise UserError(f"{args.resume}: not a checkpoint of this segmentation model "
@@ -182,8 +185,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, given: C
     res = run_eval(args, model, val, device, out / "vis" if du.is_main() else None)
     if du.is_main():
         print(format_results(res))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(res, indent=1))
+        write_eval(out, "segmentation", args.resume, step, res)
     return res
 
 

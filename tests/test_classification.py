@@ -209,15 +209,15 @@ def test_finetune_448_from_224_checkpoint(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 def _check_run(out: Path, summary: dict) -> None:
     assert 0.0 <= summary["acc1"] <= 100.0 and summary["acc1"] <= summary["acc5"]
-    assert summary["n"] == len(SHAPES) * N_VAL
+    assert summary["n_images"] == len(SHAPES) * N_VAL
     evals = read_log(out, "eval")
     assert evals and evals[-1]["acc1"] == summary["acc1"]
     assert read_log(out, "train")
     for f in ("checkpoint-last.pth", "checkpoint-best.pth", "confusion_matrix.png", "args.json"):
         assert (out / f).is_file(), f
     counts = json.loads((out / "confusion_matrix.json").read_text())["counts"]
-    assert sum(map(sum, counts)) == summary["n"]
-    assert 100.0 * sum(counts[i][i] for i in range(len(counts))) / summary["n"] == pytest.approx(summary["acc1"])
+    assert sum(map(sum, counts)) == summary["n_images"]
+    assert 100.0 * sum(counts[i][i] for i in range(len(counts))) / summary["n_images"] == pytest.approx(summary["acc1"])
 
 
 def _manual_accuracy(model, world: Path) -> float:

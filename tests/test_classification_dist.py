@@ -56,11 +56,11 @@ def test_distributed_eval_counts_each_sample_once(tmp_path: Path) -> None:
 
     ds = _data()
     single = evaluate(_FeatModel(), eval_loader(ds, 4, 0), torch.device("cpu"), 7)
-    assert single["n"] == 15
+    assert single["n_images"] == 15
     out = tmp_path / "res.pt"
     mp.start_processes(_worker, args=(2, f"file://{tmp_path / 'rdzv'}", str(out)), nprocs=2, start_method="spawn")
     got = torch.load(out, weights_only=True)
-    assert got["res"]["n"] == 15  # a padding sampler (DistributedSampler) would report 16
+    assert got["res"]["n_images"] == 15  # a padding sampler (DistributedSampler) would report 16
     for k in ("acc1", "acc5", "loss"):
         assert got["res"][k] == pytest.approx(single[k])
     assert torch.equal(got["res"]["confusion"], single["confusion"])

@@ -87,7 +87,7 @@ def test_eval_takes_model_flags_from_checkpoint_and_torchrun_gives_the_same_metr
         assert len(lines) == 1, p.stdout  # printed once, by rank 0
         assert "embed_dim=64" in lines[0] and "global_blocks=1 3" in lines[0] and "score_thresh=0.0" in lines[0]
         assert "output_dir" not in lines[0] and "data_path" not in lines[0]
-    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ev1", "ev2"))
+    m1, m2 = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("ev1", "ev2"))
     assert m1["n_images"] == m2["n_images"] == 3 and m1["n_detections"] == m2["n_detections"] > 0
     keys = [f"{t}/{k}" for t in ("bbox", "segm") for k in STAT_NAMES]
     assert set(keys) <= set(m1) and set(keys) <= set(m2)

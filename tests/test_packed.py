@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -391,3 +392,110 @@ def test_a_pack_made_before_the_size_columns_reads_as_before(packed, tmp_path):
     (old / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(UserError, match="inconsistent"):
         PackedImages(old)
+
+
+# ---- CRC-32 per record (#24) -----------------------------------------------------------------------------
+def flip_still_decodable(ds: PackedImages, i: int) -> bytes:
+    """Damage record ``i`` in place the way a bad sector or a bit rot would, and so that it still decodes: one
+    byte of its entropy-coded data (past the header, neither 0xFF nor next to one, so no marker appears or
+    goes) XOR 0x10.  Returns the damaged bytes."""
+    from maecore.data import load_rgb
+
+    rec = ds.samples[i][0]
+    data = bytearray(record_bytes(ds, i))
+    sos = data.index(b"\xff\xda")  # start of scan: the entropy-coded data follows its header
+    at = next(j for j in range(sos + 20, len(data) - 4) if 0xFF not in data[j - 1:j + 2] and data[j] ^ 0x10 != 0xFF)
+    data[at] ^= 0x10
+    with open(ds.shard_paths[rec.shard], "r+b") as f:
+        f.seek(rec.offset + at)
+        f.write(data[at:at + 1])
+    assert np.asarray(load_rgb(bytes(data))).shape == (32, 32, 3)  # it decodes: only the checksum can tell
+    return bytes(data)
+
+
+def test_a_damaged_record_that_still_decodes_is_skipped_and_counted(packed, tmp_path, caplog):
+    from maecore.data import load_rgb
+    from maecore.packed import ChecksumError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(packed / "train", copy)
+    index = json.loads((copy / INDEX_NAME).read_text())
+    crcs = index["samples"]["crc32"]
+    assert len(crcs) == 56 and all(isinstance(c, int) and 0 <= c < 2**32 for c in crcs)
+    ds = PackedImages(copy)
+    assert [r.crc for r, _ in ds.samples] == crcs and all(zlib.crc32(record_bytes(ds, i)) == c for i, c in enumerate(crcs))
+    clean = np.asarray(load_rgb(record_bytes(ds, 9)))
+    damaged = flip_still_decodable(ds, 9)
+    assert not np.array_equal(np.asarray(load_rgb(damaged)), clean)  # garbage pixels, silently, without the check
+    with pytest.raises(ChecksumError, match="CRC-32"):
+        record_bytes(PackedImages(copy), 9)
+    for ds in (PackedImages(copy, pretrain_transform(32)), build_pretrain_dataset(copy, 32)):  # official and fast decoders
+        caplog.clear()
+        img, target, skipped = ds[9]
+        assert skipped == 1 and target == ds.targets[10]
+        assert f"{ds.samples[9][0].key}.jpg" in caplog.text and "CRC-32" in caplog.text and "skipping unreadable image" in caplog.text
+        s = ResumableSampler(len(ds), True, seed=0)
+        assert sum(SeededDataset(ds)[k][2] for k in s) == 1  # counted once per epoch, as n_skipped
+    # the same pack without the column (made before it): the damaged record is read, as it always was
+    del index["samples"]["crc32"]
+    (copy / INDEX_NAME).write_text(json.dumps(index))
+    ds = PackedImages(copy, pretrain_transform(32))
+    assert ds[9][2] == 0 and record_bytes(ds, 9) == damaged
+
+
+def test_a_pack_made_before_the_crc_column_reads_as_before(packed, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(packed / "train", old)
+    index = json.loads((old / INDEX_NAME).read_text())
+    del index["samples"]["crc32"]
+    (old / INDEX_NAME).write_text(json.dumps(index))
+    ds, new = SeededDataset(build_pretrain_dataset(old, 32)), SeededDataset(build_pretrain_dataset(packed / "train", 32))
+    assert all(r.crc == -1 for r, _ in ds.base.samples) and all(r.crc >= 0 for r, _ in new.base.samples)
+    ks = [(i, 7919 * i + 1) for i in range(56)]
+    assert all(torch.equal(ds[k][0], new[k][0]) and ds[k][1:] == new[k][1:] for k in ks)
+    for bad in ([1] * 55, [-1] * 56, ["0"] * 56, [2**32] * 56):  # a damaged column: refused with one line
+        index["samples"]["crc32"] = bad
+        (old / INDEX_NAME).write_text(json.dumps(index))
+        with pytest.raises(UserError, match="crc32"):
+            PackedImages(old)
+
+
+def test_verify_a_clean_and_a_damaged_pack(packed, packed_roi, tmp_path, capsys):
+    from maecore.jpegroi import HEAD
+    from maecore.packed import cli, main
+
+    for clean in (packed, packed_roi):
+        assert main(["--verify", str(clean)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert [x.split(":")[0] for x in out] == [str(clean / "train"), str(clean / "val")] and all("all as indexed" in x for x in out)
+        assert "56 records in" in out[0] and "every record's CRC-32" in out[0] and ("restart tables" in out[0]) == (clean == packed_roi)
+    bad = tmp_path / "bad"
+    shutil.copytree(packed_roi, bad)
+    ds = PackedImages(bad / "train")
+    flip_still_decodable(ds, 9)
+    rec = ds.samples[30][0]  # a restart table shifted by one byte: a record that decodes, cut at the wrong places
+    path = ds.table_paths[rec.shard]
+    tables = np.load(path)
+    tables[rec.table + HEAD:rec.table + HEAD + int(tables[rec.table + HEAD - 1]) + 1] += 1
+    np.save(path, tables)
+    val = PackedImages(bad / "val")
+    last = val.shard_paths[-1]
+    last.write_bytes(last.read_bytes()[:-1024])  # the last tar's end-of-archive blocks cut: a size mismatch
+    p = subprocess.run([sys.executable, "-m", "maecore.packed", "--verify", str(bad)], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith(f"error: {bad}: 3 problems in the packed dataset: ") and "CRC-32" in p.stderr, p.stderr
+    out = p.stdout
+    assert f"{ds.samples[9][0]}: CRC-32" in out and f"{rec}: its restart table" in out and f"{last}: " in out and "bytes" in out
+    assert "train: 56 records in" in out and ": 2 problems" in out and "val: 14 records in" in out and ": 1 problem" in out
+    # a pack made before the checksums: every record decoded instead, and a note says so
+    old = tmp_path / "old"
+    shutil.copytree(packed / "val", old)
+    index = json.loads((old / INDEX_NAME).read_text())
+    del index["samples"]["crc32"]
+    (old / INDEX_NAME).write_text(json.dumps(index))
+    assert main(["--verify", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "that every record decodes" in out and "all as indexed" in out and "no per-record checksums" in out
+    assert "--verify DST" in _error(cli, ["--verify", old, tmp_path / "x"], capsys)
+    assert "not a packed dataset" in _error(cli, ["--verify", tmp_path], capsys)
