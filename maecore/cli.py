@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from maecore.errors import UserError  # noqa: F401  (re-exported: ``from maecore.cli import UserError`` keeps working)
 
 if TYPE_CHECKING:  # the registry imports torch: the CLI layer imports it only when a parser is built
+    from maecore.config import RunConfig
     from maecore.engine.config import EngineConfig
     from maecore.models import Family
 
@@ -45,7 +46,7 @@ class OneLineParser(argparse.ArgumentParser):
 # ---- argparse value types: a bad number is a one-line flag error, before anything runs ----------------
 def _number_type(base: type, ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
     """argparse ``type=`` for a ``base`` (int/float) value that must satisfy ``ok``; also accepts numbers,
-    so a checkpoint's saved value can be checked with it.  ``.base`` tells :func:`fill_from_checkpoint`
+    so a checkpoint's saved value can be checked with it.  ``.base`` tells :func:`flags_from_checkpoint`
     what Python type the flag stores."""
 
     def parse(text: str | int | float) -> Any:
@@ -204,12 +205,15 @@ def upgrade_saved_args(saved: Mapping[str, Any] | None) -> Mapping[str, Any] | N
 
 
 # ---- the engine's flags --------------------------------------------------------------------------
-def config_from_args(args: Any, **overrides: Any) -> EngineConfig:
-    """Build an EngineConfig from an argparse namespace with the engine's flag names."""
+def config_from_args(args: RunConfig | Mapping[str, Any] | argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """The :class:`~maecore.engine.config.EngineConfig` of a task's typed config (:class:`maecore.config.RunConfig`),
+    of its flags as a dict, or of an argparse namespace: the values of the engine's names, then ``overrides``."""
+    from maecore.config import RunConfig
     from maecore.engine.config import EngineConfig  # the engine imports torch: only once a run is configured
 
+    values = args.args() if isinstance(args, RunConfig) else args if isinstance(args, Mapping) else vars(args)
     names = {f for f in EngineConfig.__dataclass_fields__}
-    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw = {k: v for k, v in values.items() if k in names}
     kw.update(overrides)
     return EngineConfig(**kw)
 
@@ -303,25 +307,25 @@ def _coerce(action: argparse.Action | None, value: Any) -> tuple[bool, Any]:
     return True, (out if many else out[0])
 
 
-def fill_from_checkpoint(
+def flags_from_checkpoint(
     parser: argparse.ArgumentParser,
-    args: argparse.Namespace,
     saved: Mapping[str, Any] | None,
     keys: Sequence[str],
     given: Collection[str] = (),
     source: str = "the checkpoint",
     log: Callable[[str], object] | None = print,
-) -> list[str]:
-    """Set each of ``keys`` (argparse dests) on ``args`` from ``saved`` (a checkpoint's args dict) unless
-    the user gave that flag (``given``, from :func:`given_flags`): what ``--eval --resume CKPT`` does so
-    that the network is built as it was trained, without repeating its flags.  Returns the keys taken and
-    reports them in one line through ``log``.  ``saved`` that is not a dict (no saved args, e.g. a
-    converted or released file) takes nothing; a saved value that the flag could not have produced is a
-    :class:`UserError`."""
+) -> dict[str, Any]:
+    """The values of ``keys`` (argparse dests) in ``saved`` (a checkpoint's args dict), except the flags the user
+    gave (``given``, from :func:`given_flags`): what ``--eval --resume CKPT`` builds the network from, so that it is
+    built as it was trained without repeating its flags (``dataclasses.replace(cfg, **taken)`` builds that run's
+    config).  Reports the keys taken in one line through ``log``.  ``saved`` that is not a dict (no saved args, e.g.
+    a converted or released file) gives nothing; a saved value that the flag could not have produced is a
+    :class:`UserError`.  Values come as the flag's ``type=`` stores them (a model alias canonical, tuples as lists)."""
     if not isinstance(saved, Mapping):
-        return []
+        return {}
     actions = {a.dest: a for a in parser._actions}
-    taken, kept = [], []
+    taken: dict[str, Any] = {}
+    kept = []
     for key in keys:
         if key not in saved:
             continue
@@ -331,12 +335,11 @@ def fill_from_checkpoint(
         ok, value = _coerce(actions.get(key), saved[key])
         if not ok:
             raise UserError(f"{source}: its saved args hold {key}={value!r}, not a valid value for that flag")
-        setattr(args, key, list(value) if isinstance(value, tuple) else value)
-        taken.append(key)
+        taken[key] = list(value) if isinstance(value, tuple) else value
     if log is not None and taken:
         def show(v: Any) -> str:
             return " ".join(map(str, v)) if isinstance(v, list) else str(v)
 
-        line = f"model flags from {source}: " + ", ".join(f"{k}={show(getattr(args, k))}" for k in taken)
+        line = f"model flags from {source}: " + ", ".join(f"{k}={show(v)}" for k, v in taken.items())
         log(line + (f" (given on the command line: {', '.join(kept)})" if kept else ""))
     return taken

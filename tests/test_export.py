@@ -52,15 +52,15 @@ def run(argv: list, capsys) -> tuple[int, str, str]:
 
 # ---- classification -> timm --------------------------------------------------------------------------------
 def _classifier(tmp_path: Path, *flags: str):
-    from classification.train import build_model, parse_args
+    from classification.config import ClassifierData
+    from classification.train import build_model, parse_config
 
     torch.manual_seed(0)
-    args = parse_args(["--data_path", "-", "--model", "vit_tiny_patch16", "--patch_size", "8", "--embed_dim", "64", "--depth",
-                       "2", "--num_heads", "4", "--input_size", "32", *flags])
-    args.classes, args.num_classes = CLASSES, len(CLASSES)
-    model, _ = build_model(args, len(CLASSES))
+    cfg = parse_config(["--data_path", "-", "--model", "vit_tiny_patch16", "--patch_size", "8", "--embed_dim", "64", "--depth",
+                        "2", "--num_heads", "4", "--input_size", "32", *flags])
+    model = build_model(cfg, len(CLASSES))
     perturb(model, 1)
-    return model, save_like_trainer(model, args, tmp_path / "ckpt.pth")
+    return model, save_like_trainer(model, cfg.saved_args(ClassifierData(CLASSES, len(CLASSES))), tmp_path / "ckpt.pth")
 
 
 @pytest.mark.parametrize("flags,pool", [((), "avg"), (("--cls_token",), "token"), (("--protocol", "linprobe", "--global_pool"), "avg"),
@@ -107,14 +107,14 @@ def test_classifier_to_timm_model_folder(tmp_path, capsys):
 # ---- segmentation -> mmseg ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def segmentor(tmp_path_factory):
-    from segmentation.train import build_model, parse_args
+    from segmentation.train import build_model, parse_config
 
     torch.manual_seed(0)
-    args = parse_args(["--recipe", "demo", "--data_path", "-", "--model", "tiny", "--embed_dim", "64", "--depth", "4",
-                       "--num_heads", "2", "--patch_size", "8", "--input_size", "32", "--channels", "16", "--aux_channels",
-                       "8", "--num_classes", "5"])
+    args = parse_config(["--recipe", "demo", "--data_path", "-", "--model", "tiny", "--embed_dim", "64", "--depth", "4",
+                         "--num_heads", "2", "--patch_size", "8", "--input_size", "32", "--channels", "16", "--aux_channels",
+                         "8", "--num_classes", "5"])
     model = perturb(build_model(args), 2)
-    return model, args, save_like_trainer(model, args, tmp_path_factory.mktemp("seg") / "ckpt.pth")
+    return model, args, save_like_trainer(model, args.saved_args(), tmp_path_factory.mktemp("seg") / "ckpt.pth")
 
 
 # mmseg's own names for one layer of its MAE backbone and the UperNet parts (written from mmseg's modules)
