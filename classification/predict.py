@@ -123,7 +123,7 @@ def predict(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def onnx_module(path: str, ckpt: Any) -> OnnxModule:
-    """The classifier for ``python -m maecore.convert CKPT --to onnx`` (:mod:`maecore.convert.onnx_export`)."""
+    """The classifier for ``python -m pipeline.convert CKPT --to onnx`` (:mod:`maecore.convert.onnx_export`)."""
     model, args, names = load_classifier(path, check_task_checkpoint(ckpt, path, "classification"))
     h, w = to_2tuple(args.input_size)
     return OnnxModule(model, torch.randn(2, 3, h, w), "images", ["logits"],

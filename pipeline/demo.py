@@ -148,7 +148,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRIES: dict[str, str] = {
     "tools/make_synthetic.py": "maecore.synthetic",
     "tools/visualize.py": "pretrain.visualize",
-    "tools/convert.py": "maecore.convert.__main__",
+    "tools/convert.py": "pipeline.convert",
     "-m pretrain": "pretrain.train",
     "-m classification": "classification.train",
     "-m detection": "detection.train",

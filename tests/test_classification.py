@@ -427,7 +427,7 @@ def test_val_reindexed_to_train_classes(world: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["classification", "timm", "safetensors"])
 def test_converter_outputs_accepted(mae_ckpt: Path, world: Path, tmp_path: Path, fmt: str) -> None:
     """tools/convert.py exports (our task format, timm, safetensors) load through --finetune."""
-    import maecore.convert.__main__ as tool
+    import pipeline.convert as tool
 
     dst = tmp_path / ("enc.safetensors" if fmt == "safetensors" else "enc.pth")
     tool.main([str(mae_ckpt), "-o", str(dst), "--to", fmt])

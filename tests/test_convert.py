@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import maecore.convert.__main__ as CLI
+import pipeline.convert as CLI
 from maecore.convert import convert, load_backbone, load_source, read_state
 from maecore.errors import UserError
 from maecore.vit import VisionTransformer

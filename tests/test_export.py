@@ -1,4 +1,4 @@
-"""Trained task checkpoints converted whole (``python -m maecore.convert CKPT --to timm|mmseg|detectron2``):
+"""Trained task checkpoints converted whole (``python -m pipeline.convert CKPT --to timm|mmseg|detectron2``):
 tiny models built and saved the way the trainer saves them, every parameter and running statistic perturbed
 away from its init, then the same logits / detections after the round trip, and the names the other
 frameworks expect (instantiated when detectron2 / mmsegmentation are installed, skipped otherwise)."""
@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import maecore.convert.__main__ as CLI
-from maecore.convert.trained import detectron2_to_detection, mmseg_to_segmentation, task_of
+import pipeline.convert as CLI
+from detection.export import import_state as detectron2_to_detection
+from maecore.convert.trained import task_of
 from maecore.engine import dump_args
+from segmentation.export import import_state as mmseg_to_segmentation
 
 TOL = 1e-5
 CLASSES = ["circle", "square", "triangle", "star", "ring"]
@@ -152,10 +154,19 @@ def test_segmentor_to_mmseg_and_back_same_logits(segmentor, tmp_path, capsys):
 
 
 def test_mmseg_config_taps_the_blocks_the_segmentor_taps():
-    from maecore.convert.trained import _default_out_indices
+    """Trained without ``--out_indices`` (saved as None), the recorded config taps the blocks the segmentor taps."""
+    from segmentation.export import export
     from segmentation.model import default_out_indices
+    from segmentation.train import build_model, parse_args
 
-    assert all(_default_out_indices(d) == default_out_indices(d) for d in range(1, 41))
+    for depth in (*range(1, 14), 24, 32, 40):
+        args = parse_args(["--recipe", "demo", "--data_path", "-", "--model", "tiny", "--embed_dim", "32", "--depth", str(depth),
+                           "--num_heads", "2", "--patch_size", "8", "--input_size", "32", "--channels", "8", "--aux_channels",
+                           "8", "--num_classes", "5"])
+        with torch.device("meta"):
+            model = build_model(args)
+        taps = export(dict(model.state_dict()), {**vars(args), "out_indices": None}).meta["config_overrides"]["model.backbone.out_indices"]
+        assert taps == tuple(model.backbone.out_indices) == default_out_indices(depth), depth
 
 
 MMSEG_CONFIG = Path(__file__).parents[1] / "segmentation/configs/mmseg/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
@@ -239,8 +250,8 @@ def test_mmseg_overrides_set_every_value_the_shipped_config_derives_from_the_cro
 
 
 def test_mmseg_stride_and_test_scale_are_the_evaluations():
-    from maecore.convert.trained import mmseg_crop_overrides
     from segmentation.evaluate import default_stride, eval_scale
+    from segmentation.export import mmseg_crop_overrides
 
     for c in (16, 32, 64, 100, 224, 512, 640):
         o = mmseg_crop_overrides((c, c), {})

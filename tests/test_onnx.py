@@ -1,4 +1,4 @@
-"""``python -m maecore.convert CKPT --to onnx``: the classifier, one segmentation window and the detection backbone
+"""``python -m pipeline.convert CKPT --to onnx``: the classifier, one segmentation window and the detection backbone
 as ONNX graphs with a dynamic batch, run in onnxruntime against PyTorch (1e-4) on inputs of two batch sizes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import maecore.convert.__main__ as CLI
+import pipeline.convert as CLI
 from maecore.engine import dump_args
 
 pytest.importorskip("onnx", reason="onnx is not installed (pip install 'mae-toolkit[onnx]')")

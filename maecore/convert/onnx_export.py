@@ -3,8 +3,8 @@
 An ONNX graph is the whole network, not a renaming of its weights, so it is built by the task package that
 owns the network: each task's ``predict`` module exposes ``onnx_module(path, checkpoint)`` -> :class:`OnnxModule`
 (the trained network in eval mode, an example input, the names of inputs and outputs, what it covers).  The
-converter imports that module by name, lazily and only for ``--to onnx`` (the one place ``maecore`` reaches a
-task package).
+command line (``pipeline/convert.py``, whose table names each task's ``predict`` module) asks it for that; this
+module knows no task package.
 
 What each graph covers:
 
