@@ -274,7 +274,7 @@ def _write_timm(conv: TrainedExport, dst: Path, force: bool) -> list[Path]:
 def segmentation_to_mmseg(state: dict[str, torch.Tensor], args: dict[str, Any]) -> TrainedExport:
     """Our UperNet as mmsegmentation's ``EncoderDecoder`` state dict (see the module docstring)."""
     from maecore.convert.formats.mmseg import _mmseg_key
-    from maecore.vit import relative_position_index
+    from maecore.models.layers import relative_position_index
 
     rep = ConversionReport()
     trunk = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
