@@ -20,8 +20,8 @@ from torchvision.transforms import InterpolationMode
 from classification.evaluate import eval_loader  # noqa: F401  (re-exported: the loaders live with the evaluation)
 from maecore.data import FastRandomResizedCrop, ImageFiles, ImageSource, check_dir, crop_decoder
 from maecore.errors import UserError
+from maecore.models.layers import to_2tuple
 from maecore.packed import INDEX_NAME, PackedImages, split_dir
-from maecore.vit import to_2tuple
 
 __all__ = ["LINPROBE_SCALE", "FeatureDataset", "build_datasets", "eval_loader", "eval_transform", "finetune_transform",
            "linprobe_train", "linprobe_transform"]

@@ -30,6 +30,7 @@ from maecore.convert import load_weights
 from maecore.convert.onnx_export import OnnxModule
 from maecore.engine import autocast
 from maecore.errors import UserError
+from maecore.models.layers import to_2tuple
 from maecore.predict import (
     Progress,
     add_predict_args,
@@ -40,7 +41,6 @@ from maecore.predict import (
     prepare_output,
     setup_runtime,
 )
-from maecore.vit import to_2tuple
 
 
 def get_predict_parser() -> argparse.ArgumentParser:

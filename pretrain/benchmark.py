@@ -25,8 +25,8 @@ import torch.nn as nn
 from maecore.benchmark import Timing, Variant, flop_rate, fmt, run_windows, speedup, step_memory, summary
 from maecore.engine import TrainStep, autocast, to_device, use_attention
 from maecore.errors import UserError
+from maecore.models.layers import set_fused_attention
 from maecore.optim import adamw
-from maecore.vit import set_fused_attention
 from pretrain.model import MaskedAutoencoderViT, build_mae
 from pretrain.train import make_step_fn
 from pretrain.train import optimizer_groups as train_groups

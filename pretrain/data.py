@@ -33,8 +33,8 @@ from maecore.data import (
     list_images,
     try_load_rgb,
 )
+from maecore.models.layers import to_2tuple
 from maecore.packed import NamedBytes, PackedImages, split_dir
-from maecore.vit import to_2tuple
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from maecore.models import resolve_model
 from maecore.optim import WarmupCosine, adamw, param_groups
 from pretrain.data import build_pretrain_dataset, fixed_images, pretrain_collate, pretrain_device_batch
 from pretrain.evaluate import reconstruction_figure
-from pretrain.model import build_mae
+from pretrain.model import build_mae  # importing it registers the mae_vit_* builders --model resolves into
 from pretrain.recipes import RECIPES
 
 # what defines the network: a resumed run must match the checkpoint's saved values

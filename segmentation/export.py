@@ -25,7 +25,7 @@ from maecore.convert.formats.mmseg import _mmseg_key, _to_canonical
 from maecore.convert.report import ConversionReport
 from maecore.convert.trained import TrainedExport, trunk_arch, write_trained
 from maecore.errors import UserError
-from maecore.vit import relative_position_index
+from maecore.models.layers import relative_position_index
 from segmentation.evaluate import default_stride, eval_scale
 from segmentation.model import default_out_indices
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from maecore.benchmark import SCHEMA_VERSION, saved_activation_bytes
-from maecore.vit import set_fused_attention
+from maecore.models.layers import set_fused_attention
 from pipeline import benchmark as bench
 from pretrain.benchmark import fvcore_macs, mae_macs
 from pretrain.model import MaskedAutoencoderViT

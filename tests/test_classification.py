@@ -21,9 +21,9 @@ from classification.train import build_model, cli, main, parse_args
 from maecore.checkpoint import load_file, save_atomic
 from maecore.data import FastRandomResizedCrop, SeededDataset, normalize_uint8
 from maecore.engine import read_log
+from maecore.models.pos_embed import get_2d_sincos_pos_embed
 from maecore.optim import adamw, param_groups
 from maecore.synthetic import SHAPES, make_imagenet
-from maecore.vit import get_2d_sincos_pos_embed
 from pretrain.model import build_mae
 
 SIZE, N_TRAIN, N_VAL = 32, 4, 2  # 28 train / 14 val images

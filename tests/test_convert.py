@@ -21,7 +21,7 @@ import torch.nn as nn
 import pipeline.convert as CLI
 from maecore.convert import convert, load_backbone, load_source, read_state
 from maecore.errors import UserError
-from maecore.vit import VisionTransformer
+from maecore.models import VisionTransformer
 from pretrain.model import MaskedAutoencoderViT
 
 ROOT = Path(__file__).resolve().parent.parent

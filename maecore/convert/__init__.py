@@ -1,4 +1,4 @@
-"""Carry pretrained weights into any encoder built from :class:`maecore.vit.VisionTransformer`, and
+"""Carry pretrained weights into any encoder built from :class:`maecore.models.vit.VisionTransformer`, and
 between the formats other frameworks load.
 
 ``load_backbone(model, src)`` is what every task calls: it reads an MAE checkpoint (ours, an official
