@@ -64,7 +64,7 @@ from maecore.cli import (
     run_cli,
 )
 from maecore.convert import load_weights
-from maecore.data import DECODE_HELP, DECODES, decode_collate, decode_device_batch, decode_unavailable
+from maecore.data.decode import DECODE_HELP, DECODES, decode_collate, decode_device_batch, decode_unavailable
 from maecore.engine import SCHEDULE_KEYS, Trainer, dump_args, resolve_amp, use_attention
 from maecore.errors import UserError
 from maecore.models import resolve_model

@@ -159,7 +159,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "else 1 worker), the largest = all cores")
     g.add_argument("--jpeg_draft", action="store_true", help="also run the official pipeline with the old JPEG draft decoding")
     g.add_argument("--data_formats", nargs="+", default=list(pretrain_bench.DATA_FORMATS), choices=list(pretrain_bench.DATA_FORMATS),
-                   help="store the generated sets as image folders, packed copies (maecore.packed, original bytes) and/or "
+                   help="store the generated sets as image folders, packed copies (maecore.data.packed, original bytes) and/or "
                         "packed --roi copies (re-encoded at quality 90 with restart markers: crop-box decoding)")
     g.add_argument("--data_batch_size", type=int, default=32)
     g.add_argument("--data_batches", type=int, default=8)

@@ -404,7 +404,7 @@ class LoaderTimer:
         self.images += batches * self.bs
 
     def close(self) -> None:
-        from maecore.data import shutdown_workers
+        from maecore.data.workers import shutdown_workers
 
         shutdown_workers(self.loader)
         del self.it
@@ -465,7 +465,8 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
     with ``--roi`` (re-encoded at quality 90 with restart markers; ``formats``); next to the
     model step rate ``model_img_per_s`` and the cores each pipeline needs to feed one GPU
     (:func:`gpu_rate_assumption`)."""
-    from maecore.packed import pack, split_dir
+    from maecore.data.packed.index import split_dir
+    from maecore.data.packed.writer import pack
     from pretrain.data import build_pretrain_dataset, pretrain_collate, pretrain_device_batch
 
     tmp = None
@@ -530,7 +531,7 @@ def format_data(d: dict[str, Any]) -> list[str]:
              f"for the model; model step rate {fmt(d['model_img_per_s'])} img/s",
              "official: torchvision transforms in the workers, float batches (draft: the old --jpeg_draft); "
              "fast: --decode fast (DCT scale from the crop, uint8, normalised in the main process); formats: folder, packed "
-             "(original bytes), packed-roi (maecore.packed --roi: re-encoded q90 with restart markers, fast decodes the box only)",
+             "(original bytes), packed-roi (maecore.data.packed --roi: re-encoded q90 with restart markers, fast decodes the box only)",
              f"{'images':<10} {'size':>10} {'format':>10} {'pipeline':>9} {'draft':>6} {'workers':>7} {'img/s':>9} {'vs model':>9}"]
     for r in d["runs"]:
         lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>10} {r['pipeline']:>9} {r['jpeg_draft']!s:>6} "

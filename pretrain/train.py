@@ -25,7 +25,7 @@ from maecore.cli import (
     ratio,
     run_cli,
 )
-from maecore.data import DECODE_HELP, DECODES, decode_unavailable
+from maecore.data.decode import DECODE_HELP, DECODES, decode_unavailable
 from maecore.engine import SCHEDULE_KEYS, StepFn, Trainer, dump_args
 from maecore.models import resolve_model
 from maecore.optim import WarmupCosine, adamw, param_groups

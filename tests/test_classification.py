@@ -19,7 +19,9 @@ from classification.lars import LARS
 from classification.model import build_classifier, load_pretrained, setup_linear_probe, setup_partial_finetune
 from classification.train import build_model, cli, main, parse_args
 from maecore.checkpoint import load_file, save_atomic
-from maecore.data import FastRandomResizedCrop, SeededDataset, normalize_uint8
+from maecore.data.crop import FastRandomResizedCrop
+from maecore.data.pixels import normalize_uint8
+from maecore.data.sampler import SeededDataset
 from maecore.engine import read_log
 from maecore.models.pos_embed import get_2d_sincos_pos_embed
 from maecore.optim import adamw, param_groups
@@ -222,7 +224,7 @@ def _check_run(out: Path, summary: dict) -> None:
 
 def _manual_accuracy(model, world: Path) -> float:
     """Top-1 from scratch: every val image through the eval transform, one by one."""
-    from maecore.data import list_images, load_rgb
+    from maecore.data.images import list_images, load_rgb
 
     tf = eval_transform(SIZE)
     model.eval()
