@@ -146,7 +146,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The command line each stage shows (``python <entry> ARGS``) -> the module whose ``main(argv)`` runs it.
 ENTRIES: dict[str, str] = {
-    "tools/make_synthetic.py": "maecore.synthetic",
+    "tools/make_synthetic.py": "synthetic.__main__",
     "tools/visualize.py": "pretrain.visualize",
     "tools/convert.py": "maecore.convert.__main__",
     "-m pretrain": "pretrain.train",

@@ -22,9 +22,9 @@ from maecore.checkpoint import load_file, save_atomic
 from maecore.data import FastRandomResizedCrop, SeededDataset, normalize_uint8
 from maecore.engine import read_log
 from maecore.optim import adamw, param_groups
-from maecore.synthetic import SHAPES, make_imagenet
 from maecore.vit import get_2d_sincos_pos_embed
 from pretrain.model import build_mae
+from synthetic import SHAPES, make_imagenet
 
 SIZE, N_TRAIN, N_VAL = 32, 4, 2  # 28 train / 14 val images
 TINY = ["--model", "vit_tiny_patch16", "--patch_size", "8", "--depth", "2", "--input_size", str(SIZE)]

@@ -23,7 +23,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_
 
 
 def _world(tmp_path: Path) -> Path:
-    from maecore.synthetic import make_world
+    from synthetic import make_world
 
     return make_world(tmp_path / "world", size=64, n_train=3, n_val=1, seed=0, tasks=("imagenet",))["imagenet"].parent
 

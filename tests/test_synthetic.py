@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes world (maecore.synthetic + tools/make_synthetic.py)."""
+"""Tests for the synthetic shapes world (the synthetic package + tools/make_synthetic.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytest.importorskip("pycocotools")
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from maecore.synthetic import (
+from synthetic import (
     ADE_DIRNAME,
     NUM_CLASSES,
     SHAPES,
@@ -210,7 +210,8 @@ def test_cli_bad_args(tmp_path: Path, args: list[str]) -> None:
 def test_plain_style_one_flat_object_per_imagenet_image(tmp_path) -> None:
     """--style plain: one object per ImageNet image, a flat fill (few colours inside its mask), class = shape;
     the default (cluttered) files are unchanged by the option's existence (same seed -> same bytes)."""
-    from maecore.synthetic import STYLES, main
+    from synthetic import STYLES
+    from synthetic.__main__ import main
 
     assert STYLES == ("cluttered", "plain")
     rng = np.random.default_rng(3)
@@ -228,7 +229,7 @@ def test_plain_style_one_flat_object_per_imagenet_image(tmp_path) -> None:
 def test_plain_scenes_hold_one_to_three_readable_objects(tmp_path) -> None:
     """--style plain for COCO / ADE: 1-3 flat-coloured objects, none a 1-3-patch distractor (every visible
     instance keeps >= 2 % of the frame unless occluded), and the two layouts still show the same scenes."""
-    from maecore.synthetic import make_world
+    from synthetic import make_world
 
     w = make_world(tmp_path / "w", size=64, n_train=24, n_val=2, seed=0, tasks=("coco", "ade"), style="plain")
     coco = COCO(str(w["coco"] / "annotations" / "instances_train2017.json"))
