@@ -112,3 +112,30 @@ def test_study_seed_reaches_every_stage_command():
 
     assert PRESETS["study"]["seeds"] == [0, 1, 2] and PRESETS["study"]["dense_inits"] == ["mae", "random"]
     assert common(Context(Path("x"), {"seed": 2}))[1:3] == ["--seed", "2"]
+
+
+def test_pipeline_modules_import_one_way_and_by_name():
+    """No import circle among pipeline's modules (imports inside functions count too); the demo's and the benchmark's
+    modules use no importlib: each module a stage or benchmark runs is named in a plain import where it is used."""
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "pipeline").glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + ([f"pipeline.{a.name}" for a in node.names] if node.module == "pipeline" else [])
+            else:
+                continue
+            if path.stem in ("demo", "context", "jobs", "stages", "report", "plan", "presets", "results", "benchmark"):
+                assert not any(n.split(".")[0] == "importlib" for n in names), path.name
+            deps |= {n.split(".")[1] for n in names if n.startswith("pipeline.")}
+        graph[path.stem] = deps - {path.stem}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph.get(start, ()))
+
+    assert {"demo", "results", "plan"} <= set(graph)
+    assert not [m for m in graph if reaches(m, m, set())], graph

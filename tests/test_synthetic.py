@@ -240,3 +240,14 @@ def test_plain_scenes_hold_one_to_three_readable_objects(tmp_path) -> None:
     cluttered = make_world(tmp_path / "c", size=64, n_train=24, n_val=2, seed=0, tasks=("coco",))
     small = COCO(str(cluttered["coco"] / "annotations" / "instances_train2017.json"))
     assert min(a["area"] for a in small.loadAnns(small.getAnnIds())) < 0.04 * 64 * 64  # the default keeps distractors
+
+
+def test_the_package_stands_apart_from_the_toolkit() -> None:
+    """The world generator is a fixture, not core: it (its command line included) loads no part of the project
+    but maecore's command-line helpers, so the core and the tasks can change without it."""
+    code = ("import sys, synthetic, synthetic.__main__; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'maecore', 'pretrain', 'classification', 'detection', 'segmentation', 'pipeline'})))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr
+    assert set(p.stdout.split()) <= {"maecore", "maecore.cli", "maecore.errors"}, p.stdout
