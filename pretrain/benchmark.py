@@ -329,7 +329,7 @@ def data_sets(work: Path, data_path: str | None, data_images: int, synthetic_siz
     """(name, image size, folder) of every image set the data benchmark reads."""
     if data_path:
         return [("user", "as stored", Path(data_path))]
-    from maecore.synthetic import make_imagenet
+    from synthetic import make_imagenet
 
     sets = []
     per_class = max(1, math.ceil(data_images / 10))

@@ -25,8 +25,8 @@ from maecore.data.sampler import SeededDataset
 from maecore.engine import read_log
 from maecore.models.pos_embed import get_2d_sincos_pos_embed
 from maecore.optim import adamw, param_groups
-from maecore.synthetic import SHAPES, make_imagenet
 from pretrain.model import build_mae
+from synthetic import SHAPES, make_imagenet
 
 SIZE, N_TRAIN, N_VAL = 32, 4, 2  # 28 train / 14 val images
 TINY = ["--model", "vit_tiny_patch16", "--patch_size", "8", "--depth", "2", "--input_size", str(SIZE)]

@@ -30,7 +30,7 @@ SMALL = ["--arch", "tiny", "--embed_dim", "64", "--depth", "4", "--num_heads", "
 
 @pytest.fixture(scope="module")
 def coco64(tmp_path_factory):
-    from maecore.synthetic import make_world
+    from synthetic import make_world
 
     root = tmp_path_factory.mktemp("detworld")
     return make_world(root, size=64, n_train=8, n_val=3, seed=2, tasks=("coco",))["coco"]

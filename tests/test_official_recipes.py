@@ -468,7 +468,7 @@ def _train_lrs(out) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    from maecore.synthetic import make_world
+    from synthetic import make_world
 
     root = tmp_path_factory.mktemp("official")
     return make_world(root, size=64, n_train=8, n_val=2, seed=2, tasks=("coco", "ade"))
