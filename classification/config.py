@@ -34,7 +34,7 @@ from maecore.cli import (
     ratio,
 )
 from maecore.config import RunConfig
-from maecore.data import DECODE_HELP, DECODES, decode_unavailable
+from maecore.data.decode import DECODE_HELP, DECODES, decode_unavailable
 from maecore.engine import SCHEDULE_KEYS
 from maecore.models import resolve_model
 

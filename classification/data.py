@@ -1,5 +1,5 @@
 """ImageNet-layout datasets (``DIR/train/<class>/…``, ``DIR/val/<class>/…``, or a packed copy of such a root:
-``maecore.packed``) and the transforms of the official fine-tuning / linear-probe scripts."""
+``maecore.data.packed``) and the transforms of the official fine-tuning / linear-probe scripts."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from classification.evaluate import eval_loader  # noqa: F401  (re-exported: the loaders live with the evaluation)
-from maecore.data import FastRandomResizedCrop, ImageFiles, ImageSource, check_dir, crop_decoder
+from maecore.data.crop import FastRandomResizedCrop
+from maecore.data.decode import crop_decoder
+from maecore.data.images import ImageFiles, ImageSource, check_dir
+from maecore.data.packed.index import INDEX_NAME, split_dir
+from maecore.data.packed.reader import PackedImages
 from maecore.errors import UserError
-from maecore.packed import INDEX_NAME, PackedImages, split_dir
-from maecore.vit import to_2tuple
+from maecore.models.layers import to_2tuple
 
 __all__ = ["LINPROBE_SCALE", "FeatureDataset", "build_datasets", "eval_loader", "eval_transform", "finetune_transform",
            "linprobe_train", "linprobe_transform"]
@@ -86,8 +89,8 @@ def linprobe_transform(input_size: int | Sequence[int]) -> T.Compose:
 def linprobe_train(input_size: int | Sequence[int], decode: str) -> tuple[T.Compose | None, FastRandomResizedCrop | None]:
     """The probe's training view as ``--decode`` makes it, ``(transform, decoder)`` for :func:`build_datasets`:
     ``official`` is :func:`linprobe_transform` (float batches); ``fast`` / ``gpu`` the same boxes and flips from the
-    shared decoders (``maecore.data.crop_decoder``), uint8 or JPEG bytes finished on the device by the trainer's
-    ``device_batch`` (``maecore.data.decode_device_batch``)."""
+    shared decoders (``maecore.data.decode.crop_decoder``), uint8 or JPEG bytes finished on the device by the trainer's
+    ``device_batch`` (``maecore.data.decode.decode_device_batch``)."""
     decoder = crop_decoder(decode, to_2tuple(input_size), LINPROBE_SCALE)
     return (linprobe_transform(input_size) if decoder is None else None), decoder
 

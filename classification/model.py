@@ -11,7 +11,7 @@ Protocol helpers:
 * :func:`setup_partial_finetune` freezes all but the last K blocks (K = 0.5: the MLP sub-block of the
   last block only; paper §4.3).
 
-Frozen parts are the encoder's frozen leading part (:meth:`~maecore.vit.VisionTransformer.freeze_leading`):
+Frozen parts are the encoder's frozen leading part (:meth:`~maecore.models.vit.VisionTransformer.freeze_leading`):
 they run under ``no_grad`` and stay in eval mode (no drop path, BN statistics untouched).
 
 Forward, as timm: ``forward_features`` (the encoder's tokens after its final norm) → ``forward_head``
@@ -27,8 +27,7 @@ import torch.nn as nn
 
 from maecore.convert import ConversionReport, load_backbone
 from maecore.errors import UserError
-from maecore.models import model_kwargs
-from maecore.vit import VisionTransformer
+from maecore.models import VisionTransformer, model_kwargs
 
 
 class VisionTransformerClassifier(VisionTransformer):
@@ -43,7 +42,7 @@ class VisionTransformerClassifier(VisionTransformer):
             pooling averages tokens *after* the pretrained ``norm`` — what a linear probe wants, since a
             frozen, never-trained ``fc_norm`` would sit in front of its head otherwise.
         head_init_std: trunc-normal std of the head weights (2e-5 fine-tuning, 0.01 linear probe).
-        other kwargs: :class:`~maecore.vit.VisionTransformer` (``drop_path_rate``, ``img_size``…).
+        other kwargs: :class:`~maecore.models.vit.VisionTransformer` (``drop_path_rate``, ``img_size``…).
     """
 
     def __init__(

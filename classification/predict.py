@@ -32,6 +32,7 @@ from maecore.convert import load_weights
 from maecore.convert.onnx_export import OnnxModule
 from maecore.engine import autocast
 from maecore.errors import UserError
+from maecore.models.layers import to_2tuple
 from maecore.predict import (
     Progress,
     add_predict_args,
@@ -42,7 +43,6 @@ from maecore.predict import (
     prepare_output,
     setup_runtime,
 )
-from maecore.vit import to_2tuple
 
 
 def get_predict_parser() -> argparse.ArgumentParser:
@@ -122,7 +122,7 @@ def predict(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def onnx_module(path: str, ckpt: Any) -> OnnxModule:
-    """The classifier for ``python -m maecore.convert CKPT --to onnx`` (:mod:`maecore.convert.onnx_export`)."""
+    """The classifier for ``python -m pipeline.convert CKPT --to onnx`` (:mod:`maecore.convert.onnx_export`)."""
     model, args, names = load_classifier(path, check_task_checkpoint(ckpt, path, "classification"))
     h, w = to_2tuple(args.input_size)
     return OnnxModule(model, torch.randn(2, 3, h, w), "images", ["logits"],

@@ -51,7 +51,8 @@ from maecore import distributed as du
 from maecore.checkpoint import checkpoint_args, checkpoint_step, load_for_eval, unwrap_state_dict, write_eval
 from maecore.cli import run_cli
 from maecore.convert import load_weights
-from maecore.data import ImageFiles, decode_collate, decode_device_batch
+from maecore.data.decode import decode_collate, decode_device_batch
+from maecore.data.images import ImageFiles
 from maecore.engine import Trainer, resolve_amp, use_attention
 from maecore.errors import UserError
 from maecore.optim import WarmupCosine, adamw, param_groups

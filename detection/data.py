@@ -28,7 +28,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from maecore.data import MAX_SUBSTITUTES, load_rgb
+from maecore.data.images import MAX_SUBSTITUTES, load_rgb
 from maecore.errors import UserError
 
 from .model import IMAGENET_MEAN

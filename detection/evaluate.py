@@ -176,7 +176,7 @@ def overlay_figure(dataset: CocoInstances, per_image: dict[int, list[dict]], pat
     import matplotlib.pyplot as plt
     from torchvision.ops import nms
 
-    from maecore.data import try_load_rgb
+    from maecore.data.images import try_load_rgb
 
     ids = [i for i in dataset.ids if i in per_image][:n]
     names = {c: dataset.coco.cats[c].get("name", str(c)) for c in dataset.cat_ids}

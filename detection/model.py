@@ -1,6 +1,6 @@
 """Mask R-CNN with a plain ViT backbone: ViTDet (Li et al. 2022) and ViT-FPN (MAE paper App. A.3).
 
-``backbone.net``   the shared :class:`maecore.vit.VisionTransformer`: no cls token, no final norm,
+``backbone.net``   the shared :class:`maecore.models.vit.VisionTransformer`: no cls token, no final norm,
                    window attention in all blocks but a few global ones, decomposed relative position
                    (zero-init), the pretraining position table (with its cls slot) resampled at run time;
 ``backbone.simfp_2..5`` (ViTDet) the simple feature pyramid of detectron2's ``SimpleFeaturePyramid``
@@ -31,8 +31,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from maecore.models import model_kwargs
-from maecore.vit import VisionTransformer
+from maecore.models import VisionTransformer, model_kwargs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

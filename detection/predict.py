@@ -187,7 +187,7 @@ class PyramidOutputs(nn.Module):
 
 
 def onnx_module(path: str, ckpt: Any) -> OnnxModule:
-    """The detector's backbone for ``python -m maecore.convert CKPT --to onnx``."""
+    """The detector's backbone for ``python -m pipeline.convert CKPT --to onnx``."""
     model, args, _, _ = load_detector(path, check_task_checkpoint(ckpt, path, "detection"))
     s = args.input_size
     return OnnxModule(PyramidOutputs(model.backbone).eval(), torch.randn(2, 3, s, s), "images", ["p2", "p3", "p4", "p5", "p6"],

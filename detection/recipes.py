@@ -46,7 +46,7 @@ RECIPES: dict[str, dict] = {
     "vitfpn_b": dict(_VITDET, backbone="vitfpn", model="vit_base_patch16", layer_decay=0.7, drop_path=0.1, batch_size=2, accum_iter=4),
     "vitfpn_l": dict(_VITDET, backbone="vitfpn", model="vit_large_patch16", layer_decay=0.8, drop_path=0.4, batch_size=1,
                      accum_iter=8, grad_checkpointing=True),
-    # CPU minutes on the synthetic world (maecore.synthetic, 64 px): ViT-tiny/8, 4 blocks (pretrain's demo) at
+    # CPU minutes on the synthetic world (synthetic/, 64 px): ViT-tiny/8, 4 blocks (pretrain's demo) at
     # 64 px (8x8 tokens, 4x4 windows in blocks 0 and 2, global attention in 1 and 3; /16 gives 4x4 tokens, too coarse for
     # the masks), pyramid strides 2-32, a 64-channel pyramid and heads,
     # small RPN / RoI samples; a higher lr and short warm-up since it starts from scratch; LSJ scale 0.5-2

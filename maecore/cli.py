@@ -113,7 +113,8 @@ LEGACY_ARG_KEYS: dict[str, str] = {"arch": "model", "image_size": "input_size", 
 
 def model_type(family: Family = "vit") -> Callable[[str], str]:
     """argparse ``type=`` for ``--model``: any registry name or alias -> the canonical name in ``family``
-    (``mae`` for pretraining, ``vit`` for the transfer tasks)."""
+    (``mae`` for pretraining, whose CLI imports ``pretrain.model`` to register that family; ``vit`` for the
+    transfer tasks)."""
 
     def parse(text: str) -> str:
         from maecore.models import UnknownModelError, resolve_model  # the registry imports torch: only when parsing

@@ -2,7 +2,7 @@
 checkpoint (whose task must be the command's), device and precision, batched decoding, progress and the
 names of the files written.
 
-Every image goes through :func:`maecore.data.load_rgb`; a file it cannot use (a text file in a folder, a
+Every image goes through :func:`maecore.data.images.load_rgb`; a file it cannot use (a text file in a folder, a
 truncated JPEG) is skipped with one ``warning:`` line and counted in the summary, never fatal.  A missing
 input, a checkpoint of another task or one without saved args is one ``error:`` line (exit 2).
 """
@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from maecore.checkpoint import checkpoint_args, load_file, unwrap_state_dict
 from maecore.cli import non_negative_int, positive_int
 from maecore.convert.trained import TASK_COMMANDS, describe_task, task_of
-from maecore.data import UNREADABLE, ignore_stop_signals, load_rgb
+from maecore.data.images import UNREADABLE, load_rgb
+from maecore.data.workers import ignore_stop_signals
 from maecore.engine import describe_amp, resolve_amp
 from maecore.errors import UserError
 

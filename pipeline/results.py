@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from maecore.engine import read_log
+from pipeline.plan import STAGE_NAMES, machine_line  # the demo's own line: same machine facts in both reports
 
 # (row label as in results.json, stage directory pattern, log key): where each row's curve is logged
 CURVES: list[tuple[str, str, str]] = [
@@ -113,8 +114,6 @@ def curves_png(runs: list[dict], png: Path) -> None:
 def write_results(out: Path, run_dirs: list[Path], command: str | None = None) -> Path:
     """``<out>/results.md`` + ``<out>/curves.png`` from the finished per-seed runs; returns the .md path."""
     runs = [r for r in load_runs(run_dirs) if r.get("results", {}).get("rows")]
-    from pipeline.demo import machine_line  # the demo's own line: same machine facts in both reports
-
     recs = aggregate(runs)
     seeds = [r["config"].get("seed", 0) for r in runs]
     command = command or f"python tools/demo.py --preset study --output {out}"
@@ -140,10 +139,8 @@ def write_results(out: Path, run_dirs: list[Path], command: str | None = None) -
         )
         lines.append(f"| {rec['label']} | {rec['metric']} | {_fmt(*mae['mean_std']) if mae else '–'} | "
                      f"{_fmt(*rnd['mean_std']) if rnd else '–'} | {_fmt(*rec['diff'])} | {per_seed} |")
-    from pipeline.demo import STAGES
-
     # a seed's wall time only where every stage's time is on record (a rerun of some stages keeps the others')
-    walls = [sum(r["stage_wall_s"].values()) for r in runs if set(r.get("stage_wall_s", {})) >= {n for n, _ in STAGES}]
+    walls = [sum(r["stage_wall_s"].values()) for r in runs if set(r.get("stage_wall_s", {})) >= set(STAGE_NAMES)]
     pre = [r["results"].get("pretrain", {}) for r in runs]
     lines += [
         "",

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from classification.train import main as cls_main
-from maecore.synthetic import make_world
 from pretrain.train import main as pretrain_main
+from synthetic import make_world
 
 
 def run(name: str, argv: list[str], rows: list[dict]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from detection.train import main as detection_main
 from maecore.engine import read_log
-from maecore.synthetic import make_world
+from synthetic import make_world
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from maecore.engine import read_log
-from maecore.synthetic import make_world
 from segmentation.data import ADE20K
 from segmentation.evaluate import confusion_matrix, metrics_from_confusion
 from segmentation.train import main as seg_main
+from synthetic import make_world
 
 
 def chance_baselines(data: Path, num_classes: int, seed: int = 0) -> dict[str, float]:

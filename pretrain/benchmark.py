@@ -25,8 +25,8 @@ import torch.nn as nn
 from maecore.benchmark import Timing, Variant, flop_rate, fmt, run_windows, speedup, step_memory, summary
 from maecore.engine import TrainStep, autocast, to_device, use_attention
 from maecore.errors import UserError
+from maecore.models.layers import set_fused_attention
 from maecore.optim import adamw
-from maecore.vit import set_fused_attention
 from pretrain.model import MaskedAutoencoderViT, build_mae
 from pretrain.train import make_step_fn
 from pretrain.train import optimizer_groups as train_groups
@@ -329,7 +329,7 @@ def data_sets(work: Path, data_path: str | None, data_images: int, synthetic_siz
     """(name, image size, folder) of every image set the data benchmark reads."""
     if data_path:
         return [("user", "as stored", Path(data_path))]
-    from maecore.synthetic import make_imagenet
+    from synthetic import make_imagenet
 
     sets = []
     per_class = max(1, math.ceil(data_images / 10))
@@ -404,7 +404,7 @@ class LoaderTimer:
         self.images += batches * self.bs
 
     def close(self) -> None:
-        from maecore.data import shutdown_workers
+        from maecore.data.workers import shutdown_workers
 
         shutdown_workers(self.loader)
         del self.it
@@ -465,7 +465,8 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
     with ``--roi`` (re-encoded at quality 90 with restart markers; ``formats``); next to the
     model step rate ``model_img_per_s`` and the cores each pipeline needs to feed one GPU
     (:func:`gpu_rate_assumption`)."""
-    from maecore.packed import pack, split_dir
+    from maecore.data.packed.index import split_dir
+    from maecore.data.packed.writer import pack
     from pretrain.data import build_pretrain_dataset, pretrain_collate, pretrain_device_batch
 
     tmp = None
@@ -530,7 +531,7 @@ def format_data(d: dict[str, Any]) -> list[str]:
              f"for the model; model step rate {fmt(d['model_img_per_s'])} img/s",
              "official: torchvision transforms in the workers, float batches (draft: the old --jpeg_draft); "
              "fast: --decode fast (DCT scale from the crop, uint8, normalised in the main process); formats: folder, packed "
-             "(original bytes), packed-roi (maecore.packed --roi: re-encoded q90 with restart markers, fast decodes the box only)",
+             "(original bytes), packed-roi (maecore.data.packed --roi: re-encoded q90 with restart markers, fast decodes the box only)",
              f"{'images':<10} {'size':>10} {'format':>10} {'pipeline':>9} {'draft':>6} {'workers':>7} {'img/s':>9} {'vs model':>9}"]
     for r in d["runs"]:
         lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>10} {r['pipeline']:>9} {r['jpeg_draft']!s:>6} "

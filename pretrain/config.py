@@ -21,9 +21,10 @@ from maecore.cli import (
     ratio,
 )
 from maecore.config import RunConfig
-from maecore.data import DECODE_HELP, DECODES, decode_unavailable
+from maecore.data.decode import DECODE_HELP, DECODES, decode_unavailable
 from maecore.engine import SCHEDULE_KEYS
 from maecore.models import resolve_model
+from pretrain.model import build_mae  # noqa: F401  (importing it registers the mae_vit_* builders --model resolves into)
 from pretrain.recipes import RECIPES
 
 # what defines the network: a resumed run must match the checkpoint's saved values

@@ -1,14 +1,14 @@
 """Pretraining data: any image folder, with or without class sub-folders, or a packed copy of one
-(``maecore.packed``); crop + flip only.
+(``maecore.data.packed``); crop + flip only.
 
 ``decode`` (``--decode``) picks how a sample becomes pixels, with the same augmentation distribution each way:
 
-* ``fast`` (default): :class:`maecore.data.FastRandomResizedCrop` in the workers (JPEG DCT scale chosen from the
-  crop, only the box resized, uint8 out), normalised on the device (:class:`maecore.data.UInt8Normalize`);
+* ``fast`` (default): :class:`maecore.data.crop.FastRandomResizedCrop` in the workers (JPEG DCT scale chosen from the
+  crop, only the box resized, uint8 out), normalised on the device (:class:`maecore.data.pixels.UInt8Normalize`);
 * ``official``: the torchvision transforms of the official scripts (:func:`pretrain_transform`) in the workers,
   float batches (``jpeg_draft``: the older draft decode at the output size, before the crop);
-* ``gpu``: :class:`maecore.data.GpuJpegCrop` in the workers (header, box, bytes), nvJPEG decode + crop +
-  resize on the CUDA device (:class:`maecore.data.GpuDecode`).
+* ``gpu``: :class:`maecore.data.gpu.GpuJpegCrop` in the workers (header, box, bytes), nvJPEG decode + crop +
+  resize on the CUDA device (:class:`maecore.data.gpu.GpuDecode`).
 """
 
 from __future__ import annotations
@@ -21,20 +21,11 @@ from typing import Any
 import torchvision.transforms as T
 from torchvision.transforms import InterpolationMode
 
-from maecore.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    MAX_SUBSTITUTES,
-    ImageFiles,
-    check_dir,
-    crop_decoder,
-    decode_collate,
-    decode_device_batch,
-    list_images,
-    try_load_rgb,
-)
-from maecore.packed import NamedBytes, PackedImages, split_dir
-from maecore.vit import to_2tuple
+from maecore.data.decode import IMAGENET_MEAN, IMAGENET_STD, crop_decoder, decode_collate, decode_device_batch
+from maecore.data.images import MAX_SUBSTITUTES, ImageFiles, check_dir, list_images, try_load_rgb
+from maecore.data.packed.index import split_dir
+from maecore.data.packed.reader import NamedBytes, PackedImages
+from maecore.models.layers import to_2tuple
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +88,7 @@ def build_pretrain_dataset(
     return open_images(folder, decoder=decoder)
 
 
-# the collate_fn and the trainer's device_batch a decode needs (shared with the classification probe: maecore.data)
+# the collate_fn and the trainer's device_batch a decode needs (shared with the classification probe: maecore.data.decode)
 pretrain_collate = decode_collate
 pretrain_device_batch = decode_device_batch
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from maecore.data import try_load_rgb
+from maecore.data.images import try_load_rgb
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from pretrain.model import MaskedAutoencoderViT
 

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from maecore.models import register_model, resolve_model
-from maecore.vit import Block, VisionTransformer, get_2d_sincos_pos_embed, resample_pos_embed
+from maecore.models import VisionTransformer, register_model, resolve_model
+from maecore.models.layers import Block
+from maecore.models.pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
 
 MaskType = Literal["random", "block", "grid"]
 
@@ -249,33 +250,39 @@ class MaskedAutoencoderViT(VisionTransformer):
 # --------------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------------
-# Registered in maecore.models (one registry, sizes from maecore.models.SIZES): the decorator starts each
-# builder from its size's embed_dim/depth/num_heads/patch_size; keyword arguments override them.
-@register_model
+# Registered in maecore.models (one registry), family "mae": importing this module is what makes the mae_vit_*
+# names available; each builder spells out its encoder (the vit_* size of the same name, checked there) and
+# the official decoder (512 wide, 8 blocks, 16 heads); keyword arguments override them.
+@register_model("tiny", family="mae", patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 def mae_vit_tiny_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
     """MAE with a ViT-Ti/16 encoder (192 wide, 12 blocks, 3 heads)."""
     return MaskedAutoencoderViT(**kwargs)
 
 
-@register_model
+@register_model("small", family="mae", patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 def mae_vit_small_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
     """MAE with a ViT-S/16 encoder (384 wide, 12 blocks, 6 heads)."""
     return MaskedAutoencoderViT(**kwargs)
 
 
-@register_model
+@register_model("base", family="mae", patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 def mae_vit_base_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
     """MAE with a ViT-B/16 encoder (768 wide, 12 blocks, 12 heads)."""
     return MaskedAutoencoderViT(**kwargs)
 
 
-@register_model
+@register_model("large", family="mae", patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 def mae_vit_large_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
     """MAE with a ViT-L/16 encoder (1024 wide, 24 blocks, 16 heads)."""
     return MaskedAutoencoderViT(**kwargs)
 
 
-@register_model
+@register_model("huge", family="mae", patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 def mae_vit_huge_patch14(**kwargs: Any) -> MaskedAutoencoderViT:
     """MAE with a ViT-H/14 encoder (1280 wide, 32 blocks, 16 heads)."""
     return MaskedAutoencoderViT(**kwargs)

@@ -20,7 +20,7 @@ from maecore.optim import WarmupCosine, adamw, param_groups
 from pretrain.config import MODEL_KEYS, PRETRAIN_SCHEDULE_KEYS, PretrainConfig, get_parser, parse_config
 from pretrain.data import build_pretrain_dataset, fixed_images, pretrain_collate, pretrain_device_batch
 from pretrain.evaluate import reconstruction_figure
-from pretrain.model import MaskedAutoencoderViT, build_mae
+from pretrain.model import MaskedAutoencoderViT, build_mae  # importing it registers the mae_vit_* builders --model resolves into
 
 __all__ = ["MODEL_KEYS", "build_data", "build_model", "build_optimizer", "build_trainer", "cli", "get_parser", "main",
            "make_step_fn", "optimizer_groups", "parse_config", "train"]

@@ -24,7 +24,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 
-from maecore.data import IMG_EXTENSIONS, MAX_SUBSTITUTES, check_dir, load_rgb
+from maecore.data.images import IMG_EXTENSIONS, MAX_SUBSTITUTES, check_dir, load_rgb
 from maecore.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """UperNet on the MAE ViT (the MAE paper's ADE20K model, as BEiT set it up and mmsegmentation reproduces it).
 
-``backbone``  the shared :class:`maecore.vit.VisionTransformer` with per-block BEiT relative position bias
+``backbone``  the shared :class:`maecore.models.vit.VisionTransformer` with per-block BEiT relative position bias
               tables (zero-init), layer scale 1.0, drop path, no final norm, features of 4 blocks;
 ``neck``      :class:`Feature2Pyramid`: strides 4/8/16/32 from the stride-16 features (x4, x2, x1, x0.5);
 ``decode_head`` :class:`UPerHead` (PPM on the last level + FPN fusion); ``auxiliary_head`` :class:`FCNHead`
@@ -19,8 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maecore.models import model_kwargs
-from maecore.vit import VisionTransformer
+from maecore.models import VisionTransformer, model_kwargs
 
 IGNORE_INDEX = 255
 

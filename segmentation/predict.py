@@ -121,7 +121,7 @@ def predict(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def onnx_module(path: str, ckpt: Any) -> OnnxModule:
-    """One sliding window of the segmentor for ``python -m maecore.convert CKPT --to onnx``."""
+    """One sliding window of the segmentor for ``python -m pipeline.convert CKPT --to onnx``."""
     model, args = load_segmentor(path, check_task_checkpoint(ckpt, path, "segmentation"))
     s = args.input_size
     return OnnxModule(model, torch.randn(2, 3, s, s), "images", ["logits"],

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from maecore.benchmark import SCHEMA_VERSION, saved_activation_bytes
-from maecore.vit import set_fused_attention
+from maecore.models.layers import set_fused_attention
 from pipeline import benchmark as bench
 from pretrain.benchmark import fvcore_macs, mae_macs
 from pretrain.model import MaskedAutoencoderViT
@@ -119,7 +119,13 @@ def test_task_steps_json(tmp_path, monkeypatch):
         assert t["amp"] == "none" and len(t["step_s_windows"]) == 1 and t["img_per_s"] > 0
         assert t["recipe"] == recipes[name]
     # a package without the hook is reported, not an error
+    def no_hook():
+        from classification.no_such_benchmark import benchmark_step
+
+        return benchmark_step
+
     monkeypatch.setitem(bench.TASK_BENCHMARKS, "finetune", "classification.no_such_benchmark")
+    monkeypatch.setitem(bench.TASK_STEPS, "finetune", no_hook)
     res = bench.main(["--bench", "finetune", "--warmup", "0", "--windows", "1"])
     assert res["finetune"] == {"status": "not available", "module": "classification.no_such_benchmark"}
 

@@ -19,12 +19,14 @@ from classification.lars import LARS
 from classification.model import build_classifier, load_pretrained, setup_linear_probe, setup_partial_finetune
 from classification.train import build_model, cli, main, parse_config, tuned_params
 from maecore.checkpoint import load_file, save_atomic
-from maecore.data import FastRandomResizedCrop, SeededDataset, normalize_uint8
+from maecore.data.crop import FastRandomResizedCrop
+from maecore.data.pixels import normalize_uint8
+from maecore.data.sampler import SeededDataset
 from maecore.engine import read_log
+from maecore.models.pos_embed import get_2d_sincos_pos_embed
 from maecore.optim import adamw, param_groups
-from maecore.synthetic import SHAPES, make_imagenet
-from maecore.vit import get_2d_sincos_pos_embed
 from pretrain.model import build_mae
+from synthetic import SHAPES, make_imagenet
 
 SIZE, N_TRAIN, N_VAL = 32, 4, 2  # 28 train / 14 val images
 TINY = ["--model", "vit_tiny_patch16", "--patch_size", "8", "--depth", "2", "--input_size", str(SIZE)]
@@ -222,7 +224,7 @@ def _check_run(out: Path, summary: dict) -> None:
 
 def _manual_accuracy(model, world: Path) -> float:
     """Top-1 from scratch: every val image through the eval transform, one by one."""
-    from maecore.data import list_images, load_rgb
+    from maecore.data.images import list_images, load_rgb
 
     tf = eval_transform(SIZE)
     model.eval()
@@ -427,7 +429,7 @@ def test_val_reindexed_to_train_classes(world: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["classification", "timm", "safetensors"])
 def test_converter_outputs_accepted(mae_ckpt: Path, world: Path, tmp_path: Path, fmt: str) -> None:
     """tools/convert.py exports (our task format, timm, safetensors) load through --finetune."""
-    import maecore.convert.__main__ as tool
+    import pipeline.convert as tool
 
     dst = tmp_path / ("enc.safetensors" if fmt == "safetensors" else "enc.pth")
     tool.main([str(mae_ckpt), "-o", str(dst), "--to", fmt])

@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import maecore.convert.__main__ as CLI
+import pipeline.convert as CLI
 from maecore.convert import convert, load_backbone, load_source, read_state
 from maecore.errors import UserError
-from maecore.vit import VisionTransformer
+from maecore.models import VisionTransformer
 from pretrain.model import MaskedAutoencoderViT
 
 ROOT = Path(__file__).resolve().parent.parent

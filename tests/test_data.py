@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from maecore.data import ImageFiles, ResumableSampler
+from maecore.data.images import ImageFiles
+from maecore.data.sampler import ResumableSampler
 from maecore.errors import UserError
 
 

@@ -17,7 +17,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's packages, not w
 
 def test_every_stage_command_has_a_main():
     """Each command line a stage shows is run in-process through its module's main()."""
-    from pipeline.demo import ENTRIES, entry_main
+    from pipeline.context import ENTRIES, entry_main
 
     assert {"tools/make_synthetic.py", "tools/convert.py", "tools/visualize.py", "-m pretrain"} <= set(ENTRIES)
     assert all(callable(entry_main(entry)) for entry in ENTRIES)
@@ -70,7 +70,7 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     stages = [c[0] for c in res["commands"]]
-    from pipeline.demo import STAGES
+    from pipeline.stages import STAGES
 
     assert stages == sorted(stages, key=[name for name, _ in STAGES].index)
     assert {"pretrain", "partial", "detection", "segmentation"} <= set(stages) and res["done"] is False
@@ -107,7 +107,35 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(tmp_path):
 
 
 def test_study_seed_reaches_every_stage_command():
-    from pipeline.demo import PRESETS, Context, common
+    from pipeline.context import Context, common
+    from pipeline.presets import PRESETS
 
     assert PRESETS["study"]["seeds"] == [0, 1, 2] and PRESETS["study"]["dense_inits"] == ["mae", "random"]
     assert common(Context(Path("x"), {"seed": 2}))[1:3] == ["--seed", "2"]
+
+
+def test_pipeline_modules_import_one_way_and_by_name():
+    """No import circle among pipeline's modules (imports inside functions count too); the demo's and the benchmark's
+    modules use no importlib: each module a stage or benchmark runs is named in a plain import where it is used."""
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "pipeline").glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + ([f"pipeline.{a.name}" for a in node.names] if node.module == "pipeline" else [])
+            else:
+                continue
+            if path.stem in ("demo", "context", "jobs", "stages", "report", "plan", "presets", "results", "benchmark"):
+                assert not any(n.split(".")[0] == "importlib" for n in names), path.name
+            deps |= {n.split(".")[1] for n in names if n.startswith("pipeline.")}
+        graph[path.stem] = deps - {path.stem}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph.get(start, ()))
+
+    assert {"demo", "results", "plan"} <= set(graph)
+    assert not [m for m in graph if reaches(m, m, set())], graph

@@ -1,4 +1,4 @@
-"""The demo's side-by-side transfer runs (pipeline.demo.run_jobs) under a stop signal: real ``python -m
+"""The demo's side-by-side transfer runs (pipeline.jobs.run_jobs) under a stop signal: real ``python -m
 classification`` runs in their own processes, no mocks.  The signal reaches the runs, they stop (checkpoint,
 exit 75), the pipeline stops without a traceback, naming the stage to resume from, and ``--from-stage`` resumes."""
 
@@ -23,7 +23,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_
 
 
 def _world(tmp_path: Path) -> Path:
-    from maecore.synthetic import make_world
+    from synthetic import make_world
 
     return make_world(tmp_path / "world", size=64, n_train=3, n_val=1, seed=0, tasks=("imagenet",))["imagenet"].parent
 
@@ -44,7 +44,7 @@ def _kill(proc: subprocess.Popen) -> None:
 def _config(world: Path, epochs: int) -> dict:
     """Three classification jobs from random init (two side by side, one pending): the smoke preset's flags, with
     ``epochs`` epochs and no step cap."""
-    from pipeline.demo import PRESETS
+    from pipeline.presets import PRESETS
 
     def flags(stage: str) -> list[str]:
         args = list(PRESETS["smoke"][stage])
@@ -61,7 +61,10 @@ def test_a_stop_signal_while_the_runs_start_stops_the_stage(tmp_path, capsys):
     """A signal that ends the runs before they could checkpoint (still importing) stops the pipeline as one they
     checkpointed on: not a failed stage; the pending job never starts."""
     from maecore.engine import Preempted
-    from pipeline.demo import PRESETS, Context, jobs_finetune, jobs_linprobe, jobs_partial, run_jobs
+    from pipeline.context import Context
+    from pipeline.jobs import run_jobs
+    from pipeline.presets import PRESETS
+    from pipeline.stages import jobs_finetune, jobs_linprobe, jobs_partial
 
     assert threading.current_thread() is threading.main_thread()  # run_jobs takes the signals here
     ctx = Context(tmp_path / "run", {**PRESETS["smoke"], **_config(_world(tmp_path), epochs=1)})

@@ -20,7 +20,7 @@ from maecore.errors import UserError
 
 @pytest.fixture(scope="module")
 def coco64(tmp_path_factory):
-    from maecore.synthetic import make_world
+    from synthetic import make_world
 
     root = tmp_path_factory.mktemp("detworld")
     return make_world(root, size=64, n_train=12, n_val=4, seed=1, tasks=("coco",))["coco"]

@@ -14,8 +14,9 @@ from detection.model import (
     fpn_taps,
     layer_id_fn,
 )
+from maecore.models import VisionTransformer
+from maecore.models.layers import window_partition, window_unpartition
 from maecore.optim import param_groups
-from maecore.vit import VisionTransformer, window_partition, window_unpartition
 
 TINY = dict(arch="tiny", embed_dim=64, depth=4, num_heads=2)
 

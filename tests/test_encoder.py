@@ -1,4 +1,4 @@
-"""maecore.vit encoder API: forward_features / forward_intermediates, the frozen leading part, and
+"""maecore.models.vit encoder API: forward_features / forward_intermediates, the frozen leading part, and
 no_weight_decay() of every task model (the names param_groups keeps out of weight decay)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 
 from classification.model import build_classifier
 from detection.model import build_detector
+from maecore.models import VisionTransformer
 from maecore.optim import param_groups
-from maecore.vit import VisionTransformer
 from pretrain.model import build_mae
 from segmentation.model import build_segmentor
 

@@ -33,7 +33,7 @@ HEADER = {"type", "task", "checkpoint", "step"}
 
 @pytest.fixture(scope="module")
 def worlds(tiny_world, tmp_path_factory) -> dict[str, Path]:
-    from maecore.synthetic import make_world
+    from synthetic import make_world
 
     coco = make_world(tmp_path_factory.mktemp("coco64"), size=64, n_train=4, n_val=3, seed=2, tasks=("coco",))["coco"]
     return {"classification": tiny_world["imagenet"], "detection": coco, "segmentation": tiny_world["ade"]}

@@ -1,4 +1,4 @@
-"""Trained task checkpoints converted whole (``python -m maecore.convert CKPT --to timm|mmseg|detectron2``):
+"""Trained task checkpoints converted whole (``python -m pipeline.convert CKPT --to timm|mmseg|detectron2``):
 tiny models built and saved the way the trainer saves them, every parameter and running statistic perturbed
 away from its init, then the same logits / detections after the round trip, and the names the other
 frameworks expect (instantiated when detectron2 / mmsegmentation are installed, skipped otherwise)."""
@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import maecore.convert.__main__ as CLI
-from maecore.convert.trained import detectron2_to_detection, mmseg_to_segmentation, task_of
+import pipeline.convert as CLI
+from detection.export import import_state as detectron2_to_detection
+from maecore.convert.trained import task_of
 from maecore.engine import dump_args
+from segmentation.export import import_state as mmseg_to_segmentation
 
 TOL = 1e-5
 CLASSES = ["circle", "square", "triangle", "star", "ring"]
@@ -152,10 +154,19 @@ def test_segmentor_to_mmseg_and_back_same_logits(segmentor, tmp_path, capsys):
 
 
 def test_mmseg_config_taps_the_blocks_the_segmentor_taps():
-    from maecore.convert.trained import _default_out_indices
+    """Trained without ``--out_indices`` (saved as None), the recorded config taps the blocks the segmentor taps."""
+    from segmentation.export import export
     from segmentation.model import default_out_indices
+    from segmentation.train import build_model, parse_config
 
-    assert all(_default_out_indices(d) == default_out_indices(d) for d in range(1, 41))
+    for depth in (*range(1, 14), 24, 32, 40):
+        args = parse_config(["--recipe", "demo", "--data_path", "-", "--model", "tiny", "--embed_dim", "32", "--depth", str(depth),
+                           "--num_heads", "2", "--patch_size", "8", "--input_size", "32", "--channels", "8", "--aux_channels",
+                           "8", "--num_classes", "5"])
+        with torch.device("meta"):
+            model = build_model(args)
+        taps = export(dict(model.state_dict()), {**args.args(), "out_indices": None}).meta["config_overrides"]["model.backbone.out_indices"]
+        assert taps == tuple(model.backbone.out_indices) == default_out_indices(depth), depth
 
 
 MMSEG_CONFIG = Path(__file__).parents[1] / "segmentation/configs/mmseg/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
@@ -239,8 +250,8 @@ def test_mmseg_overrides_set_every_value_the_shipped_config_derives_from_the_cro
 
 
 def test_mmseg_stride_and_test_scale_are_the_evaluations():
-    from maecore.convert.trained import mmseg_crop_overrides
     from segmentation.evaluate import default_stride, eval_scale
+    from segmentation.export import mmseg_crop_overrides
 
     for c in (16, 32, 64, 100, 224, 512, 640):
         o = mmseg_crop_overrides((c, c), {})
@@ -295,15 +306,20 @@ SMALL = ["--model", "tiny", "--embed_dim", "64", "--depth", "2", "--num_heads", 
          "--anchor_sizes", "8", "16", "32", "64", "128", "--detections_per_img", "20", "--score_thresh", "0.0"]
 
 
+def _detector_data():
+    from detection.config import DetectorData
+
+    return DetectorData(5, [10, 20, 30, 40, 50], CLASSES)  # what a run learns from its annotations
+
+
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
-    from detection.train import build_model, get_parser
+    from detection.train import build_model, parse_config
 
     torch.manual_seed(0)
-    args = get_parser().parse_args(SMALL)
-    args.num_classes, args.category_ids, args.category_names = 5, [10, 20, 30, 40, 50], CLASSES
-    model = perturb(build_model(args, 5), 3)
-    return model, args, save_like_trainer(model, args, tmp_path_factory.mktemp("det") / "ckpt.pth")
+    cfg = parse_config(SMALL)
+    model = perturb(build_model(cfg, 5), 3)
+    return model, cfg, save_like_trainer(model, cfg.saved_args(_detector_data()), tmp_path_factory.mktemp("det") / "ckpt.pth")
 
 
 # detectron2's names for the heads of its ViTDet Mask R-CNN (mask_rcnn_vitdet.py: 2-conv RPN, 4conv1fc, 4conv mask head)
@@ -380,15 +396,14 @@ D2_B_CONFIG = Path(__file__).resolve().parents[1] / "detection" / "configs" / "d
 @pytest.fixture(scope="module")
 def detector8(tmp_path_factory):
     """The demo's pyramid: patch 8, strides 2, 4, 8, 16 and 32 (detectron2's p1-p5)."""
-    from detection.train import build_model, get_parser
+    from detection.train import build_model, parse_config
 
     torch.manual_seed(0)
     flags = list(SMALL)
     flags[flags.index("--patch_size") + 1], flags[flags.index("--window_size") + 1] = "8", "4"
-    args = get_parser().parse_args(flags)
-    args.num_classes, args.category_ids, args.category_names = 5, [10, 20, 30, 40, 50], CLASSES
-    model = perturb(build_model(args, 5), 4)
-    return model, args, save_like_trainer(model, args, tmp_path_factory.mktemp("det8") / "ckpt.pth")
+    cfg = parse_config(flags)
+    model = perturb(build_model(cfg, 5), 4)
+    return model, cfg, save_like_trainer(model, cfg.saved_args(_detector_data()), tmp_path_factory.mktemp("det8") / "ckpt.pth")
 
 
 @pytest.mark.parametrize("patch", [16, 8])
@@ -487,13 +502,12 @@ def test_trained_checkpoints_refuse_what_they_cannot_be(segmentor, detector, tmp
 def test_detector_patch_size_detectron2_cannot_name(tmp_path, capsys):
     """Patch 12 gives strides 3, 6, 12, 24: detectron2's pyramid names levels by log2 stride and its RoI pooler
     needs power-of-two scales, so the conversion refuses in one line rather than write a model that cannot run."""
-    from detection.train import build_model, get_parser
+    from detection.train import build_model, parse_config
 
     flags = list(SMALL)
     flags[flags.index("--patch_size") + 1], flags[flags.index("--input_size") + 1] = "12", "96"
-    args = get_parser().parse_args(flags)
-    args.num_classes = 5
-    ckpt = save_like_trainer(build_model(args, 5), args, tmp_path / "ckpt.pth")
+    cfg = parse_config(flags)
+    ckpt = save_like_trainer(build_model(cfg, 5), cfg.saved_args({"num_classes": 5}), tmp_path / "ckpt.pth")
     code, _, err = run([ckpt, "-o", tmp_path / "vitdet.pth", "--to", "detectron2"], capsys)
     assert code == 2 and err.startswith("error: ") and "patch size 12" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "vitdet.pth").exists()

@@ -1,4 +1,4 @@
-"""The fast input pipeline (maecore.data.FastRandomResizedCrop, ``--decode fast``) against the official one
+"""The fast input pipeline (maecore.data.crop.FastRandomResizedCrop, ``--decode fast``) against the official one
 (torchvision RandomResizedCrop(0.2-1, bicubic) + flip + ToTensor + Normalize): the same crop boxes and flips under
 the same RNG, the same distribution over many draws (both also for the classification probe's 0.08-1 crops),
 bitwise-equal pixels where no DCT reduction happens (Pillow resize) and the output statistics within stated
@@ -24,21 +24,14 @@ import torchvision.transforms as T
 from PIL import Image
 
 from classification.data import linprobe_train, linprobe_transform
-from maecore.data import (
-    CropPlan,
-    EncodedBatch,
-    FastRandomResizedCrop,
-    GpuDecode,
-    GpuJpegCrop,
-    ImageFiles,
-    SeededDataset,
-    UInt8Normalize,
-    collate_encoded,
-    crop_decoder,
-    dct_scale,
-    normalize_uint8,
-)
-from maecore.packed import PackedImages, pack
+from maecore.data.crop import CropPlan, FastRandomResizedCrop, dct_scale
+from maecore.data.decode import crop_decoder
+from maecore.data.gpu import EncodedBatch, GpuDecode, GpuJpegCrop, collate_encoded
+from maecore.data.images import ImageFiles
+from maecore.data.packed.reader import PackedImages
+from maecore.data.packed.writer import pack
+from maecore.data.pixels import UInt8Normalize, normalize_uint8
+from maecore.data.sampler import SeededDataset
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_SCALE, build_pretrain_dataset, pretrain_transform
 
 CUDA = torch.cuda.is_available()
@@ -242,7 +235,8 @@ def test_pixel_interleaved_collate_gives_the_default_batch(photos):
     as default_collate's batch, normalised to the same contiguous floats."""
     from torch.utils.data import default_collate
 
-    from maecore.data import collate_pixels, decode_collate
+    from maecore.data.decode import decode_collate
+    from maecore.data.pixels import collate_pixels
 
     assert decode_collate("fast") is collate_pixels and decode_collate("official") is None
     ds = SeededDataset(build_pretrain_dataset(photos["500x375"], 64))
@@ -392,7 +386,7 @@ def test_one_call_jpeg_decode_equals_pillow_and_skips_corrupt_files(photos, tmp_
     """The default fast path decodes full-scale JPEGs with torchvision's libjpeg-turbo call: the same pixels as
     Pillow's decode (so the same crops as through Pillow), and truncated / non-JPEG files are still skipped and
     counted like the official path's."""
-    from maecore.data import _DECODE_JPEG
+    from maecore.data.crop import _DECODE_JPEG
 
     assert _DECODE_JPEG is not None
     fast = FastRandomResizedCrop(224)

@@ -197,7 +197,7 @@ def test_fsdp_one_process(tmp_path):
 
 
 def tiny_images(tmp_path: Path) -> Path:
-    from maecore.synthetic import make_imagenet
+    from synthetic import make_imagenet
 
     return make_imagenet(tmp_path / "world", 8, 1, size=32, seed=0)
 

@@ -1,4 +1,4 @@
-"""Crop-box JPEG decoding (maecore.jpegroi) and the fast decoder's known-source path (FastRandomResizedCrop.
+"""Crop-box JPEG decoding (maecore.data.jpegroi) and the fast decoder's known-source path (FastRandomResizedCrop.
 decode_known, which packed records take): the box's JPEG decodes to the whole image's pixels, bit for bit, for
 boxes anywhere (edges, corners, 1 pixel, the whole image), odd sizes, 4:2:0 / 4:2:2 / 4:4:4 chroma and grey
 images, restart markers per MCU or per MCU row; what cannot be cut is refused; a table that does not fit its bytes
@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from maecore.data import _DECODE_JPEG, JPEG_L, JPEG_RGB, FastRandomResizedCrop, UnusableImage
-from maecore.jpegroi import HEAD, RoiError, encode, restart_table, roi_jpeg
+from maecore.data.crop import _DECODE_JPEG, JPEG_L, JPEG_RGB, FastRandomResizedCrop
+from maecore.data.images import UnusableImage
+from maecore.data.jpegroi import HEAD, RoiError, encode, restart_table, roi_jpeg
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,15 +15,19 @@ from maecore.errors import UserError
 from maecore.models import (
     MODEL_REGISTRY,
     SIZES,
+    FamilyNotLoadedError,
+    Size,
     UnknownModelError,
+    VisionTransformer,
     create_model,
     model_kwargs,
     model_names,
     register_model,
+    registry,
     resolve_model,
 )
-from maecore.vit import VisionTransformer
 
+ROOT = Path(__file__).resolve().parents[1]
 PATCH = {"tiny": 16, "small": 16, "base": 16, "large": 16, "huge": 14}
 
 
@@ -65,14 +74,73 @@ def test_model_kwargs_applies_only_the_given_overrides() -> None:
         dict(embed_dim=1280, depth=32, num_heads=16, patch_size=16)
 
 
-def test_a_builder_whose_name_does_not_fit_a_size_fails_at_registration() -> None:
-    def vit_base_patch14(**kwargs):  # ViT-B has 16-px patches
+@pytest.fixture
+def scratch_registry():
+    """Registrations made in a test are undone afterwards (the registry is process-wide)."""
+    saved = [(d, dict(d)) for d in (MODEL_REGISTRY, SIZES, registry._SPECS, registry._BY_SIZE)]
+    yield
+    for d, copy in saved:
+        d.clear()
+        d.update(copy)
+
+
+def test_the_registry_records_the_size_a_builder_declares(scratch_registry) -> None:
+    @register_model("medium", patch_size=16, embed_dim=512, depth=8, num_heads=8)
+    def my_encoder(**kwargs):  # the name says nothing about the size: the declaration does
         return VisionTransformer(**kwargs)
 
-    def vit_medium_patch16(**kwargs):
-        return VisionTransformer(**kwargs)
+    assert SIZES["medium"] == Size(embed_dim=512, depth=8, num_heads=8, patch_size=16)
+    for spelling in ("medium", "my_encoder", "mae_my_encoder"):
+        assert resolve_model(spelling) == ("my_encoder", dict(embed_dim=512, depth=8, num_heads=8, patch_size=16), "medium")
+    with torch.device("meta"):
+        m = create_model("medium", img_size=32, depth=None, num_heads=4)  # None keeps the declared depth
+    assert (m.embed_dim, m.depth, m.num_heads, m.patch_size) == (512, 8, 4, 16)
+    assert model_names()[-1] == "my_encoder" and MODEL_REGISTRY["my_encoder"].__name__ == "my_encoder"
 
-    for fn in (vit_base_patch14, vit_medium_patch16):
-        with pytest.raises(ValueError, match="name must be"):
-            register_model(fn)
-    assert "vit_base_patch14" not in MODEL_REGISTRY
+
+def test_conflicting_declarations_fail_at_registration(scratch_registry) -> None:
+    before = dict(MODEL_REGISTRY), dict(SIZES)
+    cases = [
+        (register_model("base", patch_size=14, embed_dim=768, depth=12, num_heads=12), "vit_base_patch14",
+         "a vit model of size 'base' is registered already"),
+        (register_model("base", family="mae", patch_size=16, embed_dim=768, depth=24, num_heads=12), "mae_deep_base",
+         "is not the vit size 'base'"),
+        (register_model("gigantic", family="mae", patch_size=14, embed_dim=1664, depth=48, num_heads=16), "mae_gigantic",
+         "is not the vit size 'gigantic'"),
+        (register_model("medium", patch_size=16, embed_dim=512, depth=8, num_heads=8), "vit_base_patch16", "registered twice"),
+        (register_model("medium", patch_size=16, embed_dim=512, depth=0, num_heads=8), "vit_medium", "positive integers"),
+    ]
+    for decorate, name, match in cases:
+        fn = lambda **kwargs: VisionTransformer(**kwargs)  # noqa: E731
+        fn.__name__ = name
+        with pytest.raises(ValueError, match=match):
+            decorate(fn)
+    assert (dict(MODEL_REGISTRY), dict(SIZES)) == before
+
+
+def test_the_mae_family_is_there_only_after_importing_pretrain_model() -> None:
+    """Nothing in maecore imports pretrain: the vit vocabulary (``mae_`` spellings included) works without it, and
+    asking for the mae family before ``import pretrain.model`` is a one-line user error naming the import."""
+    code = (
+        "import sys\n"
+        "from maecore.models import FamilyNotLoadedError, UnknownModelError, model_kwargs, resolve_model\n"
+        "import maecore.cli, maecore.convert, maecore.engine, maecore.predict\n"
+        "assert 'pretrain.model' not in sys.modules, 'maecore imported pretrain.model'\n"
+        "assert resolve_model('mae_vit_base_patch16').name == 'vit_base_patch16'\n"
+        "assert model_kwargs('mae_vit_huge_patch14')['patch_size'] == 14\n"
+        "for ask in ('mae_vit_base_patch16', 'base', 'giant'):\n"
+        "    try:\n"
+        "        resolve_model(ask, 'mae')\n"
+        "    except FamilyNotLoadedError as e:\n"
+        "        assert isinstance(e, UnknownModelError) and isinstance(e, ValueError)\n"
+        "        print(e)\n"
+        "import pretrain.model\n"
+        "print(resolve_model('base', 'mae').name)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert lines == ["no mae models are registered: import pretrain.model first (it registers the mae_ builders)"] * 3 + [
+        "mae_vit_base_patch16"]
+    assert issubclass(FamilyNotLoadedError, UnknownModelError)

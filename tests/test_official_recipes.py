@@ -334,7 +334,7 @@ def test_cosine_schedule_equals_adjust_learning_rate(task, recipe):
 # --------------------------------------------------------------------------------------------------
 def _d2_names(model, args) -> dict[str, str]:
     """Our parameter name -> detectron2's (the converter's renaming, which real detectron2 loads: issue #24)."""
-    from maecore.convert.trained import detection_to_detectron2
+    from detection.export import export as detection_to_detectron2
 
     conv = detection_to_detectron2(dict(model.named_parameters()), args.args())
     return {n: conv.report.renamed.get(n, n) for n, _ in model.named_parameters()}
@@ -411,7 +411,7 @@ def test_detection_demo_schedule_is_whole_epochs_with_vitdet_fractions():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe,depth", [("base", 12), ("large", 24)])
 def test_upernet_groups_equal_mmseg_layer_decay_constructor(recipe, depth):
-    from maecore.convert.trained import segmentation_to_mmseg
+    from segmentation.export import export as segmentation_to_mmseg
     from segmentation.train import build_model, build_optimizer, parse_config
 
     args = parse_config(["--recipe", recipe, "--data_path", "x"])
@@ -469,7 +469,7 @@ def _train_lrs(out) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    from maecore.synthetic import make_world
+    from synthetic import make_world
 
     root = tmp_path_factory.mktemp("official")
     return make_world(root, size=64, n_train=8, n_val=2, seed=2, tasks=("coco", "ade"))

@@ -1,4 +1,4 @@
-"""``python -m maecore.convert CKPT --to onnx``: the classifier, one segmentation window and the detection backbone
+"""``python -m pipeline.convert CKPT --to onnx``: the classifier, one segmentation window and the detection backbone
 as ONNX graphs with a dynamic batch, run in onnxruntime against PyTorch (1e-4) on inputs of two batch sizes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import maecore.convert.__main__ as CLI
+import pipeline.convert as CLI
 from maecore.engine import dump_args
 
 pytest.importorskip("onnx", reason="onnx is not installed (pip install 'mae-toolkit[onnx]')")
@@ -91,15 +91,15 @@ def test_segmentation_window_onnx(tmp_path, capsys):
 
 
 def test_detection_backbone_onnx(tmp_path, capsys):
-    from detection.train import build_model, get_parser
+    from detection.train import build_model, parse_config
 
     torch.manual_seed(0)
-    args = get_parser().parse_args(["--model", "tiny", "--embed_dim", "64", "--depth", "2", "--num_heads", "2", "--patch_size",
-                                    "16", "--input_size", "64", "--pretrain_img_size", "64", "--window_size", "2",
-                                    "--global_blocks", "1", "--out_channels", "32", "--fc_dim", "64"])
-    args.num_classes = 3
-    model = perturbed(build_model(args, 3))
-    code, out, err = run([save(model, args, tmp_path / "d.pth"), "-o", tmp_path / "det.onnx", "--to", "onnx"], capsys)
+    cfg = parse_config(["--model", "tiny", "--embed_dim", "64", "--depth", "2", "--num_heads", "2", "--patch_size", "16",
+                        "--input_size", "64", "--pretrain_img_size", "64", "--window_size", "2", "--global_blocks", "1",
+                        "--out_channels", "32", "--fc_dim", "64"])
+    model = perturbed(build_model(cfg, 3))
+    code, out, err = run([save(model, cfg.saved_args({"num_classes": 3}), tmp_path / "d.pth"), "-o", tmp_path / "det.onnx", "--to",
+                          "onnx"], capsys)
     assert code == 0, err
     assert "p2..p6" in out
     check(tmp_path / "det.onnx", model.backbone, (3, 64, 64))

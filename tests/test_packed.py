@@ -1,4 +1,4 @@
-"""Packed datasets (maecore.packed): pack -> read round trip, skip-and-count of bad images at pack and read
+"""Packed datasets (maecore.data.packed): pack -> read round trip, skip-and-count of bad images at pack and read
 time, rank shards and exact resume on packed data, the same losses as the folder, one-line errors."""
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from maecore.data import ImageFiles, ResumableSampler, SeededDataset
+from maecore.data.images import ImageFiles
+from maecore.data.packed.index import INDEX_NAME
+from maecore.data.packed.reader import PackedImages, iter_tar_samples
+from maecore.data.packed.writer import pack
+from maecore.data.sampler import ResumableSampler, SeededDataset
 from maecore.engine import read_log
 from maecore.errors import UserError
-from maecore.packed import INDEX_NAME, PackedImages, iter_tar_samples, pack
 from pretrain.data import build_pretrain_dataset, fixed_images, pretrain_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +133,7 @@ def test_figures_read_packed_images(packed):
 
 # ---- bad images ----------------------------------------------------------------------------------------
 def test_corrupt_sources_skipped_and_counted_at_pack_time(tiny_world, tmp_path, capsys):
-    from maecore.packed import main
+    from maecore.data.packed.cli import main
 
     src = tmp_path / "src"
     shutil.copytree(tiny_world["imagenet"] / "train", src)
@@ -227,7 +230,7 @@ def _error(cli, argv, capsys) -> str:
 
 
 def test_pack_tool_errors(tiny_world, packed, tmp_path, capsys):
-    from maecore.packed import cli
+    from maecore.data.packed.cli import cli
 
     (tmp_path / "empty").mkdir()
     assert "no images found" in _error(cli, [tmp_path / "empty", tmp_path / "d1", "--workers", "0"], capsys)
@@ -286,9 +289,10 @@ def packed_roi(tiny_world, tmp_path_factory) -> Path:
 
 
 def test_roi_pack_round_trip(tiny_world, packed_roi, tmp_path, capsys):
-    from maecore.data import JPEG_RGB, load_rgb
-    from maecore.jpegroi import restart_table
-    from maecore.packed import main
+    from maecore.data.crop import JPEG_RGB
+    from maecore.data.images import load_rgb
+    from maecore.data.jpegroi import restart_table
+    from maecore.data.packed.cli import main
 
     for split, n in (("train", 56), ("val", 14)):
         folder = ImageFiles(tiny_world["imagenet"] / split)
@@ -323,7 +327,7 @@ def test_roi_pack_round_trip(tiny_world, packed_roi, tmp_path, capsys):
 
 
 def test_roi_pack_crops_are_the_whole_decodes_and_resume_exactly(packed_roi):
-    from maecore.data import FastRandomResizedCrop
+    from maecore.data.crop import FastRandomResizedCrop
 
     ds = SeededDataset(build_pretrain_dataset(packed_roi, 32))
     fast = ds.base.decoder
@@ -339,8 +343,8 @@ def test_roi_pack_crops_are_the_whole_decodes_and_resume_exactly(packed_roi):
 
 
 def test_roi_record_damaged_after_packing_is_skipped_and_counted(packed_roi, tmp_path, caplog):
-    from maecore.data import FastRandomResizedCrop
-    from maecore.jpegroi import HEAD
+    from maecore.data.crop import FastRandomResizedCrop
+    from maecore.data.jpegroi import HEAD
 
     copy = tmp_path / "copy"
     shutil.copytree(packed_roi / "train", copy)
@@ -399,7 +403,7 @@ def flip_still_decodable(ds: PackedImages, i: int) -> bytes:
     """Damage record ``i`` in place the way a bad sector or a bit rot would, and so that it still decodes: one
     byte of its entropy-coded data (past the header, neither 0xFF nor next to one, so no marker appears or
     goes) XOR 0x10.  Returns the damaged bytes."""
-    from maecore.data import load_rgb
+    from maecore.data.images import load_rgb
 
     rec = ds.samples[i][0]
     data = bytearray(record_bytes(ds, i))
@@ -414,8 +418,8 @@ def flip_still_decodable(ds: PackedImages, i: int) -> bytes:
 
 
 def test_a_damaged_record_that_still_decodes_is_skipped_and_counted(packed, tmp_path, caplog):
-    from maecore.data import load_rgb
-    from maecore.packed import ChecksumError
+    from maecore.data.images import load_rgb
+    from maecore.data.packed.index import ChecksumError
 
     copy = tmp_path / "copy"
     shutil.copytree(packed / "train", copy)
@@ -461,8 +465,8 @@ def test_a_pack_made_before_the_crc_column_reads_as_before(packed, tmp_path):
 
 
 def test_verify_a_clean_and_a_damaged_pack(packed, packed_roi, tmp_path, capsys):
-    from maecore.jpegroi import HEAD
-    from maecore.packed import cli, main
+    from maecore.data.jpegroi import HEAD
+    from maecore.data.packed.cli import cli, main
 
     for clean in (packed, packed_roi):
         assert main(["--verify", str(clean)]) == 0
@@ -481,7 +485,7 @@ def test_verify_a_clean_and_a_damaged_pack(packed, packed_roi, tmp_path, capsys)
     val = PackedImages(bad / "val")
     last = val.shard_paths[-1]
     last.write_bytes(last.read_bytes()[:-1024])  # the last tar's end-of-archive blocks cut: a size mismatch
-    p = subprocess.run([sys.executable, "-m", "maecore.packed", "--verify", str(bad)], cwd=ROOT, env=env(),
+    p = subprocess.run([sys.executable, "-m", "maecore.data.packed", "--verify", str(bad)], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith(f"error: {bad}: 3 problems in the packed dataset: ") and "CRC-32" in p.stderr, p.stderr
@@ -499,3 +503,22 @@ def test_verify_a_clean_and_a_damaged_pack(packed, packed_roi, tmp_path, capsys)
     assert "that every record decodes" in out and "all as indexed" in out and "no per-record checksums" in out
     assert "--verify DST" in _error(cli, ["--verify", old, tmp_path / "x"], capsys)
     assert "not a packed dataset" in _error(cli, ["--verify", tmp_path], capsys)
+
+
+def test_both_packing_commands_pack_and_verify(tmp_path):
+    """``python -m maecore.data.packed`` and its thin entry point ``tools/pack_dataset.py`` are one command: the same
+    help, and a folder packed through the script verifies through the module."""
+    helps = [subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+             for cmd in ([sys.executable, "-m", "maecore.data.packed", "--help"], [sys.executable, "tools/pack_dataset.py", "--help"])]
+    assert all(p.returncode == 0 and "--verify" in p.stdout and "--roi" in p.stdout for p in helps), [p.stderr for p in helps]
+    assert helps[0].stdout == helps[1].stdout
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40 + i, 30), (60 * i, 90, 120)).save(src / f"{i}.jpg")
+    p = subprocess.run([sys.executable, "tools/pack_dataset.py", str(src), str(tmp_path / "dst"), "--workers", "0"], cwd=ROOT,
+                       env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "3 images (no classes)" in p.stdout, p.stderr
+    p = subprocess.run([sys.executable, "-m", "maecore.data.packed", "--verify", str(tmp_path / "dst")], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "3 records in 1 shard" in p.stdout and "all as indexed" in p.stdout, p.stderr

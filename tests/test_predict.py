@@ -144,7 +144,7 @@ def test_classification_scores_match_the_evaluated_model(cls_ckpt, world, tmp_pa
     """predict's top-1 is the argmax of the model ``--eval`` builds, on the eval transform."""
     from classification.data import eval_transform
     from classification.predict import load_classifier
-    from maecore.data import load_rgb
+    from maecore.data.images import load_rgb
 
     model, args, names = load_classifier(str(cls_ckpt))
     files = sorted((world["imagenet"] / "val").rglob("*.JPEG"))[:3] or sorted((world["imagenet"] / "val").rglob("*.*"))[:3]
@@ -219,7 +219,7 @@ def test_segmentation_label_maps_at_input_size(seg_ckpt, world, inputs, tmp_path
     from segmentation.predict import load_segmentor
 
     model, args = load_segmentor(str(seg_ckpt))
-    from maecore.data import load_rgb
+    from maecore.data.images import load_rgb
 
     ref = predict(model, load_rgb(inputs / "sub" / "tall.jpg"), 7, (32, 32))
     assert np.array_equal(np.asarray(Image.open(labels["tall"])), ref.numpy().astype(np.uint8))

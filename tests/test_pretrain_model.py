@@ -10,7 +10,7 @@ import torch
 
 from maecore.convert import infer_arch, load_weights
 from maecore.errors import UserError
-from maecore.vit import get_2d_sincos_pos_embed
+from maecore.models.pos_embed import get_2d_sincos_pos_embed
 from pretrain.model import (
     MaskedAutoencoderViT,
     block_noise,

@@ -109,7 +109,7 @@ DDP_WORKER = r"""
 import json, sys, torch
 import torch.distributed as dist
 from maecore import distributed as du
-from maecore.data import ResumableSampler
+from maecore.data.sampler import ResumableSampler
 from pretrain.train import build_trainer, parse_config
 args = parse_config(sys.argv[1:])
 device = du.init_distributed("cpu")

@@ -284,7 +284,7 @@ def test_reconstruction_figure_draws_the_readable_images_and_skips_when_none(tin
 
 
 def test_sixteen_bit_and_other_modes_are_scaled_not_saturated(tmp_path):
-    from maecore.data import ImageFiles, load_rgb
+    from maecore.data.images import ImageFiles, load_rgb
 
     ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")  # a 16-bit greyscale PNG (Pillow: I;16)
@@ -302,7 +302,7 @@ def test_sixteen_bit_and_other_modes_are_scaled_not_saturated(tmp_path):
     Image.fromarray((ramp / 65535).astype(np.float32)).save(tmp_path / "unit.tif")
     assert abs(np.asarray(load_rgb(tmp_path / "unit.tif"))[..., 0].astype(int) - want).max() <= 1
     Image.fromarray((ramp / 65535 * 100).astype(np.float32)).save(tmp_path / "big.tif")
-    from maecore.data import UnusableImage
+    from maecore.data.images import UnusableImage
 
     with pytest.raises(UnusableImage, match=r"32-bit float image with values 0\.\.100 .*no known scale"):
         load_rgb(tmp_path / "big.tif")
@@ -474,7 +474,7 @@ def test_exit_never_waits_on_a_worker(tmp_path):
     script.write_text(
         "import torch\n"
         "from torch.utils.data import DataLoader\n"
-        "from maecore.data import ignore_stop_signals\n"
+        "from maecore.data.workers import ignore_stop_signals\n"
         "loader = DataLoader(list(range(64)), batch_size=4, num_workers=1, persistent_workers=True,\n"
         "                    worker_init_fn=ignore_stop_signals)\n"
         "it = iter(loader)\n"

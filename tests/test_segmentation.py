@@ -12,9 +12,8 @@ import torch
 from PIL import Image
 
 from maecore.convert import load_backbone
+from maecore.models.layers import relative_position_index
 from maecore.optim import param_groups
-from maecore.synthetic import make_world
-from maecore.vit import relative_position_index
 from pretrain.model import MaskedAutoencoderViT
 from segmentation.data import ADE20K, IGNORE_INDEX, TrainTransform, encode_label, random_crop
 from segmentation.evaluate import (
@@ -26,6 +25,7 @@ from segmentation.evaluate import (
 )
 from segmentation.model import build_backbone, build_segmentor, default_out_indices
 from segmentation.train import cli, main
+from synthetic import make_world
 
 TINY = dict(embed_dim=64, depth=4, num_heads=2)
 

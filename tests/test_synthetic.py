@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes world (maecore.synthetic + tools/make_synthetic.py)."""
+"""Tests for the synthetic shapes world (the synthetic package + tools/make_synthetic.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytest.importorskip("pycocotools")
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from maecore.synthetic import (
+from synthetic import (
     ADE_DIRNAME,
     NUM_CLASSES,
     SHAPES,
@@ -210,7 +210,8 @@ def test_cli_bad_args(tmp_path: Path, args: list[str]) -> None:
 def test_plain_style_one_flat_object_per_imagenet_image(tmp_path) -> None:
     """--style plain: one object per ImageNet image, a flat fill (few colours inside its mask), class = shape;
     the default (cluttered) files are unchanged by the option's existence (same seed -> same bytes)."""
-    from maecore.synthetic import STYLES, main
+    from synthetic import STYLES
+    from synthetic.__main__ import main
 
     assert STYLES == ("cluttered", "plain")
     rng = np.random.default_rng(3)
@@ -228,7 +229,7 @@ def test_plain_style_one_flat_object_per_imagenet_image(tmp_path) -> None:
 def test_plain_scenes_hold_one_to_three_readable_objects(tmp_path) -> None:
     """--style plain for COCO / ADE: 1-3 flat-coloured objects, none a 1-3-patch distractor (every visible
     instance keeps >= 2 % of the frame unless occluded), and the two layouts still show the same scenes."""
-    from maecore.synthetic import make_world
+    from synthetic import make_world
 
     w = make_world(tmp_path / "w", size=64, n_train=24, n_val=2, seed=0, tasks=("coco", "ade"), style="plain")
     coco = COCO(str(w["coco"] / "annotations" / "instances_train2017.json"))
@@ -239,3 +240,14 @@ def test_plain_scenes_hold_one_to_three_readable_objects(tmp_path) -> None:
     cluttered = make_world(tmp_path / "c", size=64, n_train=24, n_val=2, seed=0, tasks=("coco",))
     small = COCO(str(cluttered["coco"] / "annotations" / "instances_train2017.json"))
     assert min(a["area"] for a in small.loadAnns(small.getAnnIds())) < 0.04 * 64 * 64  # the default keeps distractors
+
+
+def test_the_package_stands_apart_from_the_toolkit() -> None:
+    """The world generator is a fixture, not core: it (its command line included) loads no part of the project
+    but maecore's command-line helpers, so the core and the tasks can change without it."""
+    code = ("import sys, synthetic, synthetic.__main__; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'maecore', 'pretrain', 'classification', 'detection', 'segmentation', 'pipeline'})))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr
+    assert set(p.stdout.split()) <= {"maecore", "maecore.cli", "maecore.errors"}, p.stdout

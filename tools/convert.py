@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Convert MAE / ViT weights between formats: ``python tools/convert.py SRC -o DST --to …`` is
-``python -m maecore.convert SRC -o DST --to …`` (see maecore/convert/__main__.py for the options)."""
+``python -m pipeline.convert SRC -o DST --to …`` (see pipeline/convert.py for the options)."""
 
-from maecore.convert.__main__ import build_parser, cli, main
+from pipeline.convert import build_parser, cli, main
 
 __all__ = ["build_parser", "cli", "main"]
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Pack an image folder into WebDataset-style tar shards with a random-access index: ``python
-tools/pack_dataset.py SRC DST …`` is ``python -m maecore.packed SRC DST …`` (options and format: maecore/packed.py).
+tools/pack_dataset.py SRC DST …`` is ``python -m maecore.data.packed SRC DST …`` (options and format: maecore/data/packed/).
 
 Example: python tools/pack_dataset.py /data/imagenet /data/imagenet-packed --short_side 448
 """
 
-from maecore.packed import build_parser, cli, main
+from maecore.data.packed.cli import build_parser, cli, main
 
 __all__ = ["build_parser", "cli", "main"]
 

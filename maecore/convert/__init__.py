@@ -1,4 +1,4 @@
-"""Carry pretrained weights into any encoder built from :class:`maecore.vit.VisionTransformer`, and
+"""Carry pretrained weights into any encoder built from :class:`maecore.models.vit.VisionTransformer`, and
 between the formats other frameworks load.
 
 ``load_backbone(model, src)`` is what every task calls: it reads an MAE checkpoint (ours, an official
@@ -18,9 +18,12 @@ Everything goes through one *canonical* naming, the official MAE / timm one (``c
 * :mod:`.pipeline` maps a canonical source into a target format (:func:`convert`) and writes it
   (:func:`write_converted`), asking the format's record wherever formats differ;
 * :mod:`.load` loads weights into a model (:func:`load_weights`, :func:`load_backbone`);
-* :mod:`.trained` tells a trained task checkpoint's task and converts the whole trained model (classifier ->
-  timm, UperNet -> mmseg, ViTDet Mask R-CNN -> detectron2), :mod:`.onnx_export` writes ``--to onnx`` graphs;
-* ``python -m maecore.convert SRC -o DST --to …`` is the command line (also ``tools/convert.py``).
+* :mod:`.trained` tells a trained task checkpoint's task and routes it, and writes and reads back the whole
+  trained model that its task's ``export`` module lays out (``classification/export.py`` -> timm,
+  ``segmentation/export.py`` -> mmseg, ``detection/export.py`` -> detectron2); :mod:`.onnx_export` writes the
+  ``--to onnx`` graph of the network a task's ``predict.onnx_module`` hands it;
+* ``python -m pipeline.convert SRC -o DST --to …`` is the command line (also ``tools/convert.py``): it lives in
+  ``pipeline/``, the one package that imports every task, because this package imports none.
 """
 
 from __future__ import annotations

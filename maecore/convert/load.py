@@ -1,4 +1,4 @@
-"""Loading weights into a model built from :class:`maecore.vit.VisionTransformer` — the one loader
+"""Loading weights into a model built from :class:`maecore.models.vit.VisionTransformer` — the one loader
 behind every task's ``--finetune`` (:func:`load_backbone`), an MAE rebuilt from a checkpoint
 (pretraining, ``pretrain.visualize``) and classification's ``--eval --resume``.
 
@@ -28,7 +28,8 @@ from maecore.convert.io import load_source
 from maecore.convert.keys import is_decoder_key, is_neutral, key_kind, neutral_why, why_dropped
 from maecore.convert.report import ConversionReport
 from maecore.errors import UserError
-from maecore.vit import VisionTransformer, resample_pos_embed
+from maecore.models import VisionTransformer
+from maecore.models.pos_embed import resample_pos_embed
 
 Mode = Literal["backbone", "mae", "exact"]
 

@@ -3,8 +3,8 @@
 An ONNX graph is the whole network, not a renaming of its weights, so it is built by the task package that
 owns the network: each task's ``predict`` module exposes ``onnx_module(path, checkpoint)`` -> :class:`OnnxModule`
 (the trained network in eval mode, an example input, the names of inputs and outputs, what it covers).  The
-converter imports that module by name, lazily and only for ``--to onnx`` (the one place ``maecore`` reaches a
-task package).
+command line (``pipeline/convert.py``, whose table names each task's ``predict`` module) asks it for that; this
+module knows no task package.
 
 What each graph covers:
 
@@ -15,7 +15,7 @@ What each graph covers:
 * detection: the backbone, normalised padded images (B, 3, S, S) -> the pyramid p2..p6 (torchvision's RPN and
   RoI heads, with their NMS and mask pasting, stay in PyTorch).
 
-Attention is exported through its explicit softmax path (:func:`maecore.vit.set_fused_attention`; the same
+Attention is exported through its explicit softmax path (:func:`maecore.models.layers.set_fused_attention`; the same
 numbers up to rounding): the exporter has no fused kernel to map SDPA to, and its decomposition of SDPA with a
 relative-position bias fails.  After writing, the graph runs in onnxruntime on a batch of another size than
 the example's and its outputs must match PyTorch's within ``tol`` (1e-4), or nothing is left behind.
@@ -70,7 +70,7 @@ def export_onnx(spec: OnnxModule, dst: str | os.PathLike, force: bool = False, t
     require_onnx()
     import onnxruntime as ort
 
-    from maecore.vit import set_fused_attention
+    from maecore.models.layers import set_fused_attention
 
     dst = Path(dst)
     if dst.is_dir():

@@ -16,7 +16,7 @@ from maecore.convert.io import Source, save_safetensors
 from maecore.convert.keys import DROP_REASONS, Arch, check_shapes, hw, infer_arch, is_neutral, key_kind, neutral_why
 from maecore.convert.report import ConversionReport
 from maecore.errors import UserError
-from maecore.vit import resample_pos_embed
+from maecore.models.pos_embed import resample_pos_embed
 
 
 @dataclass

@@ -15,7 +15,7 @@ from maecore import distributed as du
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """What ``--fsdp`` shards one unit at a time: every transformer block (the encoder's and the MAE decoder's);
     the rest (embeddings, norms, heads) goes with the root."""
-    from maecore.vit import Block
+    from maecore.models.layers import Block
 
     return [m for m in model.modules() if isinstance(m, Block)]
 

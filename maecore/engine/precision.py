@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from maecore.errors import UserError
-from maecore.vit import set_fused_attention
+from maecore.models.layers import set_fused_attention
 
 
 def cpu_has_native_bf16() -> bool:

@@ -23,7 +23,8 @@ from maecore.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from maecore.data import ResumableSampler, SeededDataset, ignore_stop_signals, shutdown_workers, worker_error_line
+from maecore.data.sampler import ResumableSampler, SeededDataset
+from maecore.data.workers import ignore_stop_signals, shutdown_workers, worker_error_line
 from maecore.engine.config import SCHEDULE_KEYS, EngineConfig
 from maecore.engine.fsdp import full_model_state, full_optimizer_state, load_sharded, shard_model
 from maecore.engine.guard import FiniteGuard
@@ -61,7 +62,7 @@ class Trainer:
     ``schedule(t)`` gives the lr at fractional epoch ``t``, or at optimizer step ``t`` (0-based) when it has a true
     ``per_step`` attribute (``maecore.optim.WarmupStep`` / ``WarmupPoly``).
     ``schedule_keys``: those a resume keeps unless ``--resume_override`` names them.
-    ``device_batch(batch) -> batch`` runs on every batch once it is on the device (``maecore.data.UInt8Normalize``:
+    ``device_batch(batch) -> batch`` runs on every batch once it is on the device (``maecore.data.pixels.UInt8Normalize``:
     uint8 images from the fast decoders normalised there); without it batches go to ``step_fn`` as loaded.
     Constructing a trainer writes nothing; :meth:`fit` claims the output folder first.
     """
@@ -87,7 +88,7 @@ class Trainer:
         hooks: Iterable[HookBase] = (),
     ) -> None:
         self.cfg = cfg
-        self.device_batch = device_batch  # finishes a batch on the device (e.g. uint8 -> normalised: maecore.data)
+        self.device_batch = device_batch  # finishes a batch on the device (e.g. uint8 -> normalised: maecore.data.pixels)
         self.device = device
         self.model = model.to(device)
         self.optimizer = optimizer

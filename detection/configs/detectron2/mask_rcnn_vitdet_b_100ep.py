@@ -31,7 +31,7 @@ def last_level_max_pool(in_feature: str = "p5") -> LastLevelMaxPool:
     """detectron2's top block (p6 = max-pool of the last level) with that level as an argument.
 
     ``LastLevelMaxPool`` takes none and always reads ``p5``, the last level for patch 16 only: patch 8 gives
-    p1-p4.  ``python -m maecore.convert CKPT --to detectron2`` records ``model.backbone.top_block.in_feature``
+    p1-p4.  ``python -m pipeline.convert CKPT --to detectron2`` records ``model.backbone.top_block.in_feature``
     (and the RPN's and RoI heads' levels) for such a checkpoint."""
     block = LastLevelMaxPool()
     block.in_feature = in_feature

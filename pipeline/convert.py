@@ -1,12 +1,14 @@
 """Convert MAE / ViT weights between our checkpoints, the official MAE releases, timm, HF ViTMAE,
 detectron2 ViTDet, mmsegmentation, mmdetection and our task backbones.
 
-Example: python -m maecore.convert mae_pretrain_vit_base.pth -o vitdet_b_init.pth --to detectron2
+Example: python -m pipeline.convert mae_pretrain_vit_base.pth -o vitdet_b_init.pth --to detectron2
 (``python tools/convert.py`` is the same command).
 
-A trained task checkpoint of this toolkit converts whole (:mod:`maecore.convert.trained`): a classifier
-``--to timm`` (with its head; a folder name writes timm's local model folder), a segmentor ``--to mmseg``
-(backbone, neck and heads), a detector ``--to detectron2`` (trunk, pyramid, RPN, box and mask heads).
+A trained task checkpoint of this toolkit converts whole, by its task's ``export`` module (:data:`TASKS`): a
+classifier ``--to timm`` (with its head; a folder name writes timm's local model folder), a segmentor ``--to
+mmseg`` (backbone, neck and heads), a detector ``--to detectron2`` (trunk, pyramid, RPN, box and mask heads);
+``--to onnx`` asks the task's ``predict`` module for its network.  The converter library itself
+(:mod:`maecore.convert`) knows no task package: this command, in the one package that imports every task, joins them.
 
 The source format is detected from the file (``--from`` overrides).  A table of what happened to every
 key is printed: converted, renamed, dropped (and why), new in the target (and how it starts),
@@ -19,16 +21,40 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple
 
+import classification.export
+import classification.predict
+import detection.export
+import detection.predict
+import segmentation.export
+import segmentation.predict
 from maecore.cli import OneLineParser, run_cli, size_type
 from maecore.convert import formats
 from maecore.convert.io import load_source, read_checkpoint
 from maecore.convert.keys import infer_arch
+from maecore.convert.onnx_export import export_onnx, require_onnx
 from maecore.convert.pipeline import convert, write_converted
-from maecore.convert.trained import convert_trained, describe_task, task_of, trained_route, write_trained
+from maecore.convert.trained import describe_task, task_of, trained_parts, trained_route
 from maecore.errors import UserError
 
 parse_size = size_type(1)
+
+
+class Task(NamedTuple):
+    """What the converter asks of a task package: its whole-model export (``export``, ``write``) and the network
+    ``--to onnx`` writes (``predict.onnx_module``)."""
+
+    export: ModuleType
+    predict: ModuleType
+
+
+TASKS: dict[str, Task] = {
+    "classification": Task(classification.export, classification.predict),
+    "detection": Task(detection.export, detection.predict),
+    "segmentation": Task(segmentation.export, segmentation.predict),
+}
 
 
 def _positive(text: str) -> int:
@@ -94,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export_trained(args: argparse.Namespace, loaded: object, task: str, t0: float) -> int:
-    """A trained task checkpoint of ours, converted whole (:mod:`maecore.convert.trained`)."""
+    """A trained task checkpoint of ours, converted whole by its task's ``export`` module."""
     given = [f for f, v in (("--img-size", args.img_size), ("--patch-size", args.patch_size), ("--pool", args.pool)) if v]
     if given:
         raise UserError(f"{', '.join(given)}: not for a trained {task} model, which converts as it was trained")
-    conv = convert_trained(loaded, task)
-    written = write_trained(conv, args.output, force=args.force)
+    export = TASKS[task].export
+    conv = export.export(*trained_parts(loaded))
+    written = export.write(conv, args.output, force=args.force)
     a = conv.arch
     print(f"source: {args.src}  ({describe_task(task)} of this toolkit; ViT {a.embed_dim}d x{a.depth}, {a.num_heads} heads, "
           f"patch {a.patch_size}, grid {a.grid[0]}x{a.grid[1]})")
@@ -111,11 +138,6 @@ def _export_trained(args: argparse.Namespace, loaded: object, task: str, t0: flo
 
 def _export_onnx(args: argparse.Namespace, t0: float) -> int:
     """``--to onnx``: the task package that owns the network builds it (see :mod:`maecore.convert.onnx_export`)."""
-    import importlib
-
-    from maecore.convert.onnx_export import export_onnx, require_onnx
-    from maecore.convert.trained import TASKS
-
     given = [f for f, v in (("--img-size", args.img_size), ("--patch-size", args.patch_size), ("--pool", args.pool)) if v]
     if given:
         raise UserError(f"{', '.join(given)}: not for --to onnx, which exports the network as it was trained")
@@ -125,7 +147,7 @@ def _export_onnx(args: argparse.Namespace, t0: float) -> int:
     if task not in TASKS:
         raise UserError(f"{args.src} is {describe_task(task)}: --to onnx takes a trained classification, detection or "
                         "segmentation checkpoint of this toolkit")
-    spec = importlib.import_module(f"{task}.predict").onnx_module(args.src, loaded)
+    spec = TASKS[task].predict.onnx_module(args.src, loaded)
     checked = export_onnx(spec, args.output, force=args.force)
     diffs = ", ".join(f"{k} {v:.2g}" for k, v in checked["max_abs_diff"].items())
     print(f"source: {args.src}  ({describe_task(task)} of this toolkit)")

@@ -10,7 +10,7 @@ whole image's decode has there, bit for bit (tests/test_jpegroi.py), as long as 
 the chroma upsampling of a subsampled image (libjpeg's "fancy" upsampling reads one chroma sample beyond
 each output pixel's own): :func:`roi_bounds` adds it.
 
-:func:`restart_table` finds the segments once (at pack time: :mod:`maecore.packed` stores the table beside
+:func:`restart_table` finds the segments once (at pack time: :mod:`maecore.data.packed` stores the table beside
 the shards); :func:`roi_jpeg` builds the box's JPEG from the original bytes and that table without scanning
 the data, in a handful of numpy operations.
 """

@@ -1,4 +1,4 @@
-"""``python -m maecore.packed --verify DST``: check a whole packed dataset offline (:mod:`maecore.packed`).
+"""``python -m maecore.data.packed --verify DST``: check a whole packed dataset offline (:mod:`maecore.data.packed`).
 
 Per packed folder (``DST``, or its ``train/`` and ``val/``): the index; every shard present, of its recorded size,
 a readable tar whose members lie where the index says (image member at the recorded offset and size, the label
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from maecore import jpegroi
-from maecore.data import UNREADABLE, check_dir, load_rgb
+from maecore.data import jpegroi
+from maecore.data.images import UNREADABLE, check_dir, load_rgb
+from maecore.data.packed.index import CRC_COLUMN, INDEX_NAME, SPLITS, read_index, split_dir
 from maecore.errors import UserError
-from maecore.packed import CRC_COLUMN, INDEX_NAME, SPLITS, read_index, split_dir
 
 MAX_LISTED = 50  # problems printed one a line; the rest counted
 

@@ -1,0 +1,3 @@
+from maecore.data.packed.cli import cli
+
+cli()
