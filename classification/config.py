@@ -19,7 +19,9 @@ saved args (an official release, a converted file) needs ``--model`` etc.; it wr
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from classification.recipes import PROTOCOL_DEFAULTS, RECIPES
 from maecore.cli import (
@@ -32,6 +34,7 @@ from maecore.cli import (
     positive_float,
     positive_int,
     ratio,
+    with_checkpoint_flags,
 )
 from maecore.config import RunConfig
 from maecore.data.decode import DECODE_HELP, DECODES, decode_unavailable
@@ -223,3 +226,11 @@ def check_config(cfg: ClassificationConfig) -> str | None:
         if k > depth or (k != int(k) and k != 0.5):
             return f"--tune_blocks must be 0.5 or an integer in [0, {depth}] (the model's blocks), got {k:g}"
     return None
+
+
+def checkpoint_config(cfg: ClassificationConfig, saved: Mapping[str, Any] | None, source: str,
+                      log: Callable[[str], object] | None = print) -> ClassificationConfig:
+    """``cfg`` with the model flags (:data:`MODEL_KEYS`) saved in a checkpoint's args ``saved``, except those written
+    on the command line: the config that builds the trained network (``--eval --resume``, ``predict``), checked by
+    :func:`check_config` afterwards (:func:`maecore.cli.with_checkpoint_flags`)."""
+    return with_checkpoint_flags(get_parser(), cfg, saved, MODEL_KEYS, source, log)

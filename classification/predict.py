@@ -17,17 +17,16 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from classification.config import MODEL_KEYS, ClassificationConfig, check_config, get_parser, parse_config
+from classification.config import ClassificationConfig, check_config, checkpoint_config, parse_config
 from classification.data import eval_transform
 from classification.train import build_model, trained_view
 from maecore.checkpoint import checkpoint_args, unwrap_state_dict
-from maecore.cli import OneLineParser, flags_from_checkpoint, positive_int, run_cli, upgrade_saved_args
+from maecore.cli import OneLineParser, positive_int, run_cli
 from maecore.convert import load_weights
 from maecore.convert.onnx_export import OnnxModule
 from maecore.engine import autocast
@@ -57,8 +56,7 @@ def load_classifier(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.M
     (``args.classes``; numbers for outputs beyond them)."""
     ckpt = ckpt if ckpt is not None else load_task_checkpoint(path, "classification")
     cfg = parse_config(["--data_path", "-"])  # parser defaults; the checkpoint's model flags replace them (as --eval)
-    cfg = replace(cfg, **flags_from_checkpoint(get_parser(), upgrade_saved_args(checkpoint_args(ckpt)), MODEL_KEYS, (),
-                                               source=str(path)))
+    cfg = checkpoint_config(cfg, checkpoint_args(ckpt), str(path))
     if msg := check_config(cfg):
         raise UserError(f"{path}: {msg}")
     state = unwrap_state_dict(ckpt)

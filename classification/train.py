@@ -27,6 +27,7 @@ from classification.config import (
     ClassificationConfig,
     ClassifierData,
     check_config,
+    checkpoint_config,
     get_parser,
     parse_config,
 )
@@ -48,7 +49,7 @@ from classification.model import (
     setup_partial_finetune,
 )
 from maecore import distributed as du
-from maecore.checkpoint import checkpoint_args, checkpoint_step, load_for_eval, unwrap_state_dict, write_eval
+from maecore.checkpoint import checkpoint_args, checkpoint_step, load_file, unwrap_state_dict, write_eval
 from maecore.cli import run_cli
 from maecore.convert import load_weights
 from maecore.data.decode import decode_collate, decode_device_batch
@@ -57,8 +58,8 @@ from maecore.engine import Trainer, resolve_amp, use_attention
 from maecore.errors import UserError
 from maecore.optim import WarmupCosine, adamw, param_groups
 
-__all__ = ["MODEL_KEYS", "PROTOCOLS", "build_criterion", "build_data", "build_model", "build_optimizer", "cli", "evaluate",
-           "get_parser", "main", "parse_config", "train", "trained_view", "tuned_params"]
+__all__ = ["MODEL_KEYS", "PROTOCOLS", "build_criterion", "build_data", "build_model", "build_optimizer", "cli", "eval_data",
+           "evaluate", "get_parser", "main", "parse_config", "train", "trained_view", "tuned_params"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,16 +112,13 @@ def build_optimizer(cfg: ClassificationConfig, model: nn.Module, device: torch.d
     return adamw(groups, cfg.lr, (0.9, 0.999), device)
 
 
-def build_data(cfg: ClassificationConfig, classes: Sequence[str] | None = None) -> tuple[ImageFiles | None, ImageFiles]:
-    """(train, val) image folders in one class index space (``val.classes``): ``classes`` when given (a checkpoint's),
-    else train/'s folders.  Training: train/ seen through the protocol's augmentation (the probe's ``--decode``, the
-    centre crop for ``--cache_features``, else timm's RandAugment pipeline).  ``--eval``: no train set (train/'s
-    folders only name the classes when ``classes`` is not given)."""
-    val_tf = eval_transform(cfg.input_size, cfg.crop_pct)
+def build_data(cfg: ClassificationConfig) -> tuple[ImageFiles | None, ImageFiles]:
+    """(train, val) image folders in one class index space (``val.classes``: train/'s folders).  Training: train/ seen
+    through the protocol's augmentation (the probe's ``--decode``, the centre crop for ``--cache_features``, else
+    timm's RandAugment pipeline).  ``--eval``: no train set (:func:`eval_data`)."""
     if cfg.eval:
-        has_train = (Path(cfg.data_path) / "train").is_dir()
-        _, val_ds, _ = build_datasets(cfg.data_path, None, val_tf, need_train=has_train and not classes, classes=classes)
-        return None, val_ds
+        return None, eval_data(cfg)
+    val_tf = eval_transform(cfg.input_size, cfg.crop_pct)
     train_decoder = None
     if cfg.decode is not None:  # the probe's augmented training images (config.resolve_decode)
         train_tf, train_decoder = linprobe_train(cfg.input_size, cfg.decode)
@@ -128,8 +126,17 @@ def build_data(cfg: ClassificationConfig, classes: Sequence[str] | None = None) 
         train_tf = val_tf
     else:
         train_tf = finetune_transform(cfg.input_size, cfg.aa, cfg.reprob, cfg.remode, cfg.recount, cfg.color_jitter)
-    train_ds, val_ds, _ = build_datasets(cfg.data_path, train_tf, val_tf, classes=classes, train_decoder=train_decoder)
+    train_ds, val_ds, _ = build_datasets(cfg.data_path, train_tf, val_tf, train_decoder=train_decoder)
     return train_ds, val_ds
+
+
+def eval_data(cfg: ClassificationConfig, classes: Sequence[str] | None = None) -> ImageFiles:
+    """val/ seen through the evaluation transform, in the class index space ``classes`` (a checkpoint's), else
+    train/'s class folders (val/'s own when there is no train/)."""
+    has_train = (Path(cfg.data_path) / "train").is_dir()
+    _, val_ds, _ = build_datasets(cfg.data_path, None, eval_transform(cfg.input_size, cfg.crop_pct),
+                                  need_train=has_train and not classes, classes=classes)
+    return val_ds
 
 
 def build_criterion(cfg: ClassificationConfig, num_classes: int) -> tuple[nn.Module, Mixup | None]:
@@ -264,14 +271,15 @@ def evaluate(cfg: ClassificationConfig, device: torch.device) -> dict:
     amp = resolve_amp(cfg.amp, device)
     if not cfg.resume or cfg.resume == "auto":
         raise UserError("--eval needs --resume PATH (the checkpoint to evaluate)")
-    ckpt, cfg = load_for_eval(cfg.resume, cfg, get_parser(), MODEL_KEYS)
+    ckpt = load_file(cfg.resume)
+    cfg = checkpoint_config(cfg, checkpoint_args(ckpt), str(cfg.resume), log=print if du.is_main() else None)
     if msg := check_config(cfg):
         raise UserError(msg)
     state = unwrap_state_dict(ckpt)
     saved_classes = (checkpoint_args(ckpt) or {}).get("classes")
     step = checkpoint_step(ckpt)
     del ckpt
-    _, val_ds = build_data(cfg, classes=saved_classes)
+    val_ds = eval_data(cfg, saved_classes)
     classes = list(val_ds.classes)
     head_w = state.get("head.weight", state.get("head.1.weight"))
     if head_w is None:

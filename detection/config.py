@@ -13,7 +13,9 @@ Run under ``torchrun`` for DDP (evaluation is sharded and gathered once per imag
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from maecore.cli import (
     OneLineParser,
@@ -26,6 +28,7 @@ from maecore.cli import (
     positive_float,
     positive_int,
     ratio,
+    with_checkpoint_flags,
 )
 from maecore.config import RunConfig
 from maecore.models import model_kwargs
@@ -196,3 +199,11 @@ def check_config(cfg: DetectionConfig) -> str | None:
     if cfg.global_blocks and max(cfg.global_blocks) >= depth:
         return f"--global_blocks {' '.join(map(str, cfg.global_blocks))}: the model has blocks 0..{depth - 1}"
     return None
+
+
+def checkpoint_config(cfg: DetectionConfig, saved: Mapping[str, Any] | None, source: str,
+                      log: Callable[[str], object] | None = print) -> DetectionConfig:
+    """``cfg`` with the model flags (:data:`MODEL_KEYS`) saved in a checkpoint's args ``saved``, except those written
+    on the command line: the config that builds the trained network (``--eval --resume``, ``predict``), checked by
+    :func:`check_config` afterwards (:func:`maecore.cli.with_checkpoint_flags`)."""
+    return with_checkpoint_flags(get_parser(), cfg, saved, MODEL_KEYS, source, log)

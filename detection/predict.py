@@ -27,13 +27,13 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-from detection.config import MODEL_KEYS, DetectionConfig, check_config, get_parser, parse_config
+from detection.config import DetectionConfig, check_config, checkpoint_config, parse_config
 from detection.data import LSJ
 from detection.evaluate import predict as predict_batch
 from detection.evaluate import to_coco_results
 from detection.train import build_model
 from maecore.checkpoint import checkpoint_args, unwrap_state_dict
-from maecore.cli import OneLineParser, flags_from_checkpoint, ratio, run_cli, upgrade_saved_args
+from maecore.cli import OneLineParser, ratio, run_cli, upgrade_saved_args
 from maecore.convert.onnx_export import OnnxModule
 from maecore.errors import UserError
 from maecore.predict import (
@@ -67,7 +67,7 @@ def load_detector(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.Mod
     ckpt = ckpt if ckpt is not None else load_task_checkpoint(path, "detection")
     cfg = parse_config([])  # parser defaults; the checkpoint's model flags replace them (as --eval)
     saved = upgrade_saved_args(checkpoint_args(ckpt)) or {}
-    cfg = replace(cfg, **flags_from_checkpoint(get_parser(), saved, MODEL_KEYS, (), source=str(path)))
+    cfg = checkpoint_config(cfg, saved, str(path))
     if msg := check_config(cfg):
         raise UserError(f"{path}: {msg}")
     state = unwrap_state_dict(ckpt)

@@ -15,14 +15,14 @@ import torch
 import torch.nn as nn
 
 from maecore import distributed as du
-from maecore.checkpoint import checkpoint_step, load_for_eval, unwrap_state_dict, write_eval
+from maecore.checkpoint import checkpoint_args, checkpoint_step, load_file, unwrap_state_dict, write_eval
 from maecore.cli import run_cli
 from maecore.convert import load_backbone
 from maecore.engine import Trainer, resolve_amp, use_attention
 from maecore.errors import UserError
 from maecore.optim import WarmupStep, adamw, param_groups
 
-from .config import MODEL_KEYS, DetectionConfig, DetectorData, check_config, get_parser, parse_config
+from .config import MODEL_KEYS, DetectionConfig, DetectorData, check_config, checkpoint_config, get_parser, parse_config
 from .data import CocoInstances, build_datasets, collate
 from .evaluate import evaluate_coco
 from .model import build_detector, layer_id_fn
@@ -147,7 +147,8 @@ def evaluate(cfg: DetectionConfig, device: torch.device) -> dict:
     du.seed_everything(cfg.seed + du.rank())
     ckpt = None
     if cfg.resume:
-        ckpt, cfg = load_for_eval(cfg.resume, cfg, get_parser(), MODEL_KEYS)
+        ckpt = load_file(cfg.resume)
+        cfg = checkpoint_config(cfg, checkpoint_args(ckpt), str(cfg.resume), log=print if du.is_main() else None)
         if msg := check_config(cfg):
             raise UserError(msg)
     _, val_set, data = prepare(cfg)

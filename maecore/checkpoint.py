@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import pickle
@@ -17,19 +15,12 @@ import time
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from maecore import distributed as du
-from maecore.cli import flags_from_checkpoint, upgrade_saved_args
 from maecore.errors import UserError
-
-if TYPE_CHECKING:
-    from maecore.config import RunConfig
-
-C = TypeVar("C", bound="RunConfig")
 
 
 class CheckpointWriteError(UserError):
@@ -156,17 +147,6 @@ def checkpoint_args(obj: Any) -> dict[str, Any] | None:
     ``None`` for a file without them (a converted or officially released checkpoint, a bare state dict)."""
     args = obj.get("args") if isinstance(obj, dict) else None
     return args if isinstance(args, dict) else None
-
-
-def load_for_eval(path: str | os.PathLike, cfg: C, parser: argparse.ArgumentParser, keys: Sequence[str]) -> tuple[Any, C]:
-    """``--eval --resume PATH``: the checkpoint, and the config of its evaluation: ``cfg`` with the model flags
-    ``keys`` saved in the checkpoint, except those written on the command line (``cfg.given``); rank 0 says which it
-    took.  Args saved before the CLIs shared one vocabulary (``arch``, ``image_size``, ``crop_size``,
-    ``nb_classes``) count under today's names (``model``, ``input_size``, ``num_classes``)."""
-    ckpt = load_file(path)
-    taken = flags_from_checkpoint(parser, upgrade_saved_args(checkpoint_args(ckpt)), keys, cfg.given, source=str(path),
-                                  log=print if du.is_main() else None)
-    return ckpt, dataclasses.replace(cfg, **taken)
 
 
 EVAL_NAME = "eval.json"  # what --eval writes, in every task

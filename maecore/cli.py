@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from maecore.errors import UserError  # noqa: F401  (re-exported: ``from maecore.cli import UserError`` keeps working)
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:  # the registry imports torch: the CLI layer imports it only w
     from maecore.config import RunConfig
     from maecore.engine.config import EngineConfig
     from maecore.models import Family
+
+C = TypeVar("C", bound="RunConfig")
 
 
 def fail(msg: str) -> NoReturn:
@@ -279,8 +282,8 @@ def _coerce(action: argparse.Action | None, value: Any) -> tuple[bool, Any]:
         return True, value
     if action.nargs == 0:  # store_true / store_false / store_const
         return isinstance(value, bool) or value == action.const, value
-    many = action.nargs not in (None, "?")
-    if many:
+    many = action.nargs not in (None, "?") and not (isinstance(action, _SidesAction) and not isinstance(value, (list, tuple)))
+    if many:  # (``--input_size H [W]`` stores one side as an int)
         if not isinstance(value, (list, tuple)):
             return False, value
         if isinstance(action.nargs, int) and len(value) != action.nargs:
@@ -344,3 +347,13 @@ def flags_from_checkpoint(
         line = f"model flags from {source}: " + ", ".join(f"{k}={show(v)}" for k, v in taken.items())
         log(line + (f" (given on the command line: {', '.join(kept)})" if kept else ""))
     return taken
+
+
+def with_checkpoint_flags(parser: argparse.ArgumentParser, cfg: C, saved: Mapping[str, Any] | None, keys: Sequence[str],
+                          source: str, log: Callable[[str], object] | None = print) -> C:
+    """``cfg`` with the model flags ``keys`` a checkpoint saved (its args ``saved``; args saved before the CLIs shared
+    one vocabulary count under today's names, :func:`upgrade_saved_args`), except those written on the command line
+    (``cfg.given``): the config that builds the network of ``--eval --resume CKPT`` and of ``predict`` as it was
+    trained (:func:`flags_from_checkpoint`; a new config, ``cfg`` is unchanged)."""
+    taken = flags_from_checkpoint(parser, upgrade_saved_args(saved), keys, cfg.given, source=source, log=log)
+    return dataclasses.replace(cfg, **taken)

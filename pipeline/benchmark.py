@@ -33,6 +33,7 @@ from maecore.engine import resolve_amp
 from maecore.errors import UserError
 from maecore.models import SIZES
 from pretrain import benchmark as pretrain_bench
+from pretrain import benchmark_data as data_bench
 from pretrain.model import MODELS
 
 SCHEMA_VERSION = harness.SCHEMA_VERSION
@@ -136,7 +137,7 @@ def format_tasks(res: dict[str, Any]) -> list[str]:
 def print_table(res: dict[str, Any]) -> None:
     lines = harness.env_header(res["env"])
     for key, section in (("pretrain", pretrain_bench.format_pretrain), ("mask_tokens", pretrain_bench.format_mask_tokens),
-                         ("data", pretrain_bench.format_data)):
+                         ("data", data_bench.format_data)):
         if key in res:
             lines += section(res[key])
     lines += format_tasks(res)
@@ -187,7 +188,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="DataLoader workers to measure; 0 = the main process alone, i.e. one core (the per-core figure; "
                         "else 1 worker), the largest = all cores")
     g.add_argument("--jpeg_draft", action="store_true", help="also run the official pipeline with the old JPEG draft decoding")
-    g.add_argument("--data_formats", nargs="+", default=list(pretrain_bench.DATA_FORMATS), choices=list(pretrain_bench.DATA_FORMATS),
+    g.add_argument("--data_formats", nargs="+", default=list(data_bench.DATA_FORMATS), choices=list(data_bench.DATA_FORMATS),
                    help="store the generated sets as image folders, packed copies (maecore.data.packed, original bytes) and/or "
                         "packed --roi copies (re-encoded at quality 90 with restart markers: crop-box decoding)")
     g.add_argument("--data_batch_size", type=int, default=32)
@@ -217,7 +218,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.data_path and not Path(args.data_path).is_dir():
         raise UserError(f"--data_path is not a directory: {args.data_path}")
     for text in args.photo_sizes:
-        pretrain_bench.parse_hw(text)
+        data_bench.parse_hw(text)
 
 
 def timing(args: argparse.Namespace, device: torch.device) -> harness.Timing:
@@ -269,7 +270,7 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> dict
             warmup=args.mt_warmup, windows=args.mt_windows, optimizer=args.mt_optimizer, fvcore=args.fvcore)
     if "data" in args.bench:
         model_rate = res["pretrain"]["variants"]["ours"]["img_per_s"] if "pretrain" in res else None
-        res["data"] = pretrain_bench.data_bench(
+        res["data"] = data_bench.data_bench(
             device, input_size=args.input_size, batch_size=args.data_batch_size, batches=args.data_batches,
             num_workers=args.num_workers, jpeg_draft=args.jpeg_draft, model_img_per_s=model_rate,
             data_path=args.data_path, data_dir=args.data_dir, data_images=args.data_images,

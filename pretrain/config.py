@@ -7,7 +7,9 @@ Flags follow the official ``main_pretrain.py`` (``--blr``, ``--mask_ratio``, ``-
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from maecore.cli import (
     OneLineParser,
@@ -19,6 +21,7 @@ from maecore.cli import (
     non_negative_int,
     positive_int,
     ratio,
+    with_checkpoint_flags,
 )
 from maecore.config import RunConfig
 from maecore.data.decode import DECODE_HELP, DECODES, decode_unavailable
@@ -137,3 +140,11 @@ def parse_config(argv: list[str] | None = None, world_size: int | None = None) -
     if cfg.lr is None:
         cfg = replace(cfg, lr=cfg.blr * cfg.effective_batch(world_size) / 256)
     return cfg
+
+
+def checkpoint_config(cfg: PretrainConfig, saved: Mapping[str, Any] | None, source: str,
+                      log: Callable[[str], object] | None = print) -> PretrainConfig:
+    """``cfg`` with the model flags (:data:`MODEL_KEYS`) saved in a checkpoint's args ``saved``, except those written
+    on the command line: the config that builds the trained network (``--eval --resume``, ``predict``), checked by
+    :func:`check_config` afterwards (:func:`maecore.cli.with_checkpoint_flags`)."""
+    return with_checkpoint_flags(get_parser(), cfg, saved, MODEL_KEYS, source, log)

@@ -2,7 +2,8 @@
 :mod:`pretrain.config`).
 
 The task interface, as in every task package: :func:`parse_config` (in :mod:`pretrain.config`), :func:`build_model`,
-:func:`build_optimizer`, :func:`build_data`, :func:`train` and :func:`main` / :func:`cli`.
+:func:`build_optimizer`, :func:`build_data`, :func:`train`, :func:`evaluate` (no ``--eval`` flag: called from Python)
+and :func:`main` / :func:`cli`; ``predict``, ``export`` and ``benchmark_step`` in their modules.
 """
 
 from __future__ import annotations
@@ -14,15 +15,25 @@ import torch
 from torch.utils.data import Dataset
 
 from maecore import distributed as du
+from maecore.checkpoint import checkpoint_args, checkpoint_step, load_file, unwrap_state_dict, write_eval
 from maecore.cli import run_cli
-from maecore.engine import StepFn, Trainer
+from maecore.engine import StepFn, Trainer, autocast, resolve_amp
+from maecore.errors import UserError
 from maecore.optim import WarmupCosine, adamw, param_groups
-from pretrain.config import MODEL_KEYS, PRETRAIN_SCHEDULE_KEYS, PretrainConfig, get_parser, parse_config
+from pretrain.config import (
+    MODEL_KEYS,
+    PRETRAIN_SCHEDULE_KEYS,
+    PretrainConfig,
+    check_config,
+    checkpoint_config,
+    get_parser,
+    parse_config,
+)
 from pretrain.data import build_pretrain_dataset, fixed_images, pretrain_collate, pretrain_device_batch
-from pretrain.evaluate import reconstruction_figure
+from pretrain.evaluate import load_images, reconstruction_figure
 from pretrain.model import MaskedAutoencoderViT, build_mae  # importing it registers the mae_vit_* builders --model resolves into
 
-__all__ = ["MODEL_KEYS", "build_data", "build_model", "build_optimizer", "build_trainer", "cli", "get_parser", "main",
+__all__ = ["MODEL_KEYS", "build_data", "build_model", "build_optimizer", "build_trainer", "cli", "evaluate", "get_parser", "main",
            "make_step_fn", "optimizer_groups", "parse_config", "train"]
 
 
@@ -119,6 +130,45 @@ def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
                    args=cfg.saved_args(), on_epoch_end=on_epoch_end, model_keys=MODEL_KEYS,
                    schedule_keys=PRETRAIN_SCHEDULE_KEYS, collate_fn=pretrain_collate(cfg.decode),
                    device_batch=pretrain_device_batch(cfg.decode, cfg.input_size, device))
+
+
+@torch.no_grad()
+def evaluate(cfg: PretrainConfig, device: torch.device) -> dict:
+    """The ``--resume`` MAE (built from the model flags it saved, except those written on the command line) on the
+    fixed images of ``--data_path`` the figures take (``--vis_images`` of them, centre-cropped: from ``val/`` when it
+    exists), each masked by the ``--seed`` noise: the masked-patch loss and the reconstruction figure
+    (``OUT/recon-eval.png``), written to ``OUT/eval.json`` as every task's evaluation.  Pretraining has no ``--eval``
+    flag (a new flag would change the args every checkpoint saves): this is the task interface's ``evaluate``."""
+    du.seed_everything(cfg.seed + du.rank())
+    if not cfg.resume or cfg.resume == "auto":
+        raise UserError("evaluate needs --resume CHECKPOINT (an MAE of this toolkit)")
+    ckpt = load_file(cfg.resume)
+    cfg = checkpoint_config(cfg, checkpoint_args(ckpt), str(cfg.resume), log=print if du.is_main() else None)
+    if msg := check_config(cfg):
+        raise UserError(msg)
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(unwrap_state_dict(ckpt), strict=False)
+    step = checkpoint_step(ckpt)
+    del ckpt
+    if missing or unexpected:
+        raise UserError(f"{cfg.resume}: not an MAE of these flags (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    paths = fixed_images(cfg.data_path, cfg.vis_images)
+    imgs = load_images(paths, cfg.input_size)
+    if imgs is None:
+        raise UserError(f"{cfg.data_path}: no readable image to evaluate on (--vis_images {cfg.vis_images})")
+    grid = (imgs.shape[-2] // model.patch_size, imgs.shape[-1] // model.patch_size)
+    noise = torch.rand(imgs.shape[0], grid[0] * grid[1], generator=torch.Generator().manual_seed(cfg.seed))
+    with autocast(device, resolve_amp(cfg.amp, device)):
+        loss, _, _ = model(imgs.to(device), mask_ratio=cfg.mask_ratio, noise=noise.to(device))
+    res = {"loss": float(loss), "n_images": int(imgs.shape[0]), "mask_ratio": cfg.mask_ratio}
+    if du.is_main():
+        out = Path(cfg.output_dir)
+        reconstruction_figure(model, paths, out / "recon-eval.png", cfg.input_size, cfg.mask_ratio, patch_stats=True,
+                              title=f"{cfg.model} {Path(cfg.resume).name}", seed=cfg.seed)
+        write_eval(out, "pretrain", cfg.resume, step, res)
+        print(json.dumps(res))
+    return res
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -14,7 +14,9 @@ confusion matrix over the ranks, each image counted once).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from maecore.cli import (
     OneLineParser,
@@ -27,6 +29,7 @@ from maecore.cli import (
     positive_float,
     positive_int,
     ratio,
+    with_checkpoint_flags,
 )
 from maecore.config import RunConfig
 from maecore.models import model_kwargs
@@ -170,3 +173,11 @@ def check_config(cfg: SegmentationConfig) -> str | None:
     if cfg.out_indices and max(cfg.out_indices) >= depth:
         return f"--out_indices {' '.join(map(str, cfg.out_indices))}: the model has blocks 0..{depth - 1}"
     return None
+
+
+def checkpoint_config(cfg: SegmentationConfig, saved: Mapping[str, Any] | None, source: str,
+                      log: Callable[[str], object] | None = print) -> SegmentationConfig:
+    """``cfg`` with the model flags (:data:`MODEL_KEYS`) saved in a checkpoint's args ``saved``, except those written
+    on the command line: the config that builds the trained network (``--eval --resume``, ``predict``), checked by
+    :func:`check_config` afterwards (:func:`maecore.cli.with_checkpoint_flags`)."""
+    return with_checkpoint_flags(get_parser(), cfg, saved, MODEL_KEYS, source, log)

@@ -27,7 +27,7 @@ import torch.nn as nn
 from PIL import Image
 
 from maecore.checkpoint import checkpoint_args, unwrap_state_dict
-from maecore.cli import OneLineParser, flags_from_checkpoint, positive_int, run_cli, upgrade_saved_args
+from maecore.cli import OneLineParser, positive_int, run_cli, upgrade_saved_args
 from maecore.convert.onnx_export import OnnxModule
 from maecore.engine import autocast
 from maecore.errors import UserError
@@ -42,7 +42,7 @@ from maecore.predict import (
     prepare_output,
     setup_runtime,
 )
-from segmentation.config import MODEL_KEYS, SegmentationConfig, check_config, get_parser, parse_config
+from segmentation.config import SegmentationConfig, check_config, checkpoint_config, parse_config
 from segmentation.evaluate import MS_SCALES, colorize
 from segmentation.evaluate import predict as predict_image
 from segmentation.train import build_model
@@ -64,7 +64,7 @@ def load_segmentor(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.Mo
     ckpt = ckpt if ckpt is not None else load_task_checkpoint(path, "segmentation")
     cfg = parse_config(["--data_path", "-"])  # parser defaults; the checkpoint's model flags replace them (as --eval)
     saved = upgrade_saved_args(checkpoint_args(ckpt)) or {}
-    cfg = replace(cfg, **flags_from_checkpoint(get_parser(), saved, MODEL_KEYS, (), source=str(path)))
+    cfg = checkpoint_config(cfg, saved, str(path))
     if msg := check_config(cfg):
         raise UserError(f"{path}: {msg}")
     cfg = replace(cfg, no_reduce_zero_label=bool(saved.get("no_reduce_zero_label", False)))

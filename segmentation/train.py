@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from maecore import distributed as du
-from maecore.checkpoint import checkpoint_step, load_for_eval, unwrap_state_dict, write_eval
+from maecore.checkpoint import checkpoint_args, checkpoint_step, load_file, unwrap_state_dict, write_eval
 from maecore.cli import run_cli
 from maecore.convert import load_backbone
 from maecore.engine import Trainer, resolve_amp, use_attention
@@ -26,6 +26,7 @@ from segmentation.config import (
     SegmentationConfig,
     SegmentationSchedule,
     check_config,
+    checkpoint_config,
     get_parser,
     parse_config,
 )
@@ -84,7 +85,8 @@ def evaluate(cfg: SegmentationConfig, device: torch.device) -> dict:
     except for the flags written on the command line (``cfg.given``)."""
     if not cfg.resume or cfg.resume == "auto":
         raise UserError("--eval needs --resume CHECKPOINT (a trained segmentation checkpoint)")
-    ckpt, cfg = load_for_eval(cfg.resume, cfg, get_parser(), MODEL_KEYS)
+    ckpt = load_file(cfg.resume)
+    cfg = checkpoint_config(cfg, checkpoint_args(ckpt), str(cfg.resume), log=print if du.is_main() else None)
     if msg := check_config(cfg):
         raise UserError(msg)
     model = build_model(cfg)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from maecore.checkpoint import load_for_eval, save_atomic
+from maecore.checkpoint import checkpoint_args, load_file, save_atomic
 from maecore.cli import given_flags, upgrade_saved_args
 from maecore.errors import UserError
 
@@ -192,10 +192,11 @@ LEGACY_CKPTS = [
 @pytest.mark.parametrize("module,keys,saved,expect", LEGACY_CKPTS, ids=[c[0] for c in LEGACY_CKPTS])
 def test_eval_resume_reads_an_old_checkpoints_saved_args(module: str, keys: str, saved: dict, expect: dict, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    tm = train_module(module)
+    tm, config = train_module(module), importlib.import_module(f"{module}.config")
+    assert getattr(tm, keys) == config.MODEL_KEYS  # the keys --eval takes (segmentation's older name too)
     path = save_atomic({"model": {}, "args": saved}, tmp_path / "old.pth")
     argv = ["--data_path", "d", "--eval", "--resume", str(path)]
-    _, cfg = load_for_eval(path, tm.parse_config(argv), tm.get_parser(), getattr(tm, keys))
+    cfg = config.checkpoint_config(tm.parse_config(argv), checkpoint_args(load_file(path)), str(path))
     assert {k: getattr(cfg, k) for k in expect} == expect
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"model flags from {path}:") and "model=vit_tiny_patch16" in line and "arch=" not in line
@@ -203,14 +204,13 @@ def test_eval_resume_reads_an_old_checkpoints_saved_args(module: str, keys: str,
     argv2 = [*argv, "--image_size", "128"]
     cfg = tm.parse_config(argv2)
     assert cfg.given == given_flags(tm.get_parser(), argv2)
-    _, cfg = load_for_eval(path, cfg, tm.get_parser(), getattr(tm, keys))
+    cfg = config.checkpoint_config(cfg, saved, str(path))
     assert cfg.input_size == 128 and cfg.model == "vit_tiny_patch16"
 
 
 def test_a_saved_value_out_of_range_is_a_user_error(tmp_path: Path) -> None:
-    tm = train_module("segmentation")
+    from segmentation.config import checkpoint_config, parse_config
+
     for bad in ({"arch": "giant"}, {"crop_size": 0}, {"depth": -1}, {"nb_classes": "7"}):
-        path = save_atomic({"model": {}, "args": bad}, tmp_path / "bad.pth")
-        cfg = tm.parse_config(["--data_path", "d"])
-        with pytest.raises(UserError, match="its saved args hold"):
-            load_for_eval(path, cfg, tm.get_parser(), tm.ARCH_KEYS)
+        with pytest.raises(UserError, match="bad.pth: its saved args hold"):
+            checkpoint_config(parse_config(["--data_path", "d"]), bad, str(tmp_path / "bad.pth"))
