@@ -212,14 +212,10 @@ def upgrade_saved_args(saved: Mapping[str, Any] | None) -> Mapping[str, Any] | N
 def config_from_args(args: RunConfig | Mapping[str, Any] | argparse.Namespace, **overrides: Any) -> EngineConfig:
     """The :class:`~maecore.engine.config.EngineConfig` of a task's typed config (:class:`maecore.config.RunConfig`),
     of its flags as a dict, or of an argparse namespace: the values of the engine's names, then ``overrides``."""
-    from maecore.config import RunConfig
-    from maecore.engine.config import EngineConfig  # the engine imports torch: only once a run is configured
+    from maecore.config import RunConfig, engine_config
 
     values = args.args() if isinstance(args, RunConfig) else args if isinstance(args, Mapping) else vars(args)
-    names = {f for f in EngineConfig.__dataclass_fields__}
-    kw = {k: v for k, v in values.items() if k in names}
-    kw.update(overrides)
-    return EngineConfig(**kw)
+    return engine_config(values, **overrides)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -85,9 +85,7 @@ class RunConfig:
     def engine(self, *learned: Learned, **overrides: Any) -> EngineConfig:
         """The engine's configuration: the engine's flags with the ``learned`` values laid over them (the epochs a
         dataset's size gives…), then ``overrides`` (what the task tells the engine beyond its flags: ``best_key``…)."""
-        from maecore.cli import config_from_args
-
-        return config_from_args(overlay(self.args(), *learned), **overrides)
+        return engine_config(overlay(self.args(), *learned), **overrides)
 
     def effective_batch(self, world_size: int | None = None) -> int:
         """Images per optimizer step: per-process batch x accumulation x processes (``None``: this job's,
@@ -106,6 +104,14 @@ def flag_names(cls: type[RunConfig]) -> list[str]:
     return own + engine
 
 
+def engine_config(values: Mapping[str, Any], **overrides: Any) -> EngineConfig:
+    """The :class:`~maecore.engine.config.EngineConfig` of the engine's names among ``values``, then ``overrides``."""
+    from maecore.engine.config import EngineConfig  # the engine imports torch: only once a run is configured
+
+    names = {f.name for f in fields(EngineConfig)}
+    return EngineConfig(**{**{k: v for k, v in values.items() if k in names}, **overrides})
+
+
 def overlay(values: Mapping[str, Any], *learned: Learned) -> dict[str, Any]:
     """``values`` with each of ``learned`` (a mapping or a dataclass instance) laid over it in turn."""
     out = dict(values)
@@ -115,4 +121,4 @@ def overlay(values: Mapping[str, Any], *learned: Learned) -> dict[str, Any]:
     return out
 
 
-__all__ = ["RunConfig", "flag_names", "overlay"]
+__all__ = ["RunConfig", "engine_config", "flag_names", "overlay"]

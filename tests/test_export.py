@@ -304,12 +304,8 @@ def test_segmentor_in_mmsegmentation(segmentor, tmp_path, capsys):
 SMALL = ["--model", "tiny", "--embed_dim", "64", "--depth", "2", "--num_heads", "2", "--patch_size", "16", "--input_size", "64",
          "--pretrain_img_size", "64", "--window_size", "2", "--global_blocks", "1", "--out_channels", "32", "--fc_dim", "64",
          "--anchor_sizes", "8", "16", "32", "64", "128", "--detections_per_img", "20", "--score_thresh", "0.0"]
-
-
-def _detector_data():
-    from detection.config import DetectorData
-
-    return DetectorData(5, [10, 20, 30, 40, 50], CLASSES)  # what a run learns from its annotations
+# what a detection run learns from its annotations (detection.config.DetectorData), saved beside the flags
+LEARNED = {"num_classes": 5, "category_ids": [10, 20, 30, 40, 50], "category_names": CLASSES}
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +315,7 @@ def detector(tmp_path_factory):
     torch.manual_seed(0)
     cfg = parse_config(SMALL)
     model = perturb(build_model(cfg, 5), 3)
-    return model, cfg, save_like_trainer(model, cfg.saved_args(_detector_data()), tmp_path_factory.mktemp("det") / "ckpt.pth")
+    return model, cfg, save_like_trainer(model, cfg.saved_args(LEARNED), tmp_path_factory.mktemp("det") / "ckpt.pth")
 
 
 # detectron2's names for the heads of its ViTDet Mask R-CNN (mask_rcnn_vitdet.py: 2-conv RPN, 4conv1fc, 4conv mask head)
@@ -403,7 +399,7 @@ def detector8(tmp_path_factory):
     flags[flags.index("--patch_size") + 1], flags[flags.index("--window_size") + 1] = "8", "4"
     cfg = parse_config(flags)
     model = perturb(build_model(cfg, 5), 4)
-    return model, cfg, save_like_trainer(model, cfg.saved_args(_detector_data()), tmp_path_factory.mktemp("det8") / "ckpt.pth")
+    return model, cfg, save_like_trainer(model, cfg.saved_args(LEARNED), tmp_path_factory.mktemp("det8") / "ckpt.pth")
 
 
 @pytest.mark.parametrize("patch", [16, 8])
