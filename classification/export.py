@@ -21,9 +21,9 @@ import torch
 
 from classification.data import default_crop_pct
 from maecore.checkpoint import save_atomic
-from maecore.convert.io import save_safetensors
 from maecore.convert.report import ConversionReport
 from maecore.convert.trained import TrainedExport, trunk_arch, write_trained
+from maecore.convert.writers import save_safetensors
 from maecore.errors import UserError
 
 TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}

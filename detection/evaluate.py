@@ -163,13 +163,18 @@ def evaluate_coco(
 
 
 def overlay_figure(dataset: CocoInstances, per_image: dict[int, list[dict]], path: str | Path, n: int = 4,
-                   score_thresh: float = 0.5) -> Path:
+                   score_thresh: float = 0.5, max_shown: int = 10) -> Path:
     """The first ``n`` evaluated images twice: the ground truth (masks, boxes, class names) above the predictions
     (masks, boxes, class names and scores), so a reader sees at a glance whether the right objects were found.
 
+    Each box carries a number on the image; its class name (and score) are written in a margin below the panel,
+    beside a swatch of the box's colour, in a font sized to the panel, not to the image: the demo's 64-px images
+    leave no room for words on the picture itself.
+
     Shown predictions: class-agnostic NMS at IoU 0.5 first (COCOeval scores every class's box; a figure with one
     box per class on the same object says little), then those scoring >= ``score_thresh``; where none does (an
-    early or weak model) the best k, k = the image's number of ground-truth objects."""
+    early or weak model) the best k, k = the image's number of ground-truth objects; at most ``max_shown`` (the
+    highest scoring: one colour each)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,33 +185,15 @@ def overlay_figure(dataset: CocoInstances, per_image: dict[int, list[dict]], pat
 
     ids = [i for i in dataset.ids if i in per_image][:n]
     names = {c: dataset.coco.cats[c].get("name", str(c)) for c in dataset.cat_ids}
-    cols = max(len(ids), 1)
-    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 6.8), squeeze=False)
     cmap = plt.get_cmap("tab10")
-
-    def draw(ax, img: np.ndarray, objs: list[tuple[np.ndarray | None, list[float], str]], title: str) -> None:
-        img = img.copy()
-        for k, (m, _, _) in enumerate(objs):
-            if m is not None and m.shape == img.shape[:2]:
-                img[m] = 0.55 * img[m] + 0.45 * np.array(cmap(k % 10)[:3], dtype=np.float32)
-        ax.imshow(img)
-        for k, (_, (x, y, w, h), text) in enumerate(objs):
-            color = cmap(k % 10)
-            ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=1.2))
-            ax.text(x, y, text, fontsize=6, color="white", bbox=dict(facecolor=color, alpha=0.7, pad=0.5, linewidth=0))
-        ax.set_title(title, fontsize=7)
-        ax.axis("off")
-
-    for col, img_id in enumerate(ids):
+    panels: list[tuple[np.ndarray | None, list, str, list, str]] = []  # image, ground truth, title, predictions, title
+    for img_id in ids:
         info = dataset.coco.imgs[img_id]
         if (pil := try_load_rgb(dataset.img_dir / info["file_name"])) is None:
-            axes[0, col].axis("off")  # unreadable (warned): empty panels, the figure goes on
-            axes[1, col].axis("off")
+            panels.append((None, [], "", [], ""))  # unreadable (warned): empty panels, the figure goes on
             continue
-        img = np.asarray(pil, dtype=np.float32) / 255
         gt = [a for a in dataset.coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
-        draw(axes[0, col], img, [(dataset.coco.annToMask(a).astype(bool), a["bbox"], names.get(a["category_id"], "?")) for a in gt],
-             f"image {img_id}: ground truth ({len(gt)})")
+        gt_objs = [(dataset.coco.annToMask(a).astype(bool), a["bbox"], names.get(a["category_id"], "?")) for a in gt]
         ranked = sorted(per_image[img_id], key=lambda d: -d["score"])
         if ranked:
             xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in ranked)], dtype=torch.float32)
@@ -217,9 +204,55 @@ def overlay_figure(dataset: CocoInstances, per_image: dict[int, list[dict]], pat
         if not dets:
             dets = ranked[: max(1, len(gt))]
             shown = f"best {len(dets)} (none >= {score_thresh})"
-        objs = [(mask_utils.decode(d["segmentation"]).astype(bool) if "segmentation" in d else None, d["bbox"],
-                 f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}") for d in dets]
-        draw(axes[1, col], img, objs, f"predicted: {shown}")
+        if len(dets) > max_shown:
+            shown = f"best {max_shown} of {len(dets)} >= {score_thresh}"
+            dets = dets[:max_shown]
+        pred_objs = [(mask_utils.decode(d["segmentation"]).astype(bool) if "segmentation" in d else None, d["bbox"],
+                      f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}") for d in dets]
+        panels.append((np.asarray(pil, dtype=np.float32) / 255, gt_objs, f"image {img_id}: ground truth ({len(gt)})",
+                       pred_objs, f"predicted: {shown}"))
+
+    def legend_rows(most: int) -> tuple[int, float]:
+        """Legend columns, and the margin's height in inches (one 9-pt line per legend row)."""
+        ncol = 1 if most <= 3 else 2
+        return ncol, 0.25 * -(-max(most, 1) // ncol) + 0.15
+
+    (gt_cols, gt_margin), (pred_cols, pred_margin) = (legend_rows(max([len(p[i]) for p in panels] + [0])) for i in (1, 3))
+    cols = max(len(ids), 1)
+    fig, axes = plt.subplots(4, cols, figsize=(3.2 * cols, 2 * 3.1 + gt_margin + pred_margin), squeeze=False,
+                             gridspec_kw={"height_ratios": [3.1, gt_margin, 3.1, pred_margin]})
+    from matplotlib.patches import Patch
+
+    def draw(ax, leg, img: np.ndarray, objs: list[tuple[np.ndarray | None, list[float], str]], title: str,
+             ncol: int) -> None:
+        img = img.copy()
+        for k, (m, _, _) in enumerate(objs):
+            if m is not None and m.shape == img.shape[:2]:
+                img[m] = 0.55 * img[m] + 0.45 * np.array(cmap(k % 10)[:3], dtype=np.float32)
+        ax.imshow(img)
+        for k, (_, (x, y, w, h), _) in enumerate(objs):
+            color = cmap(k % 10)
+            ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=1.5))
+            ax.text(x, y, str(k + 1), fontsize=8, fontweight="bold", color="white", va="top", clip_on=True,
+                    bbox=dict(facecolor=color, alpha=0.85, pad=1.0, linewidth=0))
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+        leg.axis("off")
+        if objs:
+            leg.legend(handles=[Patch(facecolor=cmap(k % 10), label=f"{k + 1}  {text}") for k, (_, _, text) in enumerate(objs)],
+                       loc="upper left", ncol=ncol, fontsize=9, frameon=False, handlelength=1.0, borderaxespad=0.0,
+                       columnspacing=1.0)
+
+    for col, (img, gt_objs, gt_title, pred_objs, pred_title) in enumerate(panels):
+        if img is None:
+            for row in range(4):
+                axes[row, col].axis("off")
+            continue
+        draw(axes[0, col], axes[1, col], img, gt_objs, gt_title, gt_cols)
+        draw(axes[2, col], axes[3, col], img, pred_objs, pred_title, pred_cols)
+    if not panels:
+        for ax in axes.flat:
+            ax.axis("off")
     return save_figure(fig, path, dpi=120)
 
 

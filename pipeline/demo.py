@@ -28,7 +28,7 @@ from pipeline.context import Context
 from pipeline.jobs import Job, StageFailed, first_line, run_jobs
 from pipeline.plan import JOB_STAGES
 from pipeline.presets import PRESETS
-from pipeline.report import row_order
+from pipeline.report_data import row_order
 from pipeline.results import write_results
 from pipeline.stages import STAGES, stage_data
 

@@ -38,3 +38,8 @@ def machine_line(cfg: dict) -> str:
             f"threads{transfer}; torch {torch.__version__}; "
             f"{describe_amp('auto', amp, cpu)}; attention: {resolve_attention('auto', cpu, amp)} (--attn auto) "
             "unless a stage's command says otherwise.")
+
+
+def partial_label(blocks: float) -> str:
+    """The results row of partial fine-tuning of the last ``blocks`` blocks (0.5: the last block's MLP only)."""
+    return "partial fine-tune, last MLP" if blocks == 0.5 else f"partial fine-tune, {blocks:g} block(s)"

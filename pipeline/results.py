@@ -14,17 +14,24 @@ import sys
 from pathlib import Path
 
 from maecore.engine import read_log
-from pipeline.plan import STAGE_NAMES, machine_line  # the demo's own line: same machine facts in both reports
+from pipeline.plan import STAGE_NAMES, machine_line, partial_label  # the demo's own line: same machine facts
 
-# (row label as in results.json, stage directory pattern, log key): where each row's curve is logged
-CURVES: list[tuple[str, str, str]] = [
-    ("linear probe", "linprobe/linprobe-{init}", "acc1"),
-    ("partial fine-tune, 1 block(s)", "partial/tune1-{init}", "acc1"),
-    ("fine-tune", "finetune/finetune-{init}", "acc1"),
-    ("detection (box AP)", "detection/{init}", "bbox/AP"),
-    ("detection (mask AP)", "detection/{init}", "segm/AP"),
-    ("segmentation (mIoU)", "segmentation/{init}", "mIoU"),
-]
+AXIS_LABELS = {"acc1": "top-1 (%)", "bbox/AP": "box AP (%)", "segm/AP": "mask AP (%)", "mIoU": "mIoU (%)",
+               "loss": "training loss"}
+
+
+def curve_panels(cfg: dict) -> list[tuple[str, str, str]]:
+    """(row label as in results.json, stage directory pattern, log key): where each row's curve is logged; the
+    partial fine-tuning rows as the run's config has them."""
+    partial = [(partial_label(k), f"partial/tune{k:g}-{{init}}", "acc1") for k in cfg.get("partial_blocks", [1.0])]
+    return [
+        ("linear probe", "linprobe/linprobe-{init}", "acc1"),
+        *partial,
+        ("fine-tune", "finetune/finetune-{init}", "acc1"),
+        ("detection (box AP)", "detection/{init}", "bbox/AP"),
+        ("detection (mask AP)", "detection/{init}", "segm/AP"),
+        ("segmentation (mIoU)", "segmentation/{init}", "mIoU"),
+    ]
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -71,8 +78,9 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
-def curves_png(runs: list[dict], png: Path) -> None:
-    """Metric vs optimizer steps per row: the mean over seeds, a band from the lowest to the highest seed."""
+def curves_png(runs: list[dict], png: Path, title: str | None = None) -> bool:
+    """Metric vs optimizer steps per row: the mean over seeds, a band from the lowest to the highest seed (``title``
+    above them; by default the number of seeds).  Returns whether any run logged a step (else nothing is written)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,7 +88,8 @@ def curves_png(runs: list[dict], png: Path) -> None:
 
     from maecore.figures import save_figure
 
-    panels = [("pretraining loss", "pretrain", "loss", "train")] + [(lab, pat, key, "eval") for lab, pat, key in CURVES]
+    panels = [("pretraining loss", "pretrain", "loss", "train")] + [
+        (lab, pat, key, "eval") for lab, pat, key in curve_panels(runs[0].get("config", {}) if runs else {})]
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(len(panels) / cols)),
                              dpi=100, squeeze=False)
@@ -102,13 +111,18 @@ def curves_png(runs: list[dict], png: Path) -> None:
             ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("optimizer step")
+        ax.set_ylabel(AXIS_LABELS.get(key, key))
         ax.grid(alpha=0.3)
         if kind == "eval" and ax.get_lines():
             ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"mean over {len(runs)} seeds (band: lowest to highest seed)", fontsize=10)
+    if not any(ax.get_lines() for ax in axes.flat):
+        plt.close(fig)
+        return False
+    fig.suptitle(title or f"mean over {len(runs)} seeds (band: lowest to highest seed)", fontsize=10)
     save_figure(fig, png)
+    return True
 
 
 def write_results(out: Path, run_dirs: list[Path], command: str | None = None) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 from maecore.errors import UserError
 from pipeline.context import Context, common, dense_inits
 from pipeline.jobs import Job
-from pipeline.plan import STAGE_NAMES
+from pipeline.plan import STAGE_NAMES, partial_label
 from pipeline.report import stage_report
 
 
@@ -85,8 +85,7 @@ def jobs_linprobe(ctx: Context) -> list[Job]:
 def jobs_partial(ctx: Context) -> list[Job]:
     jobs = []
     for k in ctx.cfg["partial_blocks"]:
-        label = "partial fine-tune, last MLP" if k == 0.5 else f"partial fine-tune, {k:g} block(s)"
-        jobs += _classify(ctx, "partial", label, f"tune{k:g}", [*ctx.cfg["partial"], "--tune_blocks", str(k)])
+        jobs += _classify(ctx, "partial", partial_label(k), f"tune{k:g}", [*ctx.cfg["partial"], "--tune_blocks", str(k)])
     return jobs
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from maecore.convert.io import Source, load_source
+from maecore.convert.io import load_source
 from maecore.convert.pipeline import convert, write_converted
+from maecore.convert.records import Source
 from maecore.convert.trained import TrainedExport, write_trained
 
 

@@ -186,18 +186,37 @@ def colorize(classes: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 VIS_MIN_SIDE = 192  # a figure's panels are enlarged to at least this short side (the demo's 64-px images are tiny)
+VIS_TITLES = ("image", "ground truth", "prediction")
+
+
+def _titled(row: np.ndarray, titles: Sequence[str]) -> np.ndarray:
+    """``row`` (equal-width panels side by side) under a white band with each panel's title centred over it, in a
+    font sized to the panel (1/12 of its width, 12 to 32 px)."""
+    from PIL import ImageDraw, ImageFont
+
+    w = row.shape[1] // len(titles)
+    size = min(max(12, w // 12), 32)
+    try:
+        font = ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # a Pillow without FreeType: its fixed bitmap font
+        font = ImageFont.load_default()
+    band = Image.new("RGB", (row.shape[1], int(size * 1.7)), "white")
+    draw = ImageDraw.Draw(band)
+    for i, title in enumerate(titles):
+        draw.text((i * w + w / 2, band.height / 2), title, fill="black", font=font, anchor="mm")
+    return np.concatenate([np.asarray(band), row], axis=0)
 
 
 def save_visual(image: Image.Image, label: np.ndarray, pred: np.ndarray, num_classes: int, path: Path) -> None:
-    """image | ground truth | prediction, side by side (ignore = black).  Small images are enlarged by a whole
-    factor, nearest-neighbour (every pixel a crisp block: labels stay exact), to a short side of at least
-    :data:`VIS_MIN_SIDE`; larger ones are kept at their size."""
+    """image | ground truth | prediction, side by side (ignore = black), each panel titled so.  Small images are
+    enlarged by a whole factor, nearest-neighbour (every pixel a crisp block: labels stay exact), to a short side
+    of at least :data:`VIS_MIN_SIDE`; larger ones are kept at their size."""
     row = np.concatenate([np.asarray(image), colorize(label, num_classes), colorize(pred, num_classes)], axis=1)
     k = -(-VIS_MIN_SIDE // min(row.shape[:2]))  # ceil: 64 px -> 3x
     if k > 1:
         row = row.repeat(k, axis=0).repeat(k, axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(row).save(path)
+    Image.fromarray(_titled(row, VIS_TITLES)).save(path)
 
 
 # ------------------------------------------------------------------------------------------------

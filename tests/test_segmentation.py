@@ -21,6 +21,7 @@ from segmentation.evaluate import (
     evaluate_segmentation,
     metrics_from_confusion,
     predict,
+    save_visual,
     slide_inference,
 )
 from segmentation.model import build_backbone, build_segmentor, default_out_indices
@@ -145,6 +146,22 @@ def test_metrics_perfect_and_hand_computed():
     assert confusion_matrix(pred, lab, 3).tolist() == [[3, 2, 0], [1, 4, 0], [0, 0, 0]]
 
 
+
+def test_visual_panels_are_enlarged_and_titled(tmp_path):
+    """A 64-px sample: three panels enlarged 3x (192 px), under a white band that titles each panel (image / ground
+    truth / prediction) in dark text centred over it."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    save_visual(image, rng.integers(0, 4, (64, 64)), rng.integers(0, 4, (64, 64)), 4, tmp_path / "v.png")
+    out = np.asarray(Image.open(tmp_path / "v.png").convert("RGB")).astype(int)
+    band = out.shape[0] - 192
+    assert out.shape[1] == 3 * 192 and 20 <= band <= 60
+    assert (out[band:, :192] == np.asarray(image).repeat(3, 0).repeat(3, 1)).all()
+    ink = out[:band].sum(axis=2) < 200  # dark title pixels
+    for i in range(3):
+        cols = np.flatnonzero(ink[:, i * 192:(i + 1) * 192].any(axis=0))
+        assert cols.size > 10 and abs((cols.min() + cols.max()) / 2 - 96) < 12  # a title, centred over its panel
+
 # ---- data ---------------------------------------------------------------------------------------
 def test_reduce_zero_label_and_out_of_range():
     raw = np.array([[0, 1, 7], [8, 255, 200]])
@@ -212,7 +229,8 @@ def test_train_then_eval_checkpoint(world, tmp_path, capsys):
     assert len([r for r in logs if r["type"] == "eval"]) == 2 and all(math.isfinite(r["loss"]) for r in train)
     assert (out / "checkpoint-best.pth").exists() and len(list((out / "vis").glob("*.png"))) == 2
     for png in (out / "vis").glob("*.png"):  # 32-px panels enlarged 6x (nearest): 192 px high, three side by side
-        assert Image.open(png).size == (3 * 192, 192)
+        w, h = Image.open(png).size  # under a band of titles
+        assert w == 3 * 192 and 192 + 20 <= h <= 192 + 60
     res = main(common + ["--eval", "--resume", str(out / "checkpoint-last.pth"), "--output_dir", str(tmp_path / "ev")])
     assert res["mIoU"] == pytest.approx(summary["mIoU"]) and res["n_images"] == 3
     assert "mIoU" in capsys.readouterr().out

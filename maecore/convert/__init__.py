@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from maecore.convert import formats
 from maecore.convert.formats import Format, detect_naming, registry
-from maecore.convert.io import TRUNK_FORMAT, Source, load_source, read_state, save_safetensors
+from maecore.convert.io import load_source, read_state
 from maecore.convert.keys import (
     HEADS_BY_DIM,
     Arch,
@@ -43,8 +43,10 @@ from maecore.convert.keys import (
     why_dropped,
 )
 from maecore.convert.load import adapt_pos_embed, load_backbone, load_weights
-from maecore.convert.pipeline import Converted, convert, write_converted
+from maecore.convert.pipeline import convert, write_converted
+from maecore.convert.records import Converted, Source
 from maecore.convert.report import ConversionReport
+from maecore.convert.writers import TRUNK_FORMAT, save_safetensors
 
 TASKS = ("classification", "detection", "segmentation")  # the trunk formats our task packages load
 TARGETS: tuple[str, ...] = formats.targets()

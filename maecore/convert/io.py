@@ -13,9 +13,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +21,10 @@ import torch
 from maecore.checkpoint import load_file, unwrap_state_dict
 from maecore.convert import formats
 from maecore.convert.keys import key_kind
+from maecore.convert.records import Source
+from maecore.convert.writers import TRUNK_FORMAT
 from maecore.errors import UserError
 from maecore.models import SIZES
-
-TRUNK_FORMAT = "maecore-trunk"  # meta["format"] of the task trunk files this converter writes
-
-
-@dataclass
-class Source:
-    """A checkpoint read into canonical names."""
-
-    state: dict[str, torch.Tensor]
-    fmt: str
-    path: str = "<state dict>"
-    hints: dict[str, Any] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
-    renamed: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,27 +208,3 @@ def _hints_from_container(obj: dict[str, Any]) -> dict[str, Any]:
 def read_state(src: str | os.PathLike | dict[str, Any]) -> dict[str, torch.Tensor]:
     """The encoder state of any supported checkpoint, in canonical (official MAE / timm) names."""
     return load_source(src).state
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing, atomically
-# --------------------------------------------------------------------------------------------------
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` a temp file beside ``path``, then rename it over ``path``: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    plain = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt", **(metadata or {})}))

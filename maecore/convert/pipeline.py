@@ -4,31 +4,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from maecore.convert import formats
 from maecore.convert.formats import Job
-from maecore.convert.io import Source, save_safetensors
-from maecore.convert.keys import DROP_REASONS, Arch, check_shapes, hw, infer_arch, is_neutral, key_kind, neutral_why
+from maecore.convert.keys import DROP_REASONS, check_shapes, hw, infer_arch, is_neutral, key_kind, neutral_why
+from maecore.convert.records import Converted, Source
 from maecore.convert.report import ConversionReport
+from maecore.convert.writers import save_safetensors
 from maecore.errors import UserError
 from maecore.models.pos_embed import resample_pos_embed
-
-
-@dataclass
-class Converted:
-    """A conversion ready to be written."""
-
-    target: str
-    state: dict[str, torch.Tensor]
-    report: ConversionReport
-    arch: Arch
-    meta: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] | None = None  # a config file written beside the weights (HF config.json)
 
 
 def convert(

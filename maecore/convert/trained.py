@@ -26,7 +26,7 @@ import torch
 from maecore.checkpoint import checkpoint_args, unwrap_state_dict
 from maecore.convert.io import _load_path
 from maecore.convert.keys import Arch, guess_heads, infer_arch
-from maecore.convert.pipeline import Converted
+from maecore.convert.records import Converted
 from maecore.errors import UserError
 from maecore.models import model_kwargs
 

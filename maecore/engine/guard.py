@@ -15,7 +15,7 @@ from maecore.engine.fsdp import local_shard
 from maecore.errors import NonFiniteError, UserError
 
 if TYPE_CHECKING:
-    from maecore.engine.trainer import Trainer
+    from maecore.engine.run import Run
 
 
 class FiniteGuard:
@@ -23,7 +23,7 @@ class FiniteGuard:
     (:attr:`TrainStep.nonfinite`); :meth:`check` is the host sync that reads it (every ``log_every`` steps) and,
     with ``weights``, the weights, optimizer state and hooks' states (before a checkpoint, after an epoch)."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Run) -> None:
         self.t = weakref.proxy(trainer)
         self.first_bad = torch.zeros((), dtype=torch.long, device=trainer.device)  # first step with a NaN/inf loss (0: none)
         self.verified_at = -1  # the step whose weights were last checked finite

@@ -52,7 +52,7 @@ from maecore.engine.runfolder import LAST
 from maecore.engine.signals import EXIT_REQUEUE, STOP_SIGNALS, Preempted
 
 if TYPE_CHECKING:
-    from maecore.engine.trainer import Trainer
+    from maecore.engine.run import Run
 
 CALLBACK, LOG, PROGRESS, NORMAL, EVAL, CHECKPOINT, FIGURES, STOP = 10, 20, 30, 50, 70, 80, 85, 90  # priorities
 STATUS_EVERY_S = 10.0
@@ -62,7 +62,7 @@ class HookBase:
     """A do-nothing hook: override the events it needs.  ``self.trainer`` (a weak proxy, set when registered)
     is the run: its ``cfg``, ``model``, ``optimizer``, ``step``, ``epoch``, ``storage``, ``logger``, ``save()``…"""
 
-    trainer: Trainer
+    trainer: Run
     priority: int = NORMAL
     state_key: str | None = None  # checkpointed under extra[state_key] when set
 
@@ -90,7 +90,7 @@ EVENTS = ("before_train", "before_epoch", "before_step", "after_backward", "afte
 class HookList:
     """A trainer's hooks, in the order they run: by ``priority``, then as registered."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Run) -> None:
         self.trainer = weakref.proxy(trainer)  # the trainer owns its hooks, not the other way round (no cycle)
         self._hooks: list[HookBase] = []
 
@@ -281,7 +281,7 @@ class StatusLine:
     """Where a run stands, one line every :data:`STATUS_EVERY_S` seconds when no progress bar is drawn: step,
     epoch, the last logged loss (no extra host sync), lr, images/s since the last line, time left."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Run) -> None:
         self.t = trainer
         self.last_time = time.time()
         self.last_step = trainer.step

@@ -26,9 +26,8 @@ import torch
 from maecore.errors import UserError
 
 if TYPE_CHECKING:
-    from maecore.convert.io import Source
     from maecore.convert.keys import Arch
-    from maecore.convert.pipeline import Converted
+    from maecore.convert.records import Converted, Source
     from maecore.convert.report import ConversionReport
 
 State = dict[str, torch.Tensor]

@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING
 
 from maecore.checkpoint import save_atomic
 from maecore.convert.formats import Job, State
-from maecore.convert.io import save_safetensors
+from maecore.convert.writers import save_safetensors
 
 if TYPE_CHECKING:
-    from maecore.convert.io import Source
-    from maecore.convert.pipeline import Converted
+    from maecore.convert.records import Converted, Source
 
 # every canonical part: what the plain MAE formats keep
 ALL_PARTS = frozenset({"cls_token", "norm", "fc_norm", "head", "decoder", "mask_token"})

@@ -11,8 +11,8 @@ from typing import Any
 
 from maecore.convert.formats import Canonical, Format, State
 from maecore.convert.formats._shared import REL_POS, VITDET_WHY, vitdet_new_keys, vitdet_size_note, write_model
-from maecore.convert.io import atomic_write
 from maecore.convert.keys import Arch
+from maecore.convert.writers import atomic_write
 
 D2_PREFIX = "backbone.net."
 

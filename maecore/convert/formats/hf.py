@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from maecore.convert.formats import Canonical, Format, State
-from maecore.convert.io import atomic_write, save_safetensors
 from maecore.convert.keys import Arch
+from maecore.convert.writers import atomic_write, save_safetensors
 from maecore.errors import UserError
 
 _SUB = [

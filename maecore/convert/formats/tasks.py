@@ -12,7 +12,7 @@ import torch
 from maecore.checkpoint import save_atomic
 from maecore.convert.formats import Format, Job, State
 from maecore.convert.formats._shared import BEIT_EXTRAS, DENSE_WHY, REL_POS, VITDET_WHY, beit_new_keys, vitdet_new_keys
-from maecore.convert.io import TRUNK_FORMAT
+from maecore.convert.writers import TRUNK_FORMAT
 
 
 def trunk_meta(conv, source) -> dict[str, Any]:
