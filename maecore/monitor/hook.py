@@ -141,7 +141,7 @@ class Monitor(HookBase):
 
     def _tap(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
         if module.training:  # the training forward's tokens, not the measurement's
-            self._tapped = pool_tokens(out.detach(), self.trainer.model.num_prefix_tokens, self.pool).float()
+            self._tapped = pool_tokens(out.detach().float(), self.trainer.model.num_prefix_tokens, self.pool)
 
     def _untap(self) -> None:
         if self._handle is not None:
@@ -192,7 +192,7 @@ class Monitor(HookBase):
         local: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def embed() -> None:
-            fn = lambda x: pool_tokens(self.features(model, x), model.num_prefix_tokens, self.pool)  # noqa: E731
+            fn = lambda x: pool_tokens(self.features(model, x).float(), model.num_prefix_tokens, self.pool)  # noqa: E731
             with autocast(t.device, t.amp):
                 local.extend(sub.local_features(p, fn, t.cfg.batch_size, self.device) for p in parts)
 
