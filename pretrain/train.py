@@ -28,6 +28,7 @@ from maecore.cli import (
 from maecore.data.decode import DECODE_HELP, DECODES, decode_unavailable
 from maecore.engine import SCHEDULE_KEYS, StepFn, Trainer, dump_args
 from maecore.models import resolve_model
+from maecore.monitor import add_monitor_args, build_monitor
 from maecore.optim import WarmupCosine, adamw, param_groups
 from pretrain.data import build_pretrain_dataset, fixed_images, pretrain_collate, pretrain_device_batch
 from pretrain.evaluate import reconstruction_figure
@@ -75,6 +76,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "JPEGs at the output size before the crop (the old behaviour)")
     g.add_argument("--vis_every", type=non_negative_int, default=20, help="reconstruction figure every N epochs (0: off)")
     g.add_argument("--vis_images", type=non_negative_int, default=8)
+    add_monitor_args(p)
     add_engine_args(p)
     return p
 
@@ -190,7 +192,8 @@ def build_trainer(args: argparse.Namespace, device: torch.device) -> Trainer:
     return Trainer(cfg, model, optimizer, dataset, make_step_fn(args.mask_ratio), schedule, device, args=dump_args(args),
                    on_epoch_end=on_epoch_end, model_keys=MODEL_KEYS, schedule_keys=PRETRAIN_SCHEDULE_KEYS,
                    collate_fn=pretrain_collate(args.decode),
-                   device_batch=pretrain_device_batch(args.decode, args.input_size, device))
+                   device_batch=pretrain_device_batch(args.decode, args.input_size, device),
+                   hooks=[build_monitor(args, model, dataset.classes, device)])
 
 
 def cli(argv: list[str] | None = None) -> None:
