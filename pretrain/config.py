@@ -27,6 +27,7 @@ from maecore.config import RunConfig
 from maecore.data.decode import DECODE_HELP, DECODES, decode_unavailable
 from maecore.engine import SCHEDULE_KEYS
 from maecore.models import resolve_model
+from maecore.monitor import add_monitor_args
 from pretrain.model import build_mae  # noqa: F401  (importing it registers the mae_vit_* builders --model resolves into)
 from pretrain.recipes import RECIPES
 
@@ -73,6 +74,13 @@ class PretrainConfig(RunConfig):
     jpeg_draft: bool
     vis_every: int
     vis_images: int
+    # monitor (maecore.monitor.add_monitor_args)
+    monitor: bool
+    monitor_every: int
+    monitor_data: str
+    monitor_bank: int
+    monitor_queries: int
+    monitor_pool: str  # mean | cls
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -109,6 +117,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "JPEGs at the output size before the crop (the old behaviour)")
     g.add_argument("--vis_every", type=non_negative_int, default=20, help="reconstruction figure every N epochs (0: off)")
     g.add_argument("--vis_images", type=non_negative_int, default=8)
+    add_monitor_args(p)
     add_engine_args(p)
     return p
 

@@ -19,6 +19,7 @@ from maecore.checkpoint import checkpoint_args, checkpoint_step, load_file, unwr
 from maecore.cli import run_cli
 from maecore.engine import StepFn, Trainer, autocast, resolve_amp
 from maecore.errors import UserError
+from maecore.monitor import build_monitor
 from maecore.optim import WarmupCosine, adamw, param_groups
 from pretrain.config import (
     MODEL_KEYS,
@@ -129,7 +130,8 @@ def build_trainer(cfg: PretrainConfig, device: torch.device) -> Trainer:
     return Trainer(cfg.engine(), model, optimizer, dataset, make_step_fn(cfg.mask_ratio), schedule, device,
                    args=cfg.saved_args(), on_epoch_end=on_epoch_end, model_keys=MODEL_KEYS,
                    schedule_keys=PRETRAIN_SCHEDULE_KEYS, collate_fn=pretrain_collate(cfg.decode),
-                   device_batch=pretrain_device_batch(cfg.decode, cfg.input_size, device))
+                   device_batch=pretrain_device_batch(cfg.decode, cfg.input_size, device),
+                   hooks=[build_monitor(cfg, model, dataset.classes, device)])
 
 
 @torch.no_grad()

@@ -47,6 +47,16 @@ def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[nn.M
     return [*units, model]
 
 
+def init_root(model: nn.Module) -> None:
+    """FSDP2 learns which module is the root at the first forward through it: a forward of a block before that (an
+    evaluation under :meth:`Trainer.whole_weights` before training, the monitor's step 0) would make the block a root
+    and the first training step fail.  Settling it here first (idempotent: what the root's first forward does)
+    makes ``whole_weights`` safe at any time."""
+    get_state = getattr(model, "_get_fsdp_state", None)  # FSDP2's own accessor (torch >= 2.4)
+    if get_state is not None:
+        get_state()._lazy_init()
+
+
 def _is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 

@@ -60,7 +60,9 @@ STATUS_EVERY_S = 10.0
 
 class HookBase:
     """A do-nothing hook: override the events it needs.  ``self.trainer`` (a weak proxy, set when registered)
-    is the run: its ``cfg``, ``model``, ``optimizer``, ``step``, ``epoch``, ``storage``, ``logger``, ``save()``…"""
+    is the run: its ``cfg``, ``model``, ``optimizer``, ``step``, ``epoch``, ``storage``, ``logger``, ``save()``…
+    and, in ``after_backward``, ``batch``: the micro-batch just trained on, as the step function got it (its labels,
+    for a hook that learns from them: ``maecore.monitor``'s online classifier)."""
 
     trainer: Run
     priority: int = NORMAL

@@ -42,6 +42,7 @@ class Run(Protocol):
     lr: float
     best: float
     eval_results: dict[str, Any]
+    batch: Any  # the micro-batch just trained on, in after_backward (None elsewhere)
     finished: bool
     saved_at: tuple[int, int, int] | None
 

@@ -26,7 +26,7 @@ from maecore.checkpoint import (
 from maecore.data.sampler import ResumableSampler, SeededDataset
 from maecore.data.workers import ignore_stop_signals, shutdown_workers, worker_error_line
 from maecore.engine.config import SCHEDULE_KEYS, EngineConfig
-from maecore.engine.fsdp import full_model_state, full_optimizer_state, load_sharded, shard_model
+from maecore.engine.fsdp import full_model_state, full_optimizer_state, init_root, load_sharded, shard_model
 from maecore.engine.guard import FiniteGuard
 from maecore.engine.hooks import (
     Checkpointer,
@@ -156,6 +156,7 @@ class Trainer:
         self.trained_epoch = 0  # the epoch the last pass of the loop ran (after_epoch: the one just ended)
         self.best = -math.inf
         self.eval_results: dict[str, Any] = {}  # the last evaluation's (Evaluation hook); the summary's too
+        self.batch: Any = None  # the micro-batch in progress, as step_fn gets it: for the hooks' after_backward
         self.finished = False  # fit ran to its end (no error, no stop)
         self.guard = FiniteGuard(self)
         self.saved_at: tuple[int, int, int] | None = None  # (epoch, iter, step) of the last checkpoint-last
@@ -280,6 +281,7 @@ class Trainer:
         if not self.fsdp_modules:
             yield
             return
+        init_root(self.model)
         for m in self.fsdp_modules:
             m.set_reshard_after_forward(False, recurse=False)
             m.unshard()
@@ -374,10 +376,12 @@ class Trainer:
             batch = to_device(batch, self.device)
             if self.device_batch is not None:
                 batch = self.device_batch(batch)
+            self.batch = batch
             loss, logs = self.train_step.backward(batch, sync=boundary)
             self.storage.put({"loss": loss, **logs})
             self.iter_in_epoch += 1
             self.call_hooks("after_backward")
+            self.batch = batch = None  # not kept alive beside the next one
             if not boundary:
                 continue
             self.train_step.update()
