@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,16 +40,22 @@ __all__ = ["ARCH_KEYS", "MODEL_KEYS", "build_data", "build_model", "build_optimi
 
 
 def build_model(cfg: SegmentationConfig, num_classes: int | None = None) -> UperNetViT:
-    """The UperNet of ``cfg`` for ``num_classes`` classes (``None``: ``--num_classes``); its backbone's pretrained
-    weights (``--finetune``) are loaded by :func:`build_trainer`."""
+    """The UperNet of ``cfg`` for ``num_classes`` classes (``None``: ``--num_classes``), its backbone from
+    ``--finetune`` if given."""
     try:
-        return build_segmentor(
+        model = build_segmentor(
             cfg.model, cfg.num_classes if num_classes is None else num_classes, cfg.input_size, cfg.patch_size,
             cfg.drop_path, cfg.channels, cfg.aux_channels, cfg.aux_weight, cfg.out_indices, cfg.embed_dim, cfg.depth,
             cfg.num_heads, grad_checkpointing=cfg.grad_checkpointing,
         )
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cfg.finetune:
+        report = load_backbone(model.backbone, cfg.finetune)
+        if du.is_main():
+            print(f"loaded {len(report.converted)} backbone tensors from {cfg.finetune} "
+                  f"({len(report.added)} new at their neutral init, {len(report.dropped)} dropped)")
+    return model
 
 
 def build_data(cfg: SegmentationConfig) -> tuple[ADE20K | None, ADE20K]:
@@ -89,7 +96,7 @@ def evaluate(cfg: SegmentationConfig, device: torch.device) -> dict:
     cfg = checkpoint_config(cfg, checkpoint_args(ckpt), str(cfg.resume), log=print if du.is_main() else None)
     if msg := check_config(cfg):
         raise UserError(msg)
-    model = build_model(cfg)
+    model = build_model(replace(cfg, finetune=""))  # the weights are the checkpoint's, whole
     missing, unexpected = model.load_state_dict(unwrap_state_dict(ckpt), strict=False)
     step = checkpoint_step(ckpt)
     del ckpt
@@ -144,13 +151,7 @@ def build_trainer(cfg: SegmentationConfig, device: torch.device) -> Trainer:
     du.seed_everything(cfg.seed + du.rank())
     out = Path(cfg.output_dir)
     dataset, val = build_data(cfg)
-    model = build_model(cfg)
-    if cfg.finetune:
-        report = load_backbone(model.backbone, cfg.finetune)
-        if du.is_main():
-            print(f"loaded {len(report.converted)} backbone tensors from {cfg.finetune} "
-                  f"({len(report.added)} new at their neutral init, {len(report.dropped)} dropped)")
-    model = maybe_sync_batchnorm(model, device)
+    model = maybe_sync_batchnorm(build_model(cfg), device)
 
     optimizer = build_optimizer(cfg, model, device)
     epochs, spe, eval_every = schedule_in_epochs(cfg, len(dataset))
