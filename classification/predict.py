@@ -1,6 +1,6 @@
 """``python -m classification predict CKPT INPUT… -o OUT``: the top-k classes of each image as JSON lines.
 
-The classifier is built from the model flags saved in the checkpoint (:data:`classification.train.MODEL_KEYS`,
+The classifier is built from the model flags saved in the checkpoint (:data:`classification.config.MODEL_KEYS`,
 as ``--eval --resume`` does: :func:`classification.train.build_model`), images are seen through the training
 run's evaluation transform (:func:`classification.data.eval_transform`: resize, centre crop, normalise), and
 ``OUT/predictions.jsonl`` gets one line per image::
@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from classification.config import ClassificationConfig, check_config, checkpoint_config, parse_config
 from classification.data import eval_transform
-from classification.train import MODEL_KEYS, build_model, check_args, get_parser, parse_args
+from classification.train import build_model, trained_view
 from maecore.checkpoint import checkpoint_args, unwrap_state_dict
-from maecore.cli import OneLineParser, fill_from_checkpoint, positive_int, run_cli, upgrade_saved_args
+from maecore.cli import OneLineParser, positive_int, run_cli
 from maecore.convert import load_weights
 from maecore.convert.onnx_export import OnnxModule
 from maecore.engine import autocast
@@ -50,23 +51,19 @@ def get_predict_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_classifier(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.Module, argparse.Namespace, list[str]]:
-    """The trained classifier of a checkpoint of ours, its model flags and its class names (``args.classes``;
-    numbers for outputs beyond them)."""
+def load_classifier(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.Module, ClassificationConfig, list[str]]:
+    """The trained classifier of a checkpoint of ours, the config that built it and its class names
+    (``args.classes``; numbers for outputs beyond them)."""
     ckpt = ckpt if ckpt is not None else load_task_checkpoint(path, "classification")
-    args = parse_args(["--data_path", "-"])  # parser defaults; the checkpoint's model flags replace them (as --eval)
-    fill_from_checkpoint(get_parser(), args, upgrade_saved_args(checkpoint_args(ckpt)), MODEL_KEYS, (), source=str(path))
-    if msg := check_args(args):
+    cfg = parse_config(["--data_path", "-"])  # parser defaults; the checkpoint's model flags replace them (as --eval)
+    cfg = checkpoint_config(cfg, checkpoint_args(ckpt), str(path))
+    if msg := check_config(cfg):
         raise UserError(f"{path}: {msg}")
     state = unwrap_state_dict(ckpt)
     head_w = state.get("head.weight", state.get("head.1.weight"))
     num_classes = head_w.shape[0]
-    if "head.1.weight" in state:  # a BatchNorm + linear probe head
-        args.protocol = "linprobe"
-    args.global_pool = "fc_norm.weight" in state or (args.protocol == "linprobe" and bool(args.global_pool))
-    args.finetune = ""
-    args.eval = True
-    model, _ = build_model(args, num_classes)
+    cfg = trained_view(cfg, state)
+    model = build_model(cfg, num_classes)
     try:
         load_weights(model, state, "exact")
     except UserError as e:
@@ -75,7 +72,7 @@ def load_classifier(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.M
     if not saved:
         print(f"warning: {path} saved no class names; labels are class numbers", file=sys.stderr)
     names = [str(c) for c in saved][:num_classes] + [str(i) for i in range(len(saved), num_classes)]
-    return model.eval(), args, names
+    return model.eval(), cfg, names
 
 
 def topk_records(probs: torch.Tensor, names: Sequence[str], k: int) -> list[list[dict[str, Any]]]:

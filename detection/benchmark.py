@@ -4,7 +4,7 @@ The detector and optimizer come from ``detection.train`` with a ViTDet recipe (`
 default: ViT-B/16 trunk with window + global attention, simple feature pyramid, 2-conv RPN,
 4conv1fc box head, 4-conv mask head, layer-decay AdamW), so the timed step is the one
 ``python -m detection`` runs, minus the data loader: a fixed batch of LSJ-sized images with
-instances in torchvision's Mask R-CNN target format, already on the device.
+instances in torchvision's Mask R-CNN target format, already on the device: :func:`maecore.benchmark.task_step`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn as nn
 
+from detection.config import DetectionConfig, parse_config
 from detection.data import masks_to_boxes
-from detection.train import build_model, build_optimizer, parse_args
-from maecore.engine import TrainStep
+from detection.train import build_model, build_optimizer
+from maecore.benchmark import TaskBench, task_step
 
 NUM_CLASSES = 80  # COCO
 INSTANCES = 8  # COCO train2017 averages ~7.3 instances per image
@@ -46,6 +48,30 @@ def synthetic_targets(batch_size: int, size: int, device: torch.device, seed: in
     return images, targets
 
 
+def recipe(arch: str) -> str:
+    # ViT-L/H have recipes of their own (layer decay, drop path, activation checkpointing); other
+    # sizes borrow ViT-B's
+    return {"large": "vitdet_l", "huge": "vitdet_h"}.get(arch, "vitdet_b")
+
+
+def batch_loss(cfg: DetectionConfig, runner: nn.Module, device: torch.device, batch_size: int) -> Callable[[], torch.Tensor]:
+    # the model copies targets and normalises into new tensors: the fixed batch is never modified
+    images, targets = synthetic_targets(batch_size, cfg.input_size, device)
+
+    def loss_fn() -> torch.Tensor:
+        return sum(runner(images, targets).values())  # RPN + box + mask losses, as train.step_fn
+
+    return loss_fn
+
+
+def info(cfg: DetectionConfig, model: nn.Module) -> dict[str, Any]:
+    return {"patch_size": model.backbone.net.patch_size, "recipe": cfg.recipe, "backbone": cfg.backbone,
+            "instances_per_image": INSTANCES}
+
+
+BENCH = TaskBench(recipe, parse_config, lambda cfg, device: build_model(cfg, NUM_CLASSES), build_optimizer, batch_loss, info)
+
+
 def benchmark_step(
     device: torch.device,
     batch_size: int,
@@ -58,38 +84,4 @@ def benchmark_step(
     """One Mask R-CNN training step with a ViTDet-``arch`` trunk (default ``vitdet_b``: ViT-B/16 at
     1024) on ``batch_size`` images; returns the step closure, the images per step and an ``info`` dict
     saying what was built."""
-    arch = arch or "base"
-    # ViT-L/H have recipes of their own (layer decay, drop path, activation checkpointing); other
-    # sizes borrow ViT-B's
-    recipe = {"large": "vitdet_l", "huge": "vitdet_h"}.get(arch, "vitdet_b")
-    argv = ["--recipe", recipe, "--model", arch, "--batch_size", str(batch_size)]
-    if input_size is not None:
-        argv += ["--input_size", str(input_size)]
-    if patch_size is not None:
-        argv += ["--patch_size", str(patch_size)]
-    args = parse_args(argv)
-
-    model = build_model(args, NUM_CLASSES)
-    model.to(device).train()
-    optimizer = build_optimizer(model, args, device)
-    runner = torch.compile(model) if compile else model
-    # the model copies targets and normalises into new tensors: the fixed batch is never modified
-    images, targets = synthetic_targets(batch_size, args.input_size, device)
-
-    def loss_fn() -> torch.Tensor:
-        return sum(runner(images, targets).values())  # RPN + box + mask losses, as train.step_fn
-
-    train_step = TrainStep(model, optimizer, lambda m, batch: (loss_fn(), {}), device, amp, runner=runner)
-
-    def step() -> torch.Tensor:
-        return train_step(None)  # the engine's step; the batch is fixed on the device
-
-    info = {  # what was built: goes into the benchmark's JSON
-        "arch": arch,
-        "input_size": args.input_size,
-        "patch_size": model.backbone.net.patch_size,
-        "recipe": recipe,
-        "backbone": args.backbone,
-        "instances_per_image": INSTANCES,
-    }
-    return step, batch_size, info
+    return task_step(BENCH, device, batch_size, amp, compile, arch, input_size, patch_size)

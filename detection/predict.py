@@ -1,6 +1,6 @@
 """``python -m detection predict CKPT INPUT… -o OUT``: instances of the trained detector on any images.
 
-The detector is built from the model flags saved in the checkpoint (:data:`detection.train.MODEL_KEYS`,
+The detector is built from the model flags saved in the checkpoint (:data:`detection.config.MODEL_KEYS`,
 as ``--eval --resume`` does: :func:`detection.train.build_model`).  Each image gets the evaluation's test view
 (:class:`detection.data.LSJ` with ``train=False``: long side resized to the input size, padded to a square)
 and the evaluation's forward (:func:`detection.evaluate.predict`), which maps boxes and masks back to the
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,12 +27,13 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
+from detection.config import DetectionConfig, check_config, checkpoint_config, parse_config
 from detection.data import LSJ
 from detection.evaluate import predict as predict_batch
 from detection.evaluate import to_coco_results
-from detection.train import MODEL_KEYS, build_model, check_args, get_parser
+from detection.train import build_model
 from maecore.checkpoint import checkpoint_args, unwrap_state_dict
-from maecore.cli import OneLineParser, fill_from_checkpoint, ratio, run_cli, upgrade_saved_args
+from maecore.cli import OneLineParser, ratio, run_cli, upgrade_saved_args
 from maecore.convert.onnx_export import OnnxModule
 from maecore.errors import UserError
 from maecore.predict import (
@@ -60,18 +62,18 @@ def get_predict_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_detector(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.Module, argparse.Namespace, list[int], list[str]]:
-    """The trained detector of a checkpoint of ours, its model flags, and its category ids and names."""
+def load_detector(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.Module, DetectionConfig, list[int], list[str]]:
+    """The trained detector of a checkpoint of ours, the config that built it, and its category ids and names."""
     ckpt = ckpt if ckpt is not None else load_task_checkpoint(path, "detection")
-    args = get_parser().parse_args([])  # parser defaults; the checkpoint's model flags replace them (as --eval)
+    cfg = parse_config([])  # parser defaults; the checkpoint's model flags replace them (as --eval)
     saved = upgrade_saved_args(checkpoint_args(ckpt)) or {}
-    fill_from_checkpoint(get_parser(), args, saved, MODEL_KEYS, (), source=str(path))
-    if msg := check_args(args):
+    cfg = checkpoint_config(cfg, saved, str(path))
+    if msg := check_config(cfg):
         raise UserError(f"{path}: {msg}")
     state = unwrap_state_dict(ckpt)
     num_classes = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0]) - 1
-    args.finetune = ""
-    model = build_model(args, num_classes)
+    cfg = replace(cfg, finetune="")  # the weights are the checkpoint's, whole
+    model = build_model(cfg, num_classes)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{path}: does not fit the detector its args describe (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -82,7 +84,7 @@ def load_detector(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.Mod
         cat_ids = list(range(1, num_classes + 1))
     if not (isinstance(names, list) and len(names) == num_classes):
         names = [str(c) for c in cat_ids]
-    return model.eval(), args, [int(c) for c in cat_ids], [str(n) for n in names]
+    return model.eval(), cfg, [int(c) for c in cat_ids], [str(n) for n in names]
 
 
 class TestView:

@@ -1,7 +1,8 @@
 """The benchmark harness: timing protocol, memory and FLOP-rate helpers, environment, JSON.
 
 The benchmarks themselves live with what they measure (``pretrain.benchmark``, each task package's
-``benchmark``); ``pipeline.benchmark`` is the command line that runs them (``tools/benchmark.py``).
+``benchmark``: its ``benchmark_step`` is :func:`task_step` on what the task supplies, :class:`TaskBench`);
+``pipeline.benchmark`` is the command line that runs them (``tools/benchmark.py``).
 
 Timing protocol: warm-up steps are excluded; each variant runs ``windows`` timed windows of ``steps``
 steps, windows of competing variants are interleaved (A B, B A, ...) so that drift of a shared machine
@@ -108,6 +109,65 @@ def summary(v: Variant) -> dict[str, Any]:
 def speedup(fast: Variant, slow: Variant) -> float:
     """Median over windows of slow/fast step time (windows were interleaved pairwise)."""
     return statistics.median(s / f for f, s in zip(fast.windows, slow.windows))
+
+
+# --------------------------------------------------------------------------------------------------
+# Task training steps: one skeleton, each task supplies what differs
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskBench:
+    """What a task package's step benchmark supplies (its ``benchmark.py``); :func:`task_step` does the rest.
+
+    ``recipe`` names the task's recipe a ViT size borrows (its hyper-parameters and heads); ``parse_config``,
+    ``build_model`` and ``build_optimizer`` are the task's own (so the timed step is the one its training runs);
+    ``batch_loss(cfg, runner, device, batch_size)`` makes a fixed synthetic batch on the device and returns the
+    closure computing the training loss on it through ``runner`` (the model, or its compiled form); ``info(cfg,
+    model)`` says what was built beyond the size (``patch_size``, ``recipe``…: the benchmark's JSON)."""
+
+    recipe: Callable[[str], str]
+    parse_config: Callable[..., Any]
+    build_model: Callable[[Any, torch.device], nn.Module]
+    build_optimizer: Callable[[Any, nn.Module, torch.device], torch.optim.Optimizer]
+    batch_loss: Callable[[Any, nn.Module, torch.device, int], Callable[[], torch.Tensor]]
+    info: Callable[[Any, nn.Module], dict[str, Any]]
+    flags: tuple[str, ...] = ()  # more command-line flags (a data path the step never reads, a head's classes…)
+
+
+def task_step(
+    task: TaskBench,
+    device: torch.device,
+    batch_size: int,
+    amp: str,
+    compile: bool,
+    arch: str | None = None,
+    input_size: int | None = None,
+    patch_size: int | None = None,
+) -> tuple[Callable[[], torch.Tensor], int, dict[str, Any]]:
+    """One training step of ``task`` with a ViT-``arch`` (default ``base``) on ``batch_size`` images, built from the
+    command line of its recipe (``None`` sizes: the recipe's) as one process: the engine's
+    :class:`~maecore.engine.TrainStep` (forward, backward, optimizer) on a fixed batch already on the device, no host
+    sync.  Returns the step closure, the images per step and what was built (merged into the benchmark's JSON)."""
+    from maecore.engine import TrainStep  # the engine's step: imported when a task is benchmarked
+
+    arch = arch or "base"
+    argv = ["--recipe", task.recipe(arch), "--model", arch, "--batch_size", str(batch_size), *task.flags]
+    if input_size is not None:
+        argv += ["--input_size", str(input_size)]
+    if patch_size is not None:
+        argv += ["--patch_size", str(patch_size)]
+    cfg = task.parse_config(argv, world_size=1)  # the lr of one process's batch
+
+    model = task.build_model(cfg, device)
+    model.to(device).train()
+    optimizer = task.build_optimizer(cfg, model, device)
+    runner = torch.compile(model) if compile else model
+    loss_fn = task.batch_loss(cfg, runner, device, batch_size)
+    train_step = TrainStep(model, optimizer, lambda m, batch: (loss_fn(), {}), device, amp, runner=runner)
+
+    def step() -> torch.Tensor:
+        return train_step(None)  # the engine's step; the batch is fixed on the device
+
+    return step, batch_size, {"arch": arch, "input_size": cfg.input_size, **task.info(cfg, model)}
 
 
 # --------------------------------------------------------------------------------------------------

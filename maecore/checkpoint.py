@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -14,15 +13,13 @@ import socket
 import tempfile
 import time
 import zipfile
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from maecore import distributed as du
-from maecore.cli import fill_from_checkpoint, upgrade_saved_args
 from maecore.errors import UserError
 
 
@@ -150,18 +147,6 @@ def checkpoint_args(obj: Any) -> dict[str, Any] | None:
     ``None`` for a file without them (a converted or officially released checkpoint, a bare state dict)."""
     args = obj.get("args") if isinstance(obj, dict) else None
     return args if isinstance(args, dict) else None
-
-
-def load_for_eval(path: str | os.PathLike, args: argparse.Namespace, parser: argparse.ArgumentParser, keys: Sequence[str],
-                  given: Collection[str] = ()) -> Any:
-    """``--eval --resume PATH``: load the checkpoint and set the model flags ``keys`` on ``args`` from the
-    args saved in it, except those written on the command line (``given``); rank 0 says which it took.  Args
-    saved before the CLIs shared one vocabulary (``arch``, ``image_size``, ``crop_size``, ``nb_classes``) count
-    under today's names (``model``, ``input_size``, ``num_classes``)."""
-    ckpt = load_file(path)
-    fill_from_checkpoint(parser, args, upgrade_saved_args(checkpoint_args(ckpt)), keys, given, source=str(path),
-                         log=print if du.is_main() else None)
-    return ckpt
 
 
 EVAL_NAME = "eval.json"  # what --eval writes, in every task

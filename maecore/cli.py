@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from maecore.errors import UserError  # noqa: F401  (re-exported: ``from maecore.cli import UserError`` keeps working)
 
 if TYPE_CHECKING:  # the registry imports torch: the CLI layer imports it only when a parser is built
+    from maecore.config import RunConfig
     from maecore.engine.config import EngineConfig
     from maecore.models import Family
+
+C = TypeVar("C", bound="RunConfig")
 
 
 def fail(msg: str) -> NoReturn:
@@ -45,7 +49,7 @@ class OneLineParser(argparse.ArgumentParser):
 # ---- argparse value types: a bad number is a one-line flag error, before anything runs ----------------
 def _number_type(base: type, ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
     """argparse ``type=`` for a ``base`` (int/float) value that must satisfy ``ok``; also accepts numbers,
-    so a checkpoint's saved value can be checked with it.  ``.base`` tells :func:`fill_from_checkpoint`
+    so a checkpoint's saved value can be checked with it.  ``.base`` tells :func:`flags_from_checkpoint`
     what Python type the flag stores."""
 
     def parse(text: str | int | float) -> Any:
@@ -205,14 +209,13 @@ def upgrade_saved_args(saved: Mapping[str, Any] | None) -> Mapping[str, Any] | N
 
 
 # ---- the engine's flags --------------------------------------------------------------------------
-def config_from_args(args: Any, **overrides: Any) -> EngineConfig:
-    """Build an EngineConfig from an argparse namespace with the engine's flag names."""
-    from maecore.engine.config import EngineConfig  # the engine imports torch: only once a run is configured
+def config_from_args(args: RunConfig | Mapping[str, Any] | argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """The :class:`~maecore.engine.config.EngineConfig` of a task's typed config (:class:`maecore.config.RunConfig`),
+    of its flags as a dict, or of an argparse namespace: the values of the engine's names, then ``overrides``."""
+    from maecore.config import RunConfig, engine_config
 
-    names = {f for f in EngineConfig.__dataclass_fields__}
-    kw = {k: v for k, v in vars(args).items() if k in names}
-    kw.update(overrides)
-    return EngineConfig(**kw)
+    values = args.args() if isinstance(args, RunConfig) else args if isinstance(args, Mapping) else vars(args)
+    return engine_config(values, **overrides)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -275,8 +278,8 @@ def _coerce(action: argparse.Action | None, value: Any) -> tuple[bool, Any]:
         return True, value
     if action.nargs == 0:  # store_true / store_false / store_const
         return isinstance(value, bool) or value == action.const, value
-    many = action.nargs not in (None, "?")
-    if many:
+    many = action.nargs not in (None, "?") and not (isinstance(action, _SidesAction) and not isinstance(value, (list, tuple)))
+    if many:  # (``--input_size H [W]`` stores one side as an int)
         if not isinstance(value, (list, tuple)):
             return False, value
         if isinstance(action.nargs, int) and len(value) != action.nargs:
@@ -304,25 +307,25 @@ def _coerce(action: argparse.Action | None, value: Any) -> tuple[bool, Any]:
     return True, (out if many else out[0])
 
 
-def fill_from_checkpoint(
+def flags_from_checkpoint(
     parser: argparse.ArgumentParser,
-    args: argparse.Namespace,
     saved: Mapping[str, Any] | None,
     keys: Sequence[str],
     given: Collection[str] = (),
     source: str = "the checkpoint",
     log: Callable[[str], object] | None = print,
-) -> list[str]:
-    """Set each of ``keys`` (argparse dests) on ``args`` from ``saved`` (a checkpoint's args dict) unless
-    the user gave that flag (``given``, from :func:`given_flags`): what ``--eval --resume CKPT`` does so
-    that the network is built as it was trained, without repeating its flags.  Returns the keys taken and
-    reports them in one line through ``log``.  ``saved`` that is not a dict (no saved args, e.g. a
-    converted or released file) takes nothing; a saved value that the flag could not have produced is a
-    :class:`UserError`."""
+) -> dict[str, Any]:
+    """The values of ``keys`` (argparse dests) in ``saved`` (a checkpoint's args dict), except the flags the user
+    gave (``given``, from :func:`given_flags`): what ``--eval --resume CKPT`` builds the network from, so that it is
+    built as it was trained without repeating its flags (``dataclasses.replace(cfg, **taken)`` builds that run's
+    config).  Reports the keys taken in one line through ``log``.  ``saved`` that is not a dict (no saved args, e.g.
+    a converted or released file) gives nothing; a saved value that the flag could not have produced is a
+    :class:`UserError`.  Values come as the flag's ``type=`` stores them (a model alias canonical, tuples as lists)."""
     if not isinstance(saved, Mapping):
-        return []
+        return {}
     actions = {a.dest: a for a in parser._actions}
-    taken, kept = [], []
+    taken: dict[str, Any] = {}
+    kept = []
     for key in keys:
         if key not in saved:
             continue
@@ -332,12 +335,21 @@ def fill_from_checkpoint(
         ok, value = _coerce(actions.get(key), saved[key])
         if not ok:
             raise UserError(f"{source}: its saved args hold {key}={value!r}, not a valid value for that flag")
-        setattr(args, key, list(value) if isinstance(value, tuple) else value)
-        taken.append(key)
+        taken[key] = list(value) if isinstance(value, tuple) else value
     if log is not None and taken:
         def show(v: Any) -> str:
             return " ".join(map(str, v)) if isinstance(v, list) else str(v)
 
-        line = f"model flags from {source}: " + ", ".join(f"{k}={show(getattr(args, k))}" for k in taken)
+        line = f"model flags from {source}: " + ", ".join(f"{k}={show(v)}" for k, v in taken.items())
         log(line + (f" (given on the command line: {', '.join(kept)})" if kept else ""))
     return taken
+
+
+def with_checkpoint_flags(parser: argparse.ArgumentParser, cfg: C, saved: Mapping[str, Any] | None, keys: Sequence[str],
+                          source: str, log: Callable[[str], object] | None = print) -> C:
+    """``cfg`` with the model flags ``keys`` a checkpoint saved (its args ``saved``; args saved before the CLIs shared
+    one vocabulary count under today's names, :func:`upgrade_saved_args`), except those written on the command line
+    (``cfg.given``): the config that builds the network of ``--eval --resume CKPT`` and of ``predict`` as it was
+    trained (:func:`flags_from_checkpoint`; a new config, ``cfg`` is unchanged)."""
+    taken = flags_from_checkpoint(parser, upgrade_saved_args(saved), keys, cfg.given, source=source, log=log)
+    return dataclasses.replace(cfg, **taken)

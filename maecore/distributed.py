@@ -37,6 +37,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_world_size() -> int:
+    """The processes of this job: the started process group's size, else what torchrun announces (``RANK`` and
+    ``WORLD_SIZE``, from which :func:`init_distributed` starts the group), else 1.  A task's config is built before
+    the group starts, and its derived values (the lr of the effective batch) count every process."""
+    if is_dist():
+        return world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return 1
+
+
 DEFAULT_TIMEOUT_MIN = 30.0
 _timeout = datetime.timedelta(minutes=DEFAULT_TIMEOUT_MIN)  # the process group's; AnyRank's group uses it too
 

@@ -33,6 +33,7 @@ from maecore.engine import resolve_amp
 from maecore.errors import UserError
 from maecore.models import SIZES
 from pretrain import benchmark as pretrain_bench
+from pretrain import benchmark_data as data_bench
 from pretrain.model import MODELS
 
 SCHEMA_VERSION = harness.SCHEMA_VERSION
@@ -84,7 +85,7 @@ TASK_STEPS: dict[str, Callable[[], StepBuilder]] = {
 BENCHES = ("pretrain", "mask_tokens", "data", *TASK_BENCHMARKS)
 
 
-def task_bench(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def task_bench(name: str, args: argparse.Namespace, device: torch.device, timing: harness.Timing) -> dict[str, Any]:
     """Time the ``benchmark_step`` of the package registered as ``name`` ("not available" if it has none)."""
     modname = TASK_BENCHMARKS[name]
     try:
@@ -112,7 +113,7 @@ def task_bench(name: str, args: argparse.Namespace, device: torch.device) -> dic
     info = {"amp": amp, "batch_size": images, "compile": args.compile, "arch": args.task_arch,
             "input_size": args.task_input_size, **built}
     v = harness.Variant(name, step, images, info)
-    harness.run_windows([v], device, timing(args))
+    harness.run_windows([v], device, timing)
     return {"status": "ok", "module": benchmark_step.__module__, **harness.summary(v)}
 
 
@@ -136,7 +137,7 @@ def format_tasks(res: dict[str, Any]) -> list[str]:
 def print_table(res: dict[str, Any]) -> None:
     lines = harness.env_header(res["env"])
     for key, section in (("pretrain", pretrain_bench.format_pretrain), ("mask_tokens", pretrain_bench.format_mask_tokens),
-                         ("data", pretrain_bench.format_data)):
+                         ("data", data_bench.format_data)):
         if key in res:
             lines += section(res[key])
     lines += format_tasks(res)
@@ -187,7 +188,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="DataLoader workers to measure; 0 = the main process alone, i.e. one core (the per-core figure; "
                         "else 1 worker), the largest = all cores")
     g.add_argument("--jpeg_draft", action="store_true", help="also run the official pipeline with the old JPEG draft decoding")
-    g.add_argument("--data_formats", nargs="+", default=list(pretrain_bench.DATA_FORMATS), choices=list(pretrain_bench.DATA_FORMATS),
+    g.add_argument("--data_formats", nargs="+", default=list(data_bench.DATA_FORMATS), choices=list(data_bench.DATA_FORMATS),
                    help="store the generated sets as image folders, packed copies (maecore.data.packed, original bytes) and/or "
                         "packed --roi copies (re-encoded at quality 90 with restart markers: crop-box decoding)")
     g.add_argument("--data_batch_size", type=int, default=32)
@@ -217,16 +218,22 @@ def check_args(args: argparse.Namespace) -> None:
     if args.data_path and not Path(args.data_path).is_dir():
         raise UserError(f"--data_path is not a directory: {args.data_path}")
     for text in args.photo_sizes:
-        pretrain_bench.parse_hw(text)
+        data_bench.parse_hw(text)
 
 
-def timing(args: argparse.Namespace) -> harness.Timing:
-    return harness.Timing(args.warmup, args.windows, args.steps)
+def timing(args: argparse.Namespace, device: torch.device) -> harness.Timing:
+    """``--warmup --windows --steps``, the unset ones at the device's defaults (2 / 5 / 1 on a CPU, 10 / 5 / 20 on a GPU)."""
+    gpu = device.type == "cuda"
+    t = harness.Timing((10 if gpu else 2) if args.warmup is None else args.warmup, 5 if args.windows is None else args.windows,
+                       (20 if gpu else 1) if args.steps is None else args.steps)
+    if t.windows < 1 or t.steps < 1 or t.warmup < 0:
+        raise UserError("--windows and --steps must be >= 1, --warmup >= 0")
+    return t
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = get_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
     check_args(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available")
@@ -235,26 +242,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return run(args, device)
+        return run(args, device, argv)
     finally:
         torch.set_num_threads(threads)  # main() may be called in-process (tests)
 
 
-def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> dict[str, Any]:
+    """The benches of ``args`` (parsed from ``argv``, which the JSON records) on ``device``."""
     gpu = device.type == "cuda"
-    args.warmup = (10 if gpu else 2) if args.warmup is None else args.warmup
-    args.windows = 5 if args.windows is None else args.windows
-    args.steps = (20 if gpu else 1) if args.steps is None else args.steps
-    if args.windows < 1 or args.steps < 1 or args.warmup < 0:
-        raise UserError("--windows and --steps must be >= 1, --warmup >= 0")
+    timed = timing(args, device)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (loss, optimizer) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
 
-    res: dict[str, Any] = {"schema": SCHEMA_VERSION, "argv": args.argv, "env": harness.environment(device)}
+    res: dict[str, Any] = {"schema": SCHEMA_VERSION, "argv": argv, "env": harness.environment(device)}
     if "pretrain" in args.bench:
         res["pretrain"] = pretrain_bench.pretrain_bench(
-            device, timing(args), model_name=args.model, batch_size=args.batch_size, input_size=args.input_size,
+            device, timed, model_name=args.model, batch_size=args.batch_size, input_size=args.input_size,
             mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth, amp=resolve_amp(args.amp, device, cpu_bf16=False),
             compile_model=args.compile, attn=args.attn,
             baseline=args.baseline, seed=args.seed)
@@ -266,7 +270,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             warmup=args.mt_warmup, windows=args.mt_windows, optimizer=args.mt_optimizer, fvcore=args.fvcore)
     if "data" in args.bench:
         model_rate = res["pretrain"]["variants"]["ours"]["img_per_s"] if "pretrain" in res else None
-        res["data"] = pretrain_bench.data_bench(
+        res["data"] = data_bench.data_bench(
             device, input_size=args.input_size, batch_size=args.data_batch_size, batches=args.data_batches,
             num_workers=args.num_workers, jpeg_draft=args.jpeg_draft, model_img_per_s=model_rate,
             data_path=args.data_path, data_dir=args.data_dir, data_images=args.data_images,
@@ -274,7 +278,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             formats=tuple(dict.fromkeys(args.data_formats)))
     for name in TASK_BENCHMARKS:
         if name in args.bench:
-            res[name] = task_bench(name, args, device)
+            res[name] = task_bench(name, args, device, timed)
     res["env"]["max_rss_mb"] = round(harness.max_rss_mb(), 1)
     res["env"]["load_avg_end"] = harness.load_avg()
     print_table(res)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maecore.cli import OneLineParser, given_flags, non_negative_int, positive_int, run_cli
+from maecore.cli import OneLineParser, non_negative_int, positive_int, run_cli
 from maecore.errors import UserError
 
 TASKS = {"pretrain": "pretrain.train", "classification": "classification.train", "detection": "detection.train",
@@ -153,20 +153,18 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def task_argv(task: str, argv: list[str]) -> list[str]:
     """The task's flags, checked by the task's own parser (a bad flag is its one line, before submitting), with
     ``--output_dir`` made absolute and ``--resume auto`` added: the requeued job continues the same folder."""
-    mod = importlib.import_module(TASKS[task])
-    args = mod.parse_args(argv)
-    given = given_flags(mod.get_parser(), argv)
-    if "output_dir" not in given:
+    cfg = importlib.import_module(TASKS[task]).parse_config(argv)
+    if "output_dir" not in cfg.given:
         raise UserError("give the task's --output_dir (after --): every requeued job continues in it")
-    if getattr(args, "eval", False):
+    if getattr(cfg, "eval", False):
         raise UserError("--eval is a short single run: run it directly, not as a requeued cluster job")
-    if args.overwrite:
+    if cfg.overwrite:
         raise UserError("--overwrite starts afresh, but the job continues its folder (--resume auto): move the old folder "
                         "aside, or run once with --overwrite directly")
-    if args.resume and args.resume != "auto":
-        raise UserError(f"--resume {args.resume}: the job resumes with --resume auto (its own checkpoint-last.pth); "
+    if cfg.resume and cfg.resume != "auto":
+        raise UserError(f"--resume {cfg.resume}: the job resumes with --resume auto (its own checkpoint-last.pth); "
                         "to start from other weights use --finetune, or copy the file to <output_dir>/checkpoint-last.pth")
-    return [*argv, "--output_dir", str(Path(args.output_dir).resolve()), "--resume", "auto"]
+    return [*argv, "--output_dir", str(Path(cfg.output_dir).resolve()), "--resume", "auto"]
 
 
 def resolve_cluster(opts: argparse.Namespace) -> str:

@@ -1,5 +1,7 @@
 """Pretraining benchmarks for ``tools/benchmark.py`` (``pipeline.benchmark``): the training step (ours vs
-the official recipe), the encoder with vs without mask tokens (paper Table 1c / 2) and the input pipeline.
+the official recipe), the encoder with vs without mask tokens (paper Table 1c / 2); the input pipeline's is
+``pretrain.benchmark_data``.  :func:`benchmark_step` is the task interface's step benchmark, as every task package
+has it (:func:`maecore.benchmark.task_step` on what pretraining supplies).
 
 "Ours" is the engine's own step, ``maecore.engine.TrainStep`` around ``pretrain.train.make_step_fn``:
 what ``python -m pretrain`` runs, minus the data loader (a fixed pinned host batch, copied to the device
@@ -13,22 +15,20 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from maecore.benchmark import Timing, Variant, flop_rate, fmt, run_windows, speedup, step_memory, summary
+from maecore.benchmark import TaskBench, Timing, Variant, flop_rate, fmt, run_windows, speedup, step_memory, summary, task_step
 from maecore.engine import TrainStep, autocast, to_device, use_attention
 from maecore.errors import UserError
 from maecore.models.layers import set_fused_attention
 from maecore.optim import adamw
+from pretrain.config import PretrainConfig, parse_config
 from pretrain.model import MaskedAutoencoderViT, build_mae
-from pretrain.train import make_step_fn
+from pretrain.train import build_model, build_optimizer, make_step_fn
 from pretrain.train import optimizer_groups as train_groups
 
 WEIGHT_DECAY = 0.05
@@ -288,266 +288,39 @@ def format_mask_tokens(m: dict[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Data pipeline
+# The task interface's step benchmark
 # --------------------------------------------------------------------------------------------------
-def parse_hw(text: str) -> tuple[int, int]:
-    """'500x375' (W x H, as photo sizes are quoted) -> (H, W)."""
-    try:
-        w, h = (int(s) for s in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"photo size must look like 500x375 (width x height), got {text!r}") from None
-    if w < 16 or h < 16:
-        raise UserError(f"photo size {text} is too small")
-    return h, w
+def recipe(arch: str) -> str:
+    return "paper"  # every size takes the paper's hyper-parameters (its 8 x 512 decoder, normalised pixels)
 
 
-def make_photo_folder(root: Path, n: int, hw: tuple[int, int], seed: int = 0) -> Path:
-    """``n`` JPEG photos of size ``hw`` (H, W) in ``root``: random crops / flips of scikit-image's
-    bundled photographs, resized, so decode cost matches real photos (texture, not flat colour)."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data as skd
+def batch_loss(cfg: PretrainConfig, runner: nn.Module, device: torch.device, batch_size: int) -> Callable[[], torch.Tensor]:
+    images = host_batch(batch_size, cfg.input_size, torch.device("cpu"))[0].to(device)
 
-    root.mkdir(parents=True, exist_ok=True)
-    srcs = [Image.fromarray(f()) for f in (skd.astronaut, skd.chelsea, skd.coffee, skd.rocket)]
-    rng = np.random.default_rng(seed)
-    h, w = hw
-    for i in range(n):
-        im = srcs[i % len(srcs)]
-        sw, sh = im.size
-        cw, ch = int(sw * rng.uniform(0.6, 1.0)), int(sh * rng.uniform(0.6, 1.0))
-        x0, y0 = int(rng.integers(0, sw - cw + 1)), int(rng.integers(0, sh - ch + 1))
-        out = im.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.BICUBIC)
-        if rng.random() < 0.5:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        out.save(root / f"photo_{i:05d}.jpg", quality=90)
-    return root
+    def loss_fn() -> torch.Tensor:
+        return runner(images, mask_ratio=cfg.mask_ratio)[0]  # the MAE loss, as train.make_step_fn
+
+    return loss_fn
 
 
-def data_sets(work: Path, data_path: str | None, data_images: int, synthetic_size: int, photo_sizes: list[str],
-              seed: int) -> list[tuple[str, str, Path]]:
-    """(name, image size, folder) of every image set the data benchmark reads."""
-    if data_path:
-        return [("user", "as stored", Path(data_path))]
-    from synthetic import make_imagenet
-
-    sets = []
-    per_class = max(1, math.ceil(data_images / 10))
-    root = make_imagenet(work / "synthetic", per_class, 0, size=synthetic_size, seed=seed, overwrite=True)
-    sets.append(("synthetic", f"{synthetic_size}x{synthetic_size}", root / "train"))
-    for text in photo_sizes:
-        sets.append(("photos", text, make_photo_folder(work / f"photos_{text}", data_images, parse_hw(text), seed)))
-    return sets
+def info(cfg: PretrainConfig, model: nn.Module) -> dict[str, Any]:
+    return {"patch_size": model.patch_size, "model": cfg.model, "recipe": cfg.recipe, "mask_ratio": cfg.mask_ratio}
 
 
-H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 peak
-GPU_MFU_ASSUMED = 0.45
+BENCH = TaskBench(recipe, parse_config, lambda cfg, device: build_model(cfg), build_optimizer, batch_loss, info,
+                  flags=("--data_path", "unused"))
 
 
-def gpu_rate_assumption(model_name: str = "mae_vit_base_patch16", input_size: int = 224, mask_ratio: float = 0.75) -> dict[str, Any]:
-    """The images per second one GPU would consume pretraining ``model_name`` (its default 8 x 512 decoder): the
-    analytic training FLOPs per image (2 FLOPs per multiply-add, x 3 for forward + backward: :func:`mae_macs`)
-    at 45 % of an H100's dense bf16 peak.  The model is built on the meta device: nothing is allocated."""
-    with torch.device("meta"):
-        model = build_mae(model_name, img_size=input_size)
-    macs = mae_macs(model, mask_ratio)["total"]
-    flops = 6 * macs
-    rate = GPU_MFU_ASSUMED * H100_BF16_TFLOPS * 1e12 / flops
-    return {"model": model_name, "input_size": input_size, "mask_ratio": mask_ratio, "forward_macs_per_img": macs,
-            "train_flops_per_img": flops, "peak_tflops": H100_BF16_TFLOPS, "mfu": GPU_MFU_ASSUMED, "gpu_img_per_s": rate,
-            "text": f"{model_name} ({input_size} px, mask {mask_ratio:g}, decoder 8 x 512): {flops / 1e9:.1f} GFLOP per image "
-                    f"per training step (6 x {macs / 1e9:.2f} G multiply-adds) at {GPU_MFU_ASSUMED:.0%} of "
-                    f"{H100_BF16_TFLOPS:g} TFLOP/s (H100 SXM, dense bf16) = {rate:.0f} img/s per GPU"}
-
-
-class LoaderTimer:
-    """Times windows of batches out of one DataLoader like the engine's (persistent workers, pinned memory on GPU),
-    after its workers have started and produced a first batch; each batch is made ready for the model as the
-    engine does (``to_device``, then ``finish``: the fast path's normalisation happens here, in this process).
-    Without workers several timers can live side by side, so competing pipelines take turns (:func:`interleaved_rates`;
-    with workers, a loader refills its prefetch queue after its turn, on the cores the next turn needs).  Records
-    wall-clock seconds, and this process's CPU seconds (with 0 workers: all the work)."""
-
-    PREFETCH = 2
-
-    def __init__(self, dataset, batch_size: int, num_workers: int, batches: int, pin: bool, collate_fn=None,
-                 finish=None, device: torch.device | None = None) -> None:
-        from torch.utils.data import DataLoader, RandomSampler
-
-        self.bs = min(batch_size, len(dataset))
-        drain = self.PREFETCH * num_workers + 1
-        sampler = RandomSampler(dataset, replacement=True, num_samples=self.bs * (batches + drain + 1))
-        self.loader = DataLoader(dataset, batch_size=self.bs, sampler=sampler, num_workers=num_workers, pin_memory=pin,
-                                 collate_fn=collate_fn, drop_last=True, persistent_workers=num_workers > 0,
-                                 prefetch_factor=self.PREFETCH if num_workers else None)
-        self.finish, self.device = finish, device or torch.device("cpu")
-        self.images, self.wall, self.cpu = 0, 0.0, 0.0
-        self.it = iter(self.loader)
-        # start the workers and drain the batches they prefetched, so the timed ones arrive at the
-        # steady-state rate (the main process consumes instantly, as a fast GPU would)
-        for _ in range(drain):
-            self.ready(next(self.it))
-
-    def ready(self, batch):
-        batch = to_device(batch, self.device)
-        batch = self.finish(batch) if self.finish is not None else batch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return batch
-
-    def window(self, batches: int) -> None:
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(batches):
-            self.ready(next(self.it))
-        self.wall += time.perf_counter() - t0
-        self.cpu += time.process_time() - c0
-        self.images += batches * self.bs
-
-    def close(self) -> None:
-        from maecore.data.workers import shutdown_workers
-
-        shutdown_workers(self.loader)
-        del self.it
-
-
-def interleaved_rates(timers: list[LoaderTimer], batches: int, windows: int = 2) -> list[tuple[float, float]]:
-    """(wall-clock img/s, img per CPU-second of this process) of each timer over ``batches`` batches, timed in
-    ``windows`` turns per timer in mirrored order (A B B A ...): drift of a shared machine hits every pipeline alike."""
-    sizes = [batches // windows + (k < batches % windows) for k in range(windows)]
-    for k, n in enumerate(sizes):
-        for t in (timers if k % 2 == 0 else timers[::-1]):
-            if n:
-                t.window(n)
-    return [(t.images / t.wall, t.images / t.cpu if t.cpu > 0 else float("nan")) for t in timers]
-
-
-def per_core(runs: list[dict[str, Any]], key: str = "img_per_s") -> float | None:
-    """img/s of one core: the run in the main process (0 workers) if measured, else the 1-worker run (``key``:
-    ``cpu_img_per_s``, images per CPU-second, exists for the 0-worker runs only)."""
-    by = {r["num_workers"]: r.get(key) for r in runs}
-    return by.get(0, by.get(1)) if key == "img_per_s" else by.get(0)
-
-
-def data_summary(runs: list[dict[str, Any]], gpu_img_per_s: float) -> list[dict[str, Any]]:
-    """Per image set and storage format: official vs fast img/s on one core and on the most workers measured,
-    their ratio, and the cores each needs to feed one GPU (GPU img/s / img/s per core)."""
-    out = []
-    for ds, size, fmt_ in dict.fromkeys((r["dataset"], r["image_size"], r["format"]) for r in runs):
-        sel = [r for r in runs if (r["dataset"], r["image_size"], r["format"]) == (ds, size, fmt_) and not r["jpeg_draft"]]
-        off = [r for r in sel if r["pipeline"] == "official"]
-        fast = [r for r in sel if r["pipeline"] == "fast"]
-        if not off or not fast:
-            continue
-        most = max(r["num_workers"] for r in sel)
-        o1, f1 = per_core(off), per_core(fast)
-        oc, fc = per_core(off, "cpu_img_per_s"), per_core(fast, "cpu_img_per_s")
-        oa = next(r["img_per_s"] for r in off if r["num_workers"] == most)
-        fa = next(r["img_per_s"] for r in fast if r["num_workers"] == most)
-        out.append({"dataset": ds, "image_size": size, "format": fmt_, "official_per_core": o1, "fast_per_core": f1,
-                    "ratio_per_core": f1 / o1 if o1 and f1 else None, "official_per_cpu_s": oc, "fast_per_cpu_s": fc,
-                    "ratio_per_cpu_s": fc / oc if oc and fc else None, "workers_all": most, "official_all": oa, "fast_all": fa,
-                    "ratio_all": fa / oa, "official_cores_per_gpu": gpu_img_per_s / o1 if o1 else None,
-                    "fast_cores_per_gpu": gpu_img_per_s / f1 if f1 else None})
-    return out
-
-
-DATA_FORMATS = ("folder", "packed", "packed-roi")  # how the data benchmark stores each generated set (see data_bench)
-
-
-def data_bench(device: torch.device, *, input_size: int, batch_size: int, batches: int, num_workers: list[int],
-               jpeg_draft: bool, model_img_per_s: float | None, data_path: str | None, data_dir: str | None,
-               data_images: int, synthetic_size: int, photo_sizes: list[str], seed: int,
-               formats: tuple[str, ...] = DATA_FORMATS) -> dict[str, Any]:
-    """The pretraining input pipeline's img/s, the official (torchvision transforms, float batches; also with
-    the old JPEG draft decoding with ``jpeg_draft``) next to the fast one (``--decode fast``: DCT scale from the
-    crop, uint8, normalised in this process), for each worker count, on ``data_path`` or else on generated sets
-    (written under ``data_dir`` or a temporary folder) stored as a folder, packed with the original bytes and packed
-    with ``--roi`` (re-encoded at quality 90 with restart markers; ``formats``); next to the
-    model step rate ``model_img_per_s`` and the cores each pipeline needs to feed one GPU
-    (:func:`gpu_rate_assumption`)."""
-    from maecore.data.packed.index import split_dir
-    from maecore.data.packed.writer import pack
-    from pretrain.data import build_pretrain_dataset, pretrain_collate, pretrain_device_batch
-
-    tmp = None
-    if data_dir:
-        work = Path(data_dir)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="mae-bench-")
-        work = Path(tmp.name)
-    gpu = gpu_rate_assumption(input_size=input_size)
-    runs = []
-    try:
-        stores = []
-        for name, size, folder in data_sets(work, data_path, data_images, synthetic_size, photo_sizes, seed):
-            if data_path:
-                stores.append((name, size, "packed" if split_dir(folder) is not None else "folder", folder))
-                continue
-            for fmt_ in formats:
-                if fmt_ in ("packed", "packed-roi"):
-                    dst = work / fmt_ / f"{name}_{size}"
-                    pack(folder, dst, force=True, workers=0, say=lambda _m: None, roi="mcu" if fmt_ == "packed-roi" else None)
-                    stores.append((name, size, fmt_, dst))
-                else:
-                    stores.append((name, size, fmt_, folder))
-        variants = [("official", False), *([("official", True)] if jpeg_draft else []), ("fast", False)]
-        for name, size, fmt_, folder in stores:
-            for nw in num_workers:
-                def timer(pipeline: str, draft: bool, nw: int = nw, folder: Path = folder) -> LoaderTimer:
-                    return LoaderTimer(build_pretrain_dataset(folder, input_size, jpeg_draft=draft, decode=pipeline), batch_size, nw,
-                                       batches, device.type == "cuda", pretrain_collate(pipeline),
-                                       pretrain_device_batch(pipeline, input_size, device), device)
-
-                if nw == 0:  # the pipelines' loaders side by side, timed in turns: drift of a shared machine hits each alike
-                    timers = [timer(pipeline, draft) for pipeline, draft in variants]
-                    try:
-                        rates = interleaved_rates(timers, batches, windows=4)
-                    finally:
-                        for t in timers:
-                            t.close()
-                else:  # one after the other: a loader's workers refill its prefetch queue after its turn, which would
-                    rates = []  # steal the cores from the next pipeline's turn
-                    for pipeline, draft in variants:
-                        t = timer(pipeline, draft)
-                        try:
-                            rates.append(interleaved_rates([t], batches, windows=1)[0])
-                        finally:
-                            t.close()
-                for (pipeline, draft), (rate, cpu_rate) in zip(variants, rates):
-                    runs.append({"dataset": name, "image_size": size, "format": fmt_, "pipeline": pipeline, "jpeg_draft": draft,
-                                 "num_workers": nw, "img_per_s": rate, "img_per_s_per_worker": rate / max(nw, 1),
-                                 "cpu_img_per_s": cpu_rate if nw == 0 else None,
-                                 "vs_model": rate / model_img_per_s if model_img_per_s else None})
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return {"input_size": input_size, "batch_size": batch_size, "batches": batches,
-            "model_img_per_s": model_img_per_s, "gpu_assumption": gpu, "runs": runs,
-            "summary": data_summary(runs, gpu["gpu_img_per_s"])}
-
-
-def format_data(d: dict[str, Any]) -> list[str]:
-    lines = ["", f"## data pipeline: decode + RandomResizedCrop({d['input_size']}, 0.2-1, bicubic) + flip + normalise, batch ready "
-             f"for the model; model step rate {fmt(d['model_img_per_s'])} img/s",
-             "official: torchvision transforms in the workers, float batches (draft: the old --jpeg_draft); "
-             "fast: --decode fast (DCT scale from the crop, uint8, normalised in the main process); formats: folder, packed "
-             "(original bytes), packed-roi (maecore.data.packed --roi: re-encoded q90 with restart markers, fast decodes the box only)",
-             f"{'images':<10} {'size':>10} {'format':>10} {'pipeline':>9} {'draft':>6} {'workers':>7} {'img/s':>9} {'vs model':>9}"]
-    for r in d["runs"]:
-        lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>10} {r['pipeline']:>9} {r['jpeg_draft']!s:>6} "
-                     f"{r['num_workers']:>7} {r['img_per_s']:>9.1f} {fmt(r['vs_model']):>9}")
-    gpu = d.get("gpu_assumption")
-    if d.get("summary") and gpu:
-        lines += ["", f"assumed GPU consumption: {gpu['text']}",
-                  "per core = 0 workers (the main process alone; else 1 worker): wall-clock img/s, and img per CPU-second of "
-                  "the process (what other jobs time-sharing the core do not change); all = the most workers measured",
-                  f"{'images':<10} {'size':>10} {'format':>10} {'official/core':>14} {'fast/core':>10} {'ratio':>6} "
-                  f"{'off./CPU-s':>10} {'fast/CPU-s':>10} {'ratio':>6} "
-                  f"{'workers':>7} {'official':>9} {'fast':>9} {'ratio':>6} {'cores/GPU off.':>14} {'cores/GPU fast':>14}"]
-        for r in d["summary"]:
-            lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>10} {fmt(r['official_per_core']):>14} "
-                         f"{fmt(r['fast_per_core']):>10} {fmt(r['ratio_per_core']):>6} {fmt(r.get('official_per_cpu_s')):>10} "
-                         f"{fmt(r.get('fast_per_cpu_s')):>10} {fmt(r.get('ratio_per_cpu_s')):>6} {r['workers_all']:>7} "
-                         f"{r['official_all']:>9.1f} {r['fast_all']:>9.1f} {r['ratio_all']:>6.2f} "
-                         f"{fmt(r['official_cores_per_gpu']):>14} {fmt(r['fast_cores_per_gpu']):>14}")
-    return lines
+def benchmark_step(
+    device: torch.device,
+    batch_size: int,
+    amp: str,
+    compile: bool,
+    arch: str | None = None,
+    input_size: int | None = None,
+    patch_size: int | None = None,
+) -> tuple[Callable[[], torch.Tensor], int, dict[str, Any]]:
+    """One pretraining step of MAE ViT-``arch`` (default ``base``, with the ``paper`` recipe: 224 px, mask 75 %) on
+    ``batch_size`` images, as every task package's ``benchmark_step``: the step closure, the images per step and what
+    was built.  (``--bench pretrain`` times the same step against the official one: :func:`pretrain_bench`.)"""
+    return task_step(BENCH, device, batch_size, amp, compile, arch, input_size, patch_size)

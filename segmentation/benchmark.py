@@ -4,7 +4,7 @@ The model comes from ``segmentation.train`` with its ADE20K recipe (``base`` by 
 512 crop, UperNet 768 channels + auxiliary FCN head, drop path 0.1) and the optimizer is the one
 ``segmentation.train.build_optimizer`` makes (layer-decay AdamW), so the timed step is the one
 ``python -m segmentation`` runs, minus the data loader: a fixed batch of crops and label maps
-(with ignored pixels) already on the device.
+(with ignored pixels) already on the device: :func:`maecore.benchmark.task_step`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn as nn
 
-from maecore.engine import TrainStep
+from maecore.benchmark import TaskBench, task_step
+from segmentation.config import SegmentationConfig, parse_config
 from segmentation.data import IGNORE_INDEX
 from segmentation.model import maybe_sync_batchnorm
-from segmentation.train import build_model, build_optimizer, parse_args
+from segmentation.train import build_model, build_optimizer
 
 
 def synthetic_batch(batch_size: int, size: int, num_classes: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +34,28 @@ def synthetic_batch(batch_size: int, size: int, num_classes: int, device: torch.
     return images.to(device), labels.to(device)
 
 
+def recipe(arch: str) -> str:
+    return "large" if arch == "large" else "base"  # other sizes borrow ViT-B's heads and hyper-parameters
+
+
+def batch_loss(cfg: SegmentationConfig, runner: nn.Module, device: torch.device, batch_size: int) -> Callable[[], torch.Tensor]:
+    images, labels = synthetic_batch(batch_size, cfg.input_size, cfg.num_classes, device)
+
+    def loss_fn() -> torch.Tensor:
+        return runner(images, labels)[0]  # decode + 0.4 x auxiliary cross-entropy, as train.step_fn
+
+    return loss_fn
+
+
+def info(cfg: SegmentationConfig, model: nn.Module) -> dict[str, Any]:
+    return {"patch_size": model.backbone.patch_size, "recipe": cfg.recipe, "num_classes": cfg.num_classes}
+
+
+# the optimizer is the one python -m segmentation uses
+BENCH = TaskBench(recipe, parse_config, lambda cfg, device: maybe_sync_batchnorm(build_model(cfg), device), build_optimizer,
+                  batch_loss, info, flags=("--data_path", "unused"))
+
+
 def benchmark_step(
     device: torch.device,
     batch_size: int,
@@ -44,34 +68,4 @@ def benchmark_step(
     """One UperNet training step with a ViT-``arch`` backbone (default: the ``base`` recipe, ViT-B/16
     on 512 crops) on ``batch_size`` crops; returns the step closure, the images per step and an ``info``
     dict saying what was built."""
-    arch = arch or "base"
-    recipe = "large" if arch == "large" else "base"  # other sizes borrow ViT-B's heads and hyper-parameters
-    argv = ["--recipe", recipe, "--model", arch, "--batch_size", str(batch_size), "--data_path", "unused"]
-    if input_size is not None:
-        argv += ["--input_size", str(input_size)]
-    if patch_size is not None:
-        argv += ["--patch_size", str(patch_size)]
-    args = parse_args(argv)
-
-    model = maybe_sync_batchnorm(build_model(args), device)
-    model.to(device).train()
-    optimizer = build_optimizer(model, args, device)  # the one python -m segmentation uses
-    runner = torch.compile(model) if compile else model
-    images, labels = synthetic_batch(batch_size, args.input_size, args.num_classes, device)
-
-    def loss_fn() -> torch.Tensor:
-        return runner(images, labels)[0]  # decode + 0.4 x auxiliary cross-entropy, as train.step_fn
-
-    train_step = TrainStep(model, optimizer, lambda m, batch: (loss_fn(), {}), device, amp, runner=runner)
-
-    def step() -> torch.Tensor:
-        return train_step(None)  # the engine's step; the batch is fixed on the device
-
-    info = {  # what was built: goes into the benchmark's JSON
-        "arch": arch,
-        "input_size": args.input_size,
-        "patch_size": model.backbone.patch_size,
-        "recipe": recipe,
-        "num_classes": args.num_classes,
-    }
-    return step, batch_size, info
+    return task_step(BENCH, device, batch_size, amp, compile, arch, input_size, patch_size)

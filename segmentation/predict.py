@@ -1,6 +1,6 @@
 """``python -m segmentation predict CKPT INPUT… -o OUT``: a class map for every image, at its own resolution.
 
-The segmentor is built from the model flags saved in the checkpoint (:data:`segmentation.train.ARCH_KEYS`, as
+The segmentor is built from the model flags saved in the checkpoint (:data:`segmentation.config.MODEL_KEYS`, as
 ``--eval --resume`` does: :func:`segmentation.train.build_model`); every image, whatever its size, is predicted
 as the evaluation predicts it (:func:`segmentation.evaluate.predict`: resized to fit (4·crop, crop) keeping its
 ratio, overlapping crop-size windows whose logits are averaged, logits resized back to the image).  Written to
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch.nn as nn
 from PIL import Image
 
 from maecore.checkpoint import checkpoint_args, unwrap_state_dict
-from maecore.cli import OneLineParser, fill_from_checkpoint, positive_int, run_cli, upgrade_saved_args
+from maecore.cli import OneLineParser, positive_int, run_cli, upgrade_saved_args
 from maecore.convert.onnx_export import OnnxModule
 from maecore.engine import autocast
 from maecore.errors import UserError
@@ -41,9 +42,10 @@ from maecore.predict import (
     prepare_output,
     setup_runtime,
 )
+from segmentation.config import SegmentationConfig, check_config, checkpoint_config, parse_config
 from segmentation.evaluate import MS_SCALES, colorize
 from segmentation.evaluate import predict as predict_image
-from segmentation.train import ARCH_KEYS, build_model, check_crop, get_parser, parse_args
+from segmentation.train import build_model
 
 
 def get_predict_parser() -> argparse.ArgumentParser:
@@ -57,20 +59,20 @@ def get_predict_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_segmentor(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.Module, argparse.Namespace]:
-    """The trained segmentor of a checkpoint of ours and its model flags (``args.no_reduce_zero_label`` too)."""
+def load_segmentor(path: str, ckpt: dict[str, Any] | None = None) -> tuple[nn.Module, SegmentationConfig]:
+    """The trained segmentor of a checkpoint of ours and the config that built it (``no_reduce_zero_label`` too)."""
     ckpt = ckpt if ckpt is not None else load_task_checkpoint(path, "segmentation")
-    args = parse_args(["--data_path", "-"])  # parser defaults; the checkpoint's model flags replace them (as --eval)
+    cfg = parse_config(["--data_path", "-"])  # parser defaults; the checkpoint's model flags replace them (as --eval)
     saved = upgrade_saved_args(checkpoint_args(ckpt)) or {}
-    fill_from_checkpoint(get_parser(), args, saved, ARCH_KEYS, (), source=str(path))
-    if msg := check_crop(args):
+    cfg = checkpoint_config(cfg, saved, str(path))
+    if msg := check_config(cfg):
         raise UserError(f"{path}: {msg}")
-    args.no_reduce_zero_label = bool(saved.get("no_reduce_zero_label", False))
-    model = build_model(args)
+    cfg = replace(cfg, no_reduce_zero_label=bool(saved.get("no_reduce_zero_label", False)))
+    model = build_model(cfg)
     missing, unexpected = model.load_state_dict(unwrap_state_dict(ckpt), strict=False)
     if missing or unexpected:
         raise UserError(f"{path}: does not fit the segmentor its args describe (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval(), args
+    return model.eval(), cfg
 
 
 def overlay(pil: Image.Image, pred: np.ndarray, num_classes: int, alpha: float = 0.5) -> Image.Image:

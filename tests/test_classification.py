@@ -17,7 +17,7 @@ from classification.data import LINPROBE_SCALE, build_datasets, eval_transform, 
 from classification.evaluate import knn_classify
 from classification.lars import LARS
 from classification.model import build_classifier, load_pretrained, setup_linear_probe, setup_partial_finetune
-from classification.train import build_model, cli, main, parse_args
+from classification.train import build_model, cli, main, parse_config, tuned_params
 from maecore.checkpoint import load_file, save_atomic
 from maecore.data.crop import FastRandomResizedCrop
 from maecore.data.pixels import normalize_uint8
@@ -346,10 +346,10 @@ def test_pretrain_cli_checkpoint_accepted(world: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "pre" / "checkpoint-last.pth"
     sd = load_file(ckpt)["model"]
     # what `--finetune CKPT` does (training itself is covered by the tests above, on depth-2 models)
-    args = parse_args(["--model", "vit_tiny_patch16", "--patch_size", "8", "--input_size", str(SIZE), "--data_path", str(world),
+    args = parse_config(["--model", "vit_tiny_patch16", "--patch_size", "8", "--input_size", str(SIZE), "--data_path", str(world),
                        "--finetune", str(ckpt)])
-    model, n_tuned = build_model(args, 7)
-    assert n_tuned == sum(p.numel() for p in model.parameters())
+    model = build_model(args, 7)
+    assert tuned_params(model) == sum(p.numel() for p in model.parameters())
     assert torch.equal(model.blocks[11].mlp.fc2.weight, sd["blocks.11.mlp.fc2.weight"])
     assert torch.equal(model.pos_embed, sd["pos_embed"]) and model.pos_embed.requires_grad  # sin-cos -> learned
     assert model.head.weight.std().item() < 1e-4 and torch.all(model.fc_norm.weight == 1)
@@ -433,7 +433,7 @@ def test_converter_outputs_accepted(mae_ckpt: Path, world: Path, tmp_path: Path,
 
     dst = tmp_path / ("enc.safetensors" if fmt == "safetensors" else "enc.pth")
     tool.main([str(mae_ckpt), "-o", str(dst), "--to", fmt])
-    model, _ = build_model(parse_args([*TINY, "--data_path", str(world), "--finetune", str(dst)]), 7)
+    model = build_model(parse_config([*TINY, "--data_path", str(world), "--finetune", str(dst)]), 7)
     sd = load_file(mae_ckpt)["model"]
     for k in ("patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias", "cls_token"):
         assert torch.equal(model.state_dict()[k], sd[k]), k
@@ -447,16 +447,16 @@ def test_recipes_match_reference(world: Path) -> None:
     for name, (model, blr, ld, dp, ep) in {"finetune_vit_base": ("vit_base_patch16", 5e-4, 0.65, 0.1, 100),
                                            "finetune_vit_large": ("vit_large_patch16", 1e-3, 0.75, 0.2, 50),
                                            "finetune_vit_huge": ("vit_huge_patch14", 1e-3, 0.75, 0.3, 50)}.items():
-        a = parse_args(["--recipe", name, *d])
+        a = parse_config(["--recipe", name, *d])
         assert (a.protocol, a.model, a.blr, a.layer_decay, a.drop_path, a.epochs) == ("finetune", model, blr, ld, dp, ep)
         assert (a.weight_decay, a.min_lr, a.warmup_epochs, a.mixup, a.cutmix, a.smoothing, a.reprob) == (0.05, 1e-6, 5, 0.8, 1.0, 0.1, 0.25)
         assert a.aa == "rand-m9-mstd0.5-inc1" and a.global_pool
-    a = parse_args(["--recipe", "linprobe", *d])
+    a = parse_config(["--recipe", "linprobe", *d])
     got = (a.protocol, a.blr, a.weight_decay, a.warmup_epochs, a.epochs, a.global_pool, a.mixup)
     assert got == ("linprobe", 0.1, 0.0, 10, 90, False, 0.0)
-    a = parse_args(["--recipe", "finetune_vit_base", "--blr", "1e-4", "--cls_token", *d])
+    a = parse_config(["--recipe", "finetune_vit_base", "--blr", "1e-4", "--cls_token", *d])
     assert a.blr == 1e-4 and a.global_pool is False and a.layer_decay == 0.65
-    assert parse_args(["--protocol", "partial", "--tune_blocks", "0.5", *d]).tune_blocks == 0.5
+    assert parse_config(["--protocol", "partial", "--tune_blocks", "0.5", *d]).tune_blocks == 0.5
 
 
 def test_randaugment_posterize_survives_magnitude_10() -> None:
@@ -478,10 +478,10 @@ def test_randaugment_posterize_survives_magnitude_10() -> None:
                                       (["--protocol", "linprobe", "--head_init_std", "0.02"], 0.02)])
 def test_head_init_std_flag(argv: list[str], std: float) -> None:
     """The official head inits by default (2e-5 fine-tuning, 0.01 probe); --head_init_std overrides both."""
-    from classification.train import build_model, parse_args
+    from classification.train import build_model, parse_config
 
-    args = parse_args(["--data_path", "x", "--model", "vit_tiny_patch16", "--depth", "1", "--input_size", "32", *argv])
-    model, _ = build_model(args, 5)
+    args = parse_config(["--data_path", "x", "--model", "vit_tiny_patch16", "--depth", "1", "--input_size", "32", *argv])
+    model = build_model(args, 5)
     lin = model.head[-1] if isinstance(model.head, nn.Sequential) else model.head
     assert model.head_init_std == std
     assert abs(lin.weight.std().item() - std) < 0.2 * std

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from maecore.checkpoint import checkpoint_args
-from maecore.cli import fill_from_checkpoint, given_flags
+from maecore.cli import flags_from_checkpoint, given_flags
 from maecore.errors import UserError
 
 KEYS = ("arch", "embed_dim", "depth", "global_blocks", "anchor_sizes", "score_thresh", "global_pool", "image_size")
@@ -45,8 +45,9 @@ def test_fill_takes_model_flags_unless_given(capsys: pytest.CaptureFixture[str])
     args = p.parse_args(argv)
     saved = {"arch": "tiny", "embed_dim": 64, "depth": 4, "global_blocks": (1, 3), "anchor_sizes": [8, 16, 32],
              "score_thresh": 0.0, "global_pool": True, "image_size": 64, "data_path": "old", "output_dir": "old"}
-    taken = fill_from_checkpoint(p, args, saved, KEYS, given_flags(p, argv), source="ck.pth")
-    assert taken == ["arch", "embed_dim", "global_blocks", "anchor_sizes", "score_thresh", "global_pool", "image_size"]
+    taken = flags_from_checkpoint(p, saved, KEYS, given_flags(p, argv), source="ck.pth")
+    assert list(taken) == ["arch", "embed_dim", "global_blocks", "anchor_sizes", "score_thresh", "global_pool", "image_size"]
+    args = argparse.Namespace(**{**vars(args), **taken})  # what dataclasses.replace(cfg, **taken) builds
     assert (args.arch, args.embed_dim, args.depth, args.global_blocks, args.score_thresh) == ("tiny", 64, 6, [1, 3], 0.0)
     assert args.global_pool is True and args.image_size == 64
     assert args.data_path == "new" and args.output_dir == "out"  # not a model key: never taken
@@ -54,9 +55,7 @@ def test_fill_takes_model_flags_unless_given(capsys: pytest.CaptureFixture[str])
     assert out == ["model flags from ck.pth: arch=tiny, embed_dim=64, global_blocks=1 3, anchor_sizes=8 16 32, "
                    "score_thresh=0.0, global_pool=True, image_size=64 (given on the command line: depth)"]
     # a saved None (the size's own width) replaces a recipe's value too
-    args = p.parse_args(["--data_path", "d", "--embed_dim", "96"])
-    fill_from_checkpoint(p, args, {"embed_dim": None}, KEYS, given=(), log=None)
-    assert args.embed_dim is None
+    assert flags_from_checkpoint(p, {"embed_dim": None}, KEYS, given=(), log=None) == {"embed_dim": None}
 
 
 def test_no_saved_args_keeps_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
@@ -64,7 +63,7 @@ def test_no_saved_args_keeps_the_flags(capsys: pytest.CaptureFixture[str]) -> No
     args = p.parse_args(["--data_path", "d"])
     before = vars(args).copy()
     for ckpt in ({"model": {}}, {"model": {}, "args": "Namespace(arch='tiny')"}, [1, 2]):
-        assert fill_from_checkpoint(p, args, checkpoint_args(ckpt), KEYS) == []
+        assert flags_from_checkpoint(p, checkpoint_args(ckpt), KEYS) == {}
     assert vars(args) == before and capsys.readouterr().out == ""
 
 
@@ -73,4 +72,4 @@ def test_no_saved_args_keeps_the_flags(capsys: pytest.CaptureFixture[str]) -> No
 def test_bad_saved_value_is_a_user_error(key: str, value: object) -> None:
     p = parser()
     with pytest.raises(UserError, match=f"ck.pth: its saved args hold {key}="):
-        fill_from_checkpoint(p, p.parse_args(["--data_path", "d"]), {key: value}, KEYS, source="ck.pth")
+        flags_from_checkpoint(p, {key: value}, KEYS, source="ck.pth")

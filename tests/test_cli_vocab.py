@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from maecore.checkpoint import load_for_eval, save_atomic
+from maecore.checkpoint import checkpoint_args, load_file, save_atomic
 from maecore.cli import given_flags, upgrade_saved_args
 from maecore.errors import UserError
 
@@ -56,7 +56,7 @@ def test_every_readme_command_parses() -> None:
             args = importlib.import_module(f"{module}.predict").get_predict_parser().parse_args(argv[1:])
             assert args.checkpoint and args.inputs and args.output, (module, argv)
             continue
-        args = train_module(module).parse_args(argv)
+        args = train_module(module).parse_config(argv)
         family = "mae_vit_" if module == "pretrain" else "vit_"
         assert args.model.startswith(family), (module, argv, args.model)
 
@@ -83,7 +83,7 @@ OLD_SPELLINGS = [
 
 @pytest.mark.parametrize("module,argv,expect", OLD_SPELLINGS)
 def test_old_spellings_parse_into_the_shared_names(module: str, argv: list[str], expect: dict) -> None:
-    args = vars(train_module(module).parse_args(["--data_path", "unused", *argv]))
+    args = train_module(module).parse_config(["--data_path", "unused", *argv]).args()
     assert {k: args[k] for k in expect} == expect
     assert not {"arch", "image_size", "crop_size", "nb_classes"} & set(args)
 
@@ -93,7 +93,7 @@ def test_recipes_use_the_shared_keys() -> None:
         recipes = importlib.import_module(f"{module}.recipes").RECIPES
         for name, recipe in recipes.items():
             assert not {"arch", "image_size", "crop_size", "nb_classes"} & set(recipe), (module, name)
-            args = train_module(module).parse_args(["--data_path", "unused", "--recipe", name])
+            args = train_module(module).parse_config(["--data_path", "unused", "--recipe", name])
             assert args.model == recipe.get("model", args.model)
 
 
@@ -192,25 +192,25 @@ LEGACY_CKPTS = [
 @pytest.mark.parametrize("module,keys,saved,expect", LEGACY_CKPTS, ids=[c[0] for c in LEGACY_CKPTS])
 def test_eval_resume_reads_an_old_checkpoints_saved_args(module: str, keys: str, saved: dict, expect: dict, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    tm = train_module(module)
+    tm, config = train_module(module), importlib.import_module(f"{module}.config")
+    assert getattr(tm, keys) == config.MODEL_KEYS  # the keys --eval takes (segmentation's older name too)
     path = save_atomic({"model": {}, "args": saved}, tmp_path / "old.pth")
     argv = ["--data_path", "d", "--eval", "--resume", str(path)]
-    args = tm.parse_args(argv)
-    load_for_eval(path, args, tm.get_parser(), getattr(tm, keys), given=())
-    assert {k: getattr(args, k) for k in expect} == expect
+    cfg = config.checkpoint_config(tm.parse_config(argv), checkpoint_args(load_file(path)), str(path))
+    assert {k: getattr(cfg, k) for k in expect} == expect
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"model flags from {path}:") and "model=vit_tiny_patch16" in line and "arch=" not in line
     # a flag written on the command line (here in its old spelling) still wins over the checkpoint
     argv2 = [*argv, "--image_size", "128"]
-    args = tm.parse_args(argv2)
-    load_for_eval(path, args, tm.get_parser(), getattr(tm, keys), given=given_flags(tm.get_parser(), argv2))
-    assert args.input_size == 128 and args.model == "vit_tiny_patch16"
+    cfg = tm.parse_config(argv2)
+    assert cfg.given == given_flags(tm.get_parser(), argv2)
+    cfg = config.checkpoint_config(cfg, saved, str(path))
+    assert cfg.input_size == 128 and cfg.model == "vit_tiny_patch16"
 
 
 def test_a_saved_value_out_of_range_is_a_user_error(tmp_path: Path) -> None:
-    tm = train_module("segmentation")
+    from segmentation.config import checkpoint_config, parse_config
+
     for bad in ({"arch": "giant"}, {"crop_size": 0}, {"depth": -1}, {"nb_classes": "7"}):
-        path = save_atomic({"model": {}, "args": bad}, tmp_path / "bad.pth")
-        args = tm.parse_args(["--data_path", "d"])
-        with pytest.raises(UserError, match="its saved args hold"):
-            load_for_eval(path, args, tm.get_parser(), tm.ARCH_KEYS, given=())
+        with pytest.raises(UserError, match="bad.pth: its saved args hold"):
+            checkpoint_config(parse_config(["--data_path", "d"]), bad, str(tmp_path / "bad.pth"))

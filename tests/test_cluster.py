@@ -337,7 +337,7 @@ def test_submit_command_line(tmp_path, capsys, monkeypatch):
 # ---- 5. memory: activation checkpointing, FSDP2 -------------------------------------------------------
 def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_world):
     from pretrain.model import build_mae
-    from pretrain.train import build_trainer, parse_args
+    from pretrain.train import build_trainer, parse_config
 
     torch.manual_seed(0)
     m = build_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8, depth=2, decoder_depth=1, decoder_embed_dim=64, decoder_num_heads=4)
@@ -359,7 +359,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_world):
     assert plain[1].keys() == ckpt[1].keys() and all(torch.equal(plain[1][k], ckpt[1][k]) for k in plain[1])
 
     # the pretraining flag turns it on for the encoder blocks
-    args = parse_args([*PRETRAIN, "--data_path", str(tiny_world["imagenet"]), "--output_dir", "unused", "--grad_checkpointing"])
+    args = parse_config([*PRETRAIN, "--data_path", str(tiny_world["imagenet"]), "--output_dir", "unused", "--grad_checkpointing"])
     assert build_trainer(args, torch.device("cpu")).model.grad_checkpointing
 
 

@@ -147,8 +147,8 @@ def test_vitdet_schedule_in_steps():
     assert sched.warmup == 250 and sched.milestones == (163_889, 177_546)
     assert sched(0) == pytest.approx(1e-7) and sched(50_000) == pytest.approx(1e-4)
     assert sched(163_888) == pytest.approx(1e-4) and sched(163_889) == pytest.approx(1e-5) and sched(177_546) == pytest.approx(1e-6)
-    args.max_iters = 0  # whole --epochs
-    assert schedule_length(args, steps_per_epoch=1832) == (100, 183_200)
+    whole = Namespace(**{**vars(args), "max_iters": 0})  # whole --epochs
+    assert schedule_length(whole, steps_per_epoch=1832) == (100, 183_200)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

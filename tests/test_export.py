@@ -54,15 +54,15 @@ def run(argv: list, capsys) -> tuple[int, str, str]:
 
 # ---- classification -> timm --------------------------------------------------------------------------------
 def _classifier(tmp_path: Path, *flags: str):
-    from classification.train import build_model, parse_args
+    from classification.config import ClassifierData
+    from classification.train import build_model, parse_config
 
     torch.manual_seed(0)
-    args = parse_args(["--data_path", "-", "--model", "vit_tiny_patch16", "--patch_size", "8", "--embed_dim", "64", "--depth",
-                       "2", "--num_heads", "4", "--input_size", "32", *flags])
-    args.classes, args.num_classes = CLASSES, len(CLASSES)
-    model, _ = build_model(args, len(CLASSES))
+    cfg = parse_config(["--data_path", "-", "--model", "vit_tiny_patch16", "--patch_size", "8", "--embed_dim", "64", "--depth",
+                        "2", "--num_heads", "4", "--input_size", "32", *flags])
+    model = build_model(cfg, len(CLASSES))
     perturb(model, 1)
-    return model, save_like_trainer(model, args, tmp_path / "ckpt.pth")
+    return model, save_like_trainer(model, cfg.saved_args(ClassifierData(CLASSES, len(CLASSES))), tmp_path / "ckpt.pth")
 
 
 @pytest.mark.parametrize("flags,pool", [((), "avg"), (("--cls_token",), "token"), (("--protocol", "linprobe", "--global_pool"), "avg"),
@@ -109,14 +109,14 @@ def test_classifier_to_timm_model_folder(tmp_path, capsys):
 # ---- segmentation -> mmseg ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def segmentor(tmp_path_factory):
-    from segmentation.train import build_model, parse_args
+    from segmentation.train import build_model, parse_config
 
     torch.manual_seed(0)
-    args = parse_args(["--recipe", "demo", "--data_path", "-", "--model", "tiny", "--embed_dim", "64", "--depth", "4",
-                       "--num_heads", "2", "--patch_size", "8", "--input_size", "32", "--channels", "16", "--aux_channels",
-                       "8", "--num_classes", "5"])
+    args = parse_config(["--recipe", "demo", "--data_path", "-", "--model", "tiny", "--embed_dim", "64", "--depth", "4",
+                         "--num_heads", "2", "--patch_size", "8", "--input_size", "32", "--channels", "16", "--aux_channels",
+                         "8", "--num_classes", "5"])
     model = perturb(build_model(args), 2)
-    return model, args, save_like_trainer(model, args, tmp_path_factory.mktemp("seg") / "ckpt.pth")
+    return model, args, save_like_trainer(model, args.saved_args(), tmp_path_factory.mktemp("seg") / "ckpt.pth")
 
 
 # mmseg's own names for one layer of its MAE backbone and the UperNet parts (written from mmseg's modules)
@@ -157,15 +157,15 @@ def test_mmseg_config_taps_the_blocks_the_segmentor_taps():
     """Trained without ``--out_indices`` (saved as None), the recorded config taps the blocks the segmentor taps."""
     from segmentation.export import export
     from segmentation.model import default_out_indices
-    from segmentation.train import build_model, parse_args
+    from segmentation.train import build_model, parse_config
 
     for depth in (*range(1, 14), 24, 32, 40):
-        args = parse_args(["--recipe", "demo", "--data_path", "-", "--model", "tiny", "--embed_dim", "32", "--depth", str(depth),
+        args = parse_config(["--recipe", "demo", "--data_path", "-", "--model", "tiny", "--embed_dim", "32", "--depth", str(depth),
                            "--num_heads", "2", "--patch_size", "8", "--input_size", "32", "--channels", "8", "--aux_channels",
                            "8", "--num_classes", "5"])
         with torch.device("meta"):
             model = build_model(args)
-        taps = export(dict(model.state_dict()), {**vars(args), "out_indices": None}).meta["config_overrides"]["model.backbone.out_indices"]
+        taps = export(dict(model.state_dict()), {**args.args(), "out_indices": None}).meta["config_overrides"]["model.backbone.out_indices"]
         assert taps == tuple(model.backbone.out_indices) == default_out_indices(depth), depth
 
 
@@ -304,17 +304,18 @@ def test_segmentor_in_mmsegmentation(segmentor, tmp_path, capsys):
 SMALL = ["--model", "tiny", "--embed_dim", "64", "--depth", "2", "--num_heads", "2", "--patch_size", "16", "--input_size", "64",
          "--pretrain_img_size", "64", "--window_size", "2", "--global_blocks", "1", "--out_channels", "32", "--fc_dim", "64",
          "--anchor_sizes", "8", "16", "32", "64", "128", "--detections_per_img", "20", "--score_thresh", "0.0"]
+# what a detection run learns from its annotations (detection.config.DetectorData), saved beside the flags
+LEARNED = {"num_classes": 5, "category_ids": [10, 20, 30, 40, 50], "category_names": CLASSES}
 
 
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
-    from detection.train import build_model, get_parser
+    from detection.train import build_model, parse_config
 
     torch.manual_seed(0)
-    args = get_parser().parse_args(SMALL)
-    args.num_classes, args.category_ids, args.category_names = 5, [10, 20, 30, 40, 50], CLASSES
-    model = perturb(build_model(args, 5), 3)
-    return model, args, save_like_trainer(model, args, tmp_path_factory.mktemp("det") / "ckpt.pth")
+    cfg = parse_config(SMALL)
+    model = perturb(build_model(cfg, 5), 3)
+    return model, cfg, save_like_trainer(model, cfg.saved_args(LEARNED), tmp_path_factory.mktemp("det") / "ckpt.pth")
 
 
 # detectron2's names for the heads of its ViTDet Mask R-CNN (mask_rcnn_vitdet.py: 2-conv RPN, 4conv1fc, 4conv mask head)
@@ -391,15 +392,14 @@ D2_B_CONFIG = Path(__file__).resolve().parents[1] / "detection" / "configs" / "d
 @pytest.fixture(scope="module")
 def detector8(tmp_path_factory):
     """The demo's pyramid: patch 8, strides 2, 4, 8, 16 and 32 (detectron2's p1-p5)."""
-    from detection.train import build_model, get_parser
+    from detection.train import build_model, parse_config
 
     torch.manual_seed(0)
     flags = list(SMALL)
     flags[flags.index("--patch_size") + 1], flags[flags.index("--window_size") + 1] = "8", "4"
-    args = get_parser().parse_args(flags)
-    args.num_classes, args.category_ids, args.category_names = 5, [10, 20, 30, 40, 50], CLASSES
-    model = perturb(build_model(args, 5), 4)
-    return model, args, save_like_trainer(model, args, tmp_path_factory.mktemp("det8") / "ckpt.pth")
+    cfg = parse_config(flags)
+    model = perturb(build_model(cfg, 5), 4)
+    return model, cfg, save_like_trainer(model, cfg.saved_args(LEARNED), tmp_path_factory.mktemp("det8") / "ckpt.pth")
 
 
 @pytest.mark.parametrize("patch", [16, 8])
@@ -498,13 +498,12 @@ def test_trained_checkpoints_refuse_what_they_cannot_be(segmentor, detector, tmp
 def test_detector_patch_size_detectron2_cannot_name(tmp_path, capsys):
     """Patch 12 gives strides 3, 6, 12, 24: detectron2's pyramid names levels by log2 stride and its RoI pooler
     needs power-of-two scales, so the conversion refuses in one line rather than write a model that cannot run."""
-    from detection.train import build_model, get_parser
+    from detection.train import build_model, parse_config
 
     flags = list(SMALL)
     flags[flags.index("--patch_size") + 1], flags[flags.index("--input_size") + 1] = "12", "96"
-    args = get_parser().parse_args(flags)
-    args.num_classes = 5
-    ckpt = save_like_trainer(build_model(args, 5), args, tmp_path / "ckpt.pth")
+    cfg = parse_config(flags)
+    ckpt = save_like_trainer(build_model(cfg, 5), cfg.saved_args({"num_classes": 5}), tmp_path / "ckpt.pth")
     code, _, err = run([ckpt, "-o", tmp_path / "vitdet.pth", "--to", "detectron2"], capsys)
     assert code == 2 and err.startswith("error: ") and "patch size 12" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "vitdet.pth").exists()

@@ -21,6 +21,7 @@ import bisect
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -251,31 +252,31 @@ CPU = torch.device("cpu")
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model", ["mae_vit_base_patch16", "mae_vit_large_patch16"])
 def test_pretrain_groups_equal_main_pretrain(model):
-    from pretrain.train import build_model, build_optimizer, parse_args
+    from pretrain.train import build_model, build_optimizer, parse_config
 
-    args = parse_args(["--recipe", "paper", "--model", model, "--data_path", "x"])
-    args.lr = 1.5e-4 * 4096 / 256
+    args = parse_config(["--recipe", "paper", "--model", model, "--data_path", "x"])
+    args = replace(args, lr=1.5e-4 * 4096 / 256)
     with torch.device("meta"):
         m = build_model(args)
-    ours = by_name(build_optimizer(m, args, CPU), m)
+    ours = by_name(build_optimizer(args, m, CPU), m)
     assert_same(ours, timm032_add_weight_decay(m.named_parameters(), 0.05))
     assert ours["cls_token"] == (0.05, 1.0) and ours["mask_token"] == (0.05, 1.0)  # the official code decays them
     assert "pos_embed" not in ours and "decoder_pos_embed" not in ours  # frozen sin-cos tables
     # opt-in: the tokens join the exempt 1-D parameters
-    args.wd_rule = "uniform"
-    uniform = by_name(build_optimizer(m, args, CPU), m)
+    args = replace(args, wd_rule="uniform")
+    uniform = by_name(build_optimizer(args, m, CPU), m)
     assert {n for n in uniform if uniform[n] != ours[n]} == {"cls_token", "mask_token"}
 
 
 @pytest.mark.parametrize("recipe", ["demo"])
 def test_pretrain_demo_follows_the_official_rule_too(recipe):
-    from pretrain.train import build_model, build_optimizer, parse_args
+    from pretrain.train import build_model, build_optimizer, parse_config
 
-    args = parse_args(["--recipe", recipe, "--data_path", "x"])
-    args.lr = 1e-3
+    args = parse_config(["--recipe", recipe, "--data_path", "x"])
+    args = replace(args, lr=1e-3)
     with torch.device("meta"):
         m = build_model(args)
-    assert_same(by_name(build_optimizer(m, args, CPU), m), timm032_add_weight_decay(m.named_parameters(), args.weight_decay))
+    assert_same(by_name(build_optimizer(args, m, CPU), m), timm032_add_weight_decay(m.named_parameters(), args.weight_decay))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,25 +286,25 @@ def test_pretrain_demo_follows_the_official_rule_too(recipe):
                                                  ("finetune_vit_large", "vit_large_patch16", 24),
                                                  ("finetune_vit_huge", "vit_huge_patch14", 32)])
 def test_finetune_groups_equal_param_groups_lrd(recipe, model, depth):
-    from classification.train import build_model, build_optimizer, parse_args
+    from classification.train import build_model, build_optimizer, parse_config
 
-    args = parse_args(["--recipe", recipe, "--data_path", "x"])
+    args = parse_config(["--recipe", recipe, "--data_path", "x"])
     assert args.model == model
-    args.lr = 1e-3
+    args = replace(args, lr=1e-3)
     with torch.device("meta"):
-        m, _ = build_model(args, 1000)
+        m = build_model(args, 1000)
     official = mae_param_groups_lrd(m.named_parameters(), depth, args.weight_decay, TIMM_VIT_NO_WEIGHT_DECAY, args.layer_decay)
     assert_same(by_name(build_optimizer(args, m, CPU), m), official)
 
 
 def test_linear_probe_tunes_the_head_only_with_lars():
     from classification.lars import LARS
-    from classification.train import build_model, build_optimizer, parse_args
+    from classification.train import build_model, build_optimizer, parse_config
 
-    args = parse_args(["--recipe", "linprobe", "--model", "vit_base_patch16", "--data_path", "x"])
-    args.lr = 0.1 * 16384 / 256
+    args = parse_config(["--recipe", "linprobe", "--model", "vit_base_patch16", "--data_path", "x"])
+    args = replace(args, lr=0.1 * 16384 / 256)
     with torch.device("meta"):
-        m, _ = build_model(args, 1000)
+        m = build_model(args, 1000)
     opt = build_optimizer(args, m, CPU)
     # main_linprobe.py: LARS(model.head.parameters(), weight_decay=args.weight_decay) after the BN(affine=False) head
     assert isinstance(opt, LARS) and opt.defaults["weight_decay"] == args.weight_decay == 0.0
@@ -317,10 +318,10 @@ def test_cosine_schedule_equals_adjust_learning_rate(task, recipe):
     from maecore.optim import WarmupCosine
 
     if task == "pretrain":
-        from pretrain.train import parse_args
+        from pretrain.train import parse_config
     else:
-        from classification.train import parse_args
-    args = parse_args(["--recipe", recipe, "--data_path", "x", *(["--model", "base"] if recipe == "linprobe" else [])])
+        from classification.train import parse_config
+    args = parse_config(["--recipe", recipe, "--data_path", "x", *(["--model", "base"] if recipe == "linprobe" else [])])
     lr = 1e-3
     ours = WarmupCosine(lr, args.min_lr, args.warmup_epochs, args.epochs)  # as pretrain/ and classification/train.py build it
     w, e = args.warmup_epochs, args.epochs
@@ -335,22 +336,22 @@ def _d2_names(model, args) -> dict[str, str]:
     """Our parameter name -> detectron2's (the converter's renaming, which real detectron2 loads: issue #24)."""
     from detection.export import export as detection_to_detectron2
 
-    conv = detection_to_detectron2(dict(model.named_parameters()), vars(args))
+    conv = detection_to_detectron2(dict(model.named_parameters()), args.args())
     return {n: conv.report.renamed.get(n, n) for n, _ in model.named_parameters()}
 
 
 @pytest.mark.parametrize("recipe", ["vitdet_b", "vitdet_l", "vitdet_h"])
 def test_vitdet_groups_equal_detectron2(recipe):
-    from detection.train import build_model, build_optimizer, parse_args
+    from detection.train import build_model, build_optimizer, parse_config
 
     depth, rate, wd_norm, overrides, *_ = VITDET_CONFIGS[recipe]
-    args = parse_args(["--recipe", recipe])
+    args = parse_config(["--recipe", recipe])
     with torch.device("meta"):
         m = build_model(args, 80)
     assert m.backbone.net.depth == depth
     to_d2 = _d2_names(m, args)
     official = d2_default_optimizer_params(to_d2.values(), 0.1, wd_norm, lambda n: d2_get_vit_lr_decay_rate(n, rate, depth), overrides)
-    ours = by_name(build_optimizer(m, args, CPU), m)
+    ours = by_name(build_optimizer(args, m, CPU), m)
     assert_same({to_d2[n]: v for n, v in ours.items()}, official)
     exempt = {n for n, (wd, _) in ours.items() if wd == 0.0}
     if recipe == "vitdet_h":
@@ -361,12 +362,12 @@ def test_vitdet_groups_equal_detectron2(recipe):
 
 
 def test_vitdet_uniform_rule_is_opt_in():
-    from detection.train import build_model, build_optimizer, parse_args
+    from detection.train import build_model, build_optimizer, parse_config
 
-    args = parse_args(["--recipe", "vitdet_b", "--wd_rule", "uniform"])
+    args = parse_config(["--recipe", "vitdet_b", "--wd_rule", "uniform"])
     with torch.device("meta"):
         m = build_model(args, 80)
-    ours = by_name(build_optimizer(m, args, CPU), m)
+    ours = by_name(build_optimizer(args, m, CPU), m)
     exempt = {n for n, (wd, _) in ours.items() if wd == 0.0}
     one_d = {n for n, p in m.named_parameters() if p.ndim == 1}
     assert exempt == one_d | {"backbone.net.pos_embed"} | {n for n in ours if n.endswith((".rel_pos_h", ".rel_pos_w"))}
@@ -376,10 +377,10 @@ def test_vitdet_uniform_rule_is_opt_in():
 @pytest.mark.parametrize("images,world", [(117_266, 8), (118_287, 8), (5_000, 1)])
 def test_vitdet_schedule_equals_detectron2(recipe, images, world):
     """ViTDet's iterations, warm-up and milestones whatever the dataset's size and the number of processes."""
-    from detection.train import parse_args, schedule_length, step_schedule
+    from detection.train import parse_config, schedule_length, step_schedule
 
     *_, max_iter, milestones, warmup_length = VITDET_CONFIGS[recipe]
-    args = parse_args(["--recipe", recipe])
+    args = parse_config(["--recipe", recipe])
     steps_per_epoch = -(-images // world) // args.batch_size // args.accum_iter
     epochs, total = schedule_length(args, steps_per_epoch)
     assert total == max_iter and epochs * steps_per_epoch >= max_iter > (epochs - 1) * steps_per_epoch
@@ -391,9 +392,9 @@ def test_vitdet_schedule_equals_detectron2(recipe, images, world):
 
 
 def test_detection_demo_schedule_is_whole_epochs_with_vitdet_fractions():
-    from detection.train import parse_args, schedule_length, step_schedule
+    from detection.train import parse_config, schedule_length, step_schedule
 
-    args = parse_args(["--recipe", "demo", "--epochs", "7"])
+    args = parse_config(["--recipe", "demo", "--epochs", "7"])
     epochs, total = schedule_length(args, 100)  # 400 images, batch 4
     assert (epochs, total) == (7, 700)
     ours = step_schedule(args, total)
@@ -401,8 +402,8 @@ def test_detection_demo_schedule_is_whole_epochs_with_vitdet_fractions():
     for it in range(700):
         assert ours(it) == pytest.approx(d2_vitdet_lr(it, args.lr, 700, [622, 674], 20 / 700), rel=1e-12), it
     # --epochs on the command line wins over a recipe's iteration count
-    assert parse_args(["--recipe", "vitdet_b", "--epochs", "12"]).max_iters == 0
-    assert parse_args(["--recipe", "vitdet_b", "--epochs", "12", "--max_iters", "500"]).max_iters == 500
+    assert parse_config(["--recipe", "vitdet_b", "--epochs", "12"]).max_iters == 0
+    assert parse_config(["--recipe", "vitdet_b", "--epochs", "12", "--max_iters", "500"]).max_iters == 500
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,23 +412,23 @@ def test_detection_demo_schedule_is_whole_epochs_with_vitdet_fractions():
 @pytest.mark.parametrize("recipe,depth", [("base", 12), ("large", 24)])
 def test_upernet_groups_equal_mmseg_layer_decay_constructor(recipe, depth):
     from segmentation.export import export as segmentation_to_mmseg
-    from segmentation.train import build_model, build_optimizer, parse_args
+    from segmentation.train import build_model, build_optimizer, parse_config
 
-    args = parse_args(["--recipe", recipe, "--data_path", "x"])
+    args = parse_config(["--recipe", recipe, "--data_path", "x"])
     with torch.device("meta"):
         m = build_model(args)
-    conv = segmentation_to_mmseg(dict(m.named_parameters()), vars(args))
+    conv = segmentation_to_mmseg(dict(m.named_parameters()), args.args())
     to_mmseg = {n: conv.report.renamed.get(n, n) for n, _ in m.named_parameters()}
     official = mmseg_layer_decay_params([(to_mmseg[n], tuple(p.shape)) for n, p in m.named_parameters()],
                                         args.weight_decay, depth, args.layer_decay)
-    ours = by_name(build_optimizer(m, args, CPU), m)
+    ours = by_name(build_optimizer(args, m, CPU), m)
     assert_same({to_mmseg[n]: v for n, v in ours.items()}, official)
     decayed = {n for n, (wd, _) in ours.items() if wd}
     assert {"backbone.pos_embed", "backbone.cls_token"} <= decayed
     assert sum(n.endswith("relative_position_bias_table") for n in decayed) == depth
     # opt-in: those three kinds join the exempt 1-D parameters
-    args.wd_rule = "uniform"
-    uniform = by_name(build_optimizer(m, args, CPU), m)
+    args = replace(args, wd_rule="uniform")
+    uniform = by_name(build_optimizer(args, m, CPU), m)
     changed = {n for n in ours if uniform[n] != ours[n]}
     assert changed == {"backbone.pos_embed", "backbone.cls_token"} | {n for n in ours if n.endswith("relative_position_bias_table")}
 
@@ -436,25 +437,25 @@ ITERS = (0, 1, 2, 749, 1498, 1499, 1500, 1501, 80_000, 158_500, 159_998, 159_999
 
 
 def test_upernet_schedule_equals_mmseg_0x_lr_config():
-    from segmentation.train import parse_args, poly_schedule
+    from segmentation.train import parse_config, poly_schedule
 
-    args = parse_args(["--recipe", "base", "--data_path", "x"])
+    args = parse_config(["--recipe", "base", "--data_path", "x"])
     ours = poly_schedule(args)
     for it in ITERS:
         assert ours(it) == pytest.approx(mmcv_poly_warmup_lr(it, 1e-4, 160_000, 1500), rel=1e-12, abs=1e-20), it
 
 
 def test_upernet_poly_after_warmup_equals_mmseg_1x_param_scheduler():
-    from segmentation.train import parse_args, poly_schedule
+    from segmentation.train import parse_config, poly_schedule
 
-    args = parse_args(["--recipe", "base", "--data_path", "x", "--poly_after_warmup"])
+    args = parse_config(["--recipe", "base", "--data_path", "x", "--poly_after_warmup"])
     ours = poly_schedule(args)
     official = mmengine_linear_then_poly(1e-4, 160_000, 1500)
     for it in (*ITERS, *range(0, 160_000, 997)):
         assert ours(it) == pytest.approx(official[it], rel=1e-9, abs=1e-20), it
     assert official[1499] == pytest.approx(1e-4) and official[159_999] == 0.0
     # 1.x's restart gives up to ~1 % more lr than 0.x's decay over all 160k
-    base = poly_schedule(parse_args(["--recipe", "base", "--data_path", "x"]))
+    base = poly_schedule(parse_config(["--recipe", "base", "--data_path", "x"]))
     assert max(ours(i) / base(i) for i in range(1500, 159_000, 500)) == pytest.approx(1.0095, abs=5e-4)
 
 

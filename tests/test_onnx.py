@@ -56,14 +56,14 @@ def check(path: Path, model: torch.nn.Module, shape: tuple[int, ...]) -> None:
 
 
 def test_classifier_onnx(tmp_path, capsys):
-    from classification.train import build_model, parse_args
+    from classification.train import build_model, parse_config
 
     torch.manual_seed(0)
-    args = parse_args(["--data_path", "-", "--model", "vit_tiny_patch16", "--patch_size", "8", "--embed_dim", "64", "--depth", "2",
-                       "--num_heads", "4", "--input_size", "32"])
-    args.classes = ["a", "b", "c"]
-    model = perturbed(build_model(args, 3)[0])
-    code, out, err = run([save(model, args, tmp_path / "c.pth"), "-o", tmp_path / "cls.onnx", "--to", "onnx"], capsys)
+    cfg = parse_config(["--data_path", "-", "--model", "vit_tiny_patch16", "--patch_size", "8", "--embed_dim", "64", "--depth", "2",
+                        "--num_heads", "4", "--input_size", "32"])
+    model = perturbed(build_model(cfg, 3))
+    saved = save(model, cfg.saved_args({"classes": ["a", "b", "c"]}), tmp_path / "c.pth")
+    code, out, err = run([saved, "-o", tmp_path / "cls.onnx", "--to", "onnx"], capsys)
     assert code == 0, err
     assert "onnxruntime vs PyTorch" in out and "dynamic batch" in out
     check(tmp_path / "cls.onnx", model, (3, 32, 32))
@@ -72,10 +72,10 @@ def test_classifier_onnx(tmp_path, capsys):
 
 
 def test_segmentation_window_onnx(tmp_path, capsys):
-    from segmentation.train import build_model, parse_args
+    from segmentation.train import build_model, parse_config
 
     torch.manual_seed(0)
-    args = parse_args(["--recipe", "demo", "--data_path", "-", "--model", "tiny", "--embed_dim", "32", "--depth", "2",
+    args = parse_config(["--recipe", "demo", "--data_path", "-", "--model", "tiny", "--embed_dim", "32", "--depth", "2",
                        "--num_heads", "2", "--patch_size", "8", "--input_size", "32", "--channels", "16", "--aux_channels", "8",
                        "--num_classes", "4"])
     model = build_model(args)
@@ -84,22 +84,22 @@ def test_segmentation_window_onnx(tmp_path, capsys):
             if name.endswith("running_var"):
                 b.uniform_(0.5, 1.5)
     model = perturbed(model)
-    code, out, err = run([save(model, args, tmp_path / "s.pth"), "-o", tmp_path / "seg.onnx", "--to", "onnx"], capsys)
+    code, out, err = run([save(model, args.saved_args(), tmp_path / "s.pth"), "-o", tmp_path / "seg.onnx", "--to", "onnx"], capsys)
     assert code == 0, err
     assert "one window" in out
     check(tmp_path / "seg.onnx", model, (3, 32, 32))
 
 
 def test_detection_backbone_onnx(tmp_path, capsys):
-    from detection.train import build_model, get_parser
+    from detection.train import build_model, parse_config
 
     torch.manual_seed(0)
-    args = get_parser().parse_args(["--model", "tiny", "--embed_dim", "64", "--depth", "2", "--num_heads", "2", "--patch_size",
-                                    "16", "--input_size", "64", "--pretrain_img_size", "64", "--window_size", "2",
-                                    "--global_blocks", "1", "--out_channels", "32", "--fc_dim", "64"])
-    args.num_classes = 3
-    model = perturbed(build_model(args, 3))
-    code, out, err = run([save(model, args, tmp_path / "d.pth"), "-o", tmp_path / "det.onnx", "--to", "onnx"], capsys)
+    cfg = parse_config(["--model", "tiny", "--embed_dim", "64", "--depth", "2", "--num_heads", "2", "--patch_size", "16",
+                        "--input_size", "64", "--pretrain_img_size", "64", "--window_size", "2", "--global_blocks", "1",
+                        "--out_channels", "32", "--fc_dim", "64"])
+    model = perturbed(build_model(cfg, 3))
+    code, out, err = run([save(model, cfg.saved_args({"num_classes": 3}), tmp_path / "d.pth"), "-o", tmp_path / "det.onnx", "--to",
+                          "onnx"], capsys)
     assert code == 0, err
     assert "p2..p6" in out
     check(tmp_path / "det.onnx", model.backbone, (3, 64, 64))

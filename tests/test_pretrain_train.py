@@ -110,8 +110,8 @@ import json, sys, torch
 import torch.distributed as dist
 from maecore import distributed as du
 from maecore.data.sampler import ResumableSampler
-from pretrain.train import build_trainer, parse_args
-args = parse_args(sys.argv[1:])
+from pretrain.train import build_trainer, parse_config
+args = parse_config(sys.argv[1:])
 device = du.init_distributed("cpu")
 trainer = build_trainer(args, device)
 trainer.fit()
@@ -187,9 +187,9 @@ def test_visualize_tool(tiny_world, tmp_path, capsys):
 
 def test_size_overrides_build_a_smaller_encoder():
     # --embed_dim/--depth/--num_heads shrink a named model (the demo's 4-block ViT-tiny), as in the task CLIs
-    from pretrain.train import build_model, parse_args
+    from pretrain.train import build_model, parse_config
 
-    args = parse_args(["--data_path", "unused", "--recipe", "demo", "--embed_dim", "48", "--depth", "2", "--num_heads", "2"])
+    args = parse_config(["--data_path", "unused", "--recipe", "demo", "--embed_dim", "48", "--depth", "2", "--num_heads", "2"])
     model = build_model(args)
     assert (len(model.blocks), model.embed_dim, model.blocks[0].attn.num_heads) == (2, 48, 2)
     assert model.patch_size == 8 and len(model.decoder_blocks) == args.decoder_depth
