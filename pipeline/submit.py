@@ -23,7 +23,6 @@ on CPU), ``--cluster debug`` in this process; ``--dry_run`` prints the sbatch sc
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shlex
 import shutil
@@ -38,8 +37,22 @@ from typing import Any
 from maecore.cli import OneLineParser, non_negative_int, positive_int, run_cli
 from maecore.errors import UserError
 
-TASKS = {"pretrain": "pretrain.train", "classification": "classification.train", "detection": "detection.train",
-         "segmentation": "segmentation.train"}
+TASKS = ("classification", "detection", "pretrain", "segmentation")
+
+
+def task_train(task: str) -> Any:
+    """The task's ``train`` module, imported only when asked for (a job loads its own task, not the four)."""
+    if task == "pretrain":
+        import pretrain.train as train
+    elif task == "classification":
+        import classification.train as train
+    elif task == "detection":
+        import detection.train as train
+    elif task == "segmentation":
+        import segmentation.train as train
+    else:
+        raise UserError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return train
 REQUEUE_GRACE_S = 300  # ranks > 0 wait this long for rank 0's requeue to end the job (SLURM kills them then)
 
 
@@ -95,7 +108,7 @@ class TaskJob:
         usr = requeue_signal()
         submitit_handler = signal.getsignal(usr)  # submitit's checkpoint-and-requeue, installed before this call
         try:
-            return importlib.import_module(TASKS[self.task]).main(list(self.argv))
+            return task_train(self.task).main(list(self.argv))
         except Preempted as e:
             if signal.Signals(usr).name not in e.signals or not callable(submitit_handler):
                 raise  # SIGTERM (scancel, preemption): checkpointed, status 75, no requeue from here
@@ -117,7 +130,7 @@ class TaskJob:
 # ---- the command line ------------------------------------------------------------------------------
 def get_parser() -> argparse.ArgumentParser:
     p = OneLineParser("python -m pipeline.submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--cluster", default="auto", choices=["auto", "slurm", "local", "debug"],
                    help="auto = slurm (refused where srun is not found); local: this machine; debug: in this process")
     p.add_argument("--nodes", type=positive_int, default=1)
@@ -153,7 +166,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def task_argv(task: str, argv: list[str]) -> list[str]:
     """The task's flags, checked by the task's own parser (a bad flag is its one line, before submitting), with
     ``--output_dir`` made absolute and ``--resume auto`` added: the requeued job continues the same folder."""
-    cfg = importlib.import_module(TASKS[task]).parse_config(argv)
+    cfg = task_train(task).parse_config(argv)
     if "output_dir" not in cfg.given:
         raise UserError("give the task's --output_dir (after --): every requeued job continues in it")
     if getattr(cfg, "eval", False):
