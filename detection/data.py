@@ -18,20 +18,21 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from maecore.data.images import MAX_SUBSTITUTES, load_rgb
 from maecore.errors import UserError
 
 from .model import IMAGENET_MEAN
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ def load_coco(ann_file: str | Path) -> COCO:
     if not data.get("categories"):
         raise UserError(f"{p}: no 'categories' (a COCO instances file lists its classes)")
     data.setdefault("annotations", [])
+    # pycocotools on use: the converter and the predictors import this module (LSJ) where it may be absent (the GPU image)
+    from pycocotools.coco import COCO
+
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -75,6 +79,8 @@ def _segmentation_ok(segm: Any) -> bool:
 
 def ann_to_mask(segm: Any, h: int, w: int) -> np.ndarray:
     """A polygon list, uncompressed RLE or compressed RLE as an (h, w) uint8 mask."""
+    from pycocotools import mask as mask_utils
+
     if isinstance(segm, list):
         rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
     elif isinstance(segm["counts"], list):

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from pycocotools import mask as mask_utils
-from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader, Subset
 
 from maecore import distributed as du
@@ -58,6 +56,9 @@ def to_coco_results(det: dict, image_id: int, cat_ids: Sequence[int], mask_thres
     scores = det["scores"].float().cpu().numpy()
     labels = det["labels"].cpu().numpy()
     masks = (det["masks"][:, 0] > mask_thresh).cpu().numpy().astype(np.uint8) if "masks" in det else None
+    # pycocotools on use (as in detection.data): the converter imports this module where it may be absent
+    from pycocotools import mask as mask_utils
+
     out = []
     for i in range(len(scores)):
         x0, y0, x1, y1 = (float(v) for v in boxes[i])
@@ -79,6 +80,8 @@ def run_cocoeval(coco_gt, results: list[dict], img_ids: Sequence[int], iou_type:
         return {k: 0.0 for k in STAT_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
+    from pycocotools.cocoeval import COCOeval
+
     ev = COCOeval(coco_gt, coco_dt, iou_type)
     ev.params.imgIds = sorted(img_ids)
     buf = io.StringIO()
@@ -176,6 +179,7 @@ def overlay_figure(dataset: CocoInstances, per_image: dict[int, list[dict]], pat
     early or weak model) the best k, k = the image's number of ground-truth objects; at most ``max_shown`` (the
     highest scoring: one colour each)."""
     import matplotlib
+    from pycocotools import mask as mask_utils
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
