@@ -102,6 +102,7 @@ def test_benchmark_all_sections_json(tmp_path):
     assert res["pretrain"]["model"] == "mae_vit_tiny_patch16"
 
 
+@pytest.mark.slow
 def test_task_steps_json(tmp_path, monkeypatch):
     """Each task's real model + optimizer, built through its package, runs one timed step at a tiny
     size (ViT-tiny/16, 64 px) and reports the documented fields."""

@@ -121,6 +121,7 @@ def pretrain_ref(tiny_world, tmp_path_factory) -> Path:
 
 
 # ---- 1. collective timeouts; a failure names the rank ------------------------------------------------
+@pytest.mark.slow
 def test_a_stuck_rank_fails_the_other_within_dist_timeout_naming_its_rank(tiny_world, tmp_path):
     # two processes as torchrun starts them (RANK/WORLD_SIZE/MASTER_*); rank 1 is frozen (SIGSTOP) mid-run: rank 0
     # must not wait the default 30 minutes but fail after --dist_timeout (0.1 min) with one line naming itself
@@ -168,6 +169,7 @@ def test_comm_failures_are_one_line_naming_the_rank(monkeypatch):
 
 
 # ---- 2. several nodes: torchrun --nnodes 2 --rdzv_backend c10d ----------------------------------------
+@pytest.mark.slow
 def test_two_nodes_pretrain_exactly_as_one_node(tiny_world, tmp_path, pretrain_ref):
     out = tmp_path / "nodes"
     two_nodes("pretrain", [*PRETRAIN, *PRETRAIN_EPOCHS, "--data_path", tiny_world["imagenet"], "--output_dir", out])
@@ -185,6 +187,7 @@ def finetune_ref(tiny_world, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_nodes_finetune_exactly_as_one_node(tiny_world, tmp_path, finetune_ref):
     out = tmp_path / "nodes"
     two_nodes("classification", [*FINETUNE, "--data_path", tiny_world["imagenet"], "--output_dir", out])
@@ -209,6 +212,7 @@ def worker_pid(agent: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+@pytest.mark.slow
 def test_elastic_restart_after_a_killed_rank_resumes_exactly(tiny_world, tmp_path, pretrain_ref):
     out = tmp_path / "elastic"
     cmd = torchrun_standalone("pretrain", [*PRETRAIN, *PRETRAIN_EPOCHS, "--data_path", tiny_world["imagenet"], "--output_dir", out,
@@ -252,6 +256,7 @@ def child_pid(parent: int, **environ: str) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the job's tasks through /proc")
+@pytest.mark.slow
 def test_submitit_job_requeues_itself_on_the_time_limit_signal_and_resumes_exactly(tiny_world, tmp_path, pretrain_ref, monkeypatch):
     # Also the FSDP2 save/resume round trip (one run where two would do): the job trains with --fsdp on 2 gloo
     # processes, its stop checkpoint is gathered whole, the requeued job cuts its shards from it, and it ends with
@@ -371,6 +376,7 @@ def test_fsdp_without_torchrun_is_one_line(tiny_world, tmp_path):
         main([*PRETRAIN, "--data_path", str(tiny_world["imagenet"]), "--output_dir", str(tmp_path / "o"), "--fsdp"])
 
 
+@pytest.mark.slow
 def test_fsdp_finetune_equals_ddp(tiny_world, tmp_path, finetune_ref):
     # FSDP2 on CPU over gloo, sharded per block: bitwise the DDP run (2 ranks: the reduce-scatter adds the same two
     # numbers as the all-reduce); pretraining under FSDP, stopped and resumed, is in the submitit test above
@@ -408,6 +414,7 @@ def rank_exit_codes(report: str) -> dict[int, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 @pytest.mark.parametrize("signalled, slow_at", [(0, "atexit"), (1, "teardown")])
+@pytest.mark.slow
 def test_a_stop_signal_to_one_rank_ends_every_rank_with_75(tiny_world, tmp_path, signalled, slow_at):
     site = tmp_path / "site"
     site.mkdir()

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [sys.executable, str(ROOT / "tools" / "demo.py")]  # the command `make demo` runs
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's packages, not whichever copy is installed
@@ -23,10 +25,12 @@ def test_every_stage_command_has_a_main():
     assert all(callable(entry_main(entry)) for entry in ENTRIES)
 
 
-def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(tmp_path):
-    out = tmp_path / "run"
-    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out)], capture_output=True, text=True, cwd=ROOT, env=ENV)
+@pytest.mark.slow
+def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(smoke_demo, tmp_path):
+    run, p = smoke_demo  # `tools/demo.py --preset smoke --output RUN`, shared with test_report_html
     assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "run"  # what follows reruns stages: on a copy
+    shutil.copytree(run, out)
     report = (out / "report.md").read_text()
     for row in ("linear probe", "partial fine-tune, last MLP", "fine-tune", "detection (box AP)", "detection (mask AP)",
                 "segmentation (mIoU)"):

@@ -92,6 +92,7 @@ def test_a_stop_signal_while_the_runs_start_stops_the_stage(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == "[finetune] stopped by a signal; rerun with --from-stage finetune"
 
 
+@pytest.mark.slow
 def test_a_stop_signal_reaches_the_side_by_side_runs_then_the_demo_resumes(tmp_path):
     world = _world(tmp_path)
     out = tmp_path / "run"

@@ -67,6 +67,7 @@ def test_train_a_few_steps_then_cocoeval_and_eval_only(coco64, tmp_path, capsys)
         assert again[k] == pytest.approx(summary[k], nan_ok=True)
 
 
+@pytest.mark.slow
 def test_eval_takes_model_flags_from_checkpoint_and_torchrun_gives_the_same_metrics(coco64, tmp_path, run_module):
     """Trained under torchrun (DDP, 2 processes); ``--eval --resume`` with only data/output flags builds the
     trained detector from the checkpoint's args;

@@ -158,6 +158,7 @@ def test_monitor_logs_records_and_scalars_and_leaves_training_unchanged(referenc
     assert set(a["extra"]) == {"monitor"} and b["extra"] == {}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_logs_the_same_monitor_values(reference, tmp_path):
     ref, common = reference
     out = tmp_path / "killed"
@@ -178,6 +179,7 @@ def test_sigkill_then_resume_logs_the_same_monitor_values(reference, tmp_path):
     assert monitored(out) == monitored(ref)
 
 
+@pytest.mark.slow
 def test_one_rank_and_two_ranks_measure_the_same(tiny_world, tmp_path, run_module):
     # the random-initialised network (rank 0's, broadcast) measured at step 0: the same bank, queries and classifier
     # whatever the number of processes, as DDP and as FSDP (features from the gathered weights)

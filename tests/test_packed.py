@@ -185,12 +185,14 @@ def packed_ref(packed, tmp_path_factory) -> dict[int, float]:
     return got
 
 
+@pytest.mark.slow
 def test_folder_and_packed_copy_give_identical_losses(tiny_world, packed_ref, tmp_path):
     out = tmp_path / "folder"
     pretrain([*TINY, *RUN, "--data_path", tiny_world["imagenet"], "--output_dir", out])
     assert losses(out) == packed_ref  # same samples, same order, same bytes: bit-identical
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_on_packed_data_gives_identical_losses(packed, packed_ref, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pretrain", *TINY, *RUN, "--data_path", str(packed), "--output_dir", str(out)]

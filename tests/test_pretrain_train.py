@@ -37,6 +37,7 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_log(out, "train")}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_losses(tiny_world, tmp_path):
     data = str(tiny_world["imagenet"])
     common = [*TINY, "--data_path", data, "--epochs", "3", "--num_workers", "1", "--save_every_steps", "2"]
@@ -79,6 +80,7 @@ def test_corrupt_images_are_skipped_and_counted(tiny_world, tmp_path):
     assert "skipping unreadable image" in p.stderr
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_world, tmp_path):
     data = str(tiny_world["imagenet"])
     out = tmp_path / "out"
@@ -128,6 +130,7 @@ du.cleanup()
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tiny_world, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
@@ -150,6 +153,7 @@ def test_ddp_two_processes_gloo(tiny_world, tmp_path):
     assert load_file(out / "checkpoint-last.pth")["args"]["batch_size"] == 4
 
 
+@pytest.mark.slow
 def test_visualize_tool(tiny_world, tmp_path, capsys):
     from pretrain.model import MaskedAutoencoderViT
 

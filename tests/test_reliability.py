@@ -176,6 +176,7 @@ def test_a_second_concurrent_run_is_refused_and_a_dead_run_leaves_no_stale_lock(
     assert int(pid) == os.getpid()
 
 
+@pytest.mark.slow
 def test_temporaries_of_a_save_killed_mid_write_go_when_the_next_run_takes_the_folder(tiny_world, tmp_path):
     """A SIGKILL while checkpoint-last.pth is written leaves its temporary (a whole checkpoint's worth); the next run
     to take the folder's lock removes it, says so in one line and logs it.  Other files stay."""
@@ -367,6 +368,7 @@ def test_dataloader_worker_error_is_one_line(tiny_world, tmp_path):
 
 
 # ---- 6. SIGTERM: finish the step, checkpoint, exit 75; resume continues identically -------------------
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resume_matches_an_uninterrupted_run(tiny_world, tmp_path):
     from maecore.checkpoint import load_file
 

@@ -20,9 +20,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
 
 # ---- the page against report.md, without a browser ----------------------------------------------------------------
 def _png(path: Path, w: int = 3, h: int = 2) -> None:
@@ -191,10 +188,8 @@ def open_page(browser: Chromium, page: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_smoke_report_html_in_chromium(chromium, tmp_path):
-    out = tmp_path / "run"
-    p = subprocess.run([sys.executable, str(ROOT / "tools" / "demo.py"), "--preset", "smoke", "--output", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV)
+def test_smoke_report_html_in_chromium(chromium, smoke_demo):
+    out, p = smoke_demo  # `tools/demo.py --preset smoke --output OUT`, shared with test_demo
     assert p.returncode == 0, p.stderr[-3000:]
     facts = open_page(chromium, out / "report.html")
     saved = json.loads((out / "results.json").read_text())

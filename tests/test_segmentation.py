@@ -236,6 +236,7 @@ def test_train_then_eval_checkpoint(world, tmp_path, capsys):
     assert "mIoU" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_eval_takes_model_flags_from_checkpoint_and_torchrun_gives_the_same_metrics(world, tmp_path, run_module):
     """``--eval --resume`` with only data/output flags (the default recipe is ViT-B, crop 512, 150 classes)
     builds the trained network from the checkpoint's args; one process and two (torchrun, gloo) sum the
