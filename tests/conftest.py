@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import ROOT
 
 # Tests run on 2 cores next to other work: keep torch from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -16,8 +16,7 @@ from torch.utils.data import TensorDataset
 
 from maecore.checkpoint import load_file
 from maecore.engine import EngineConfig, HookBase, Preempted, Trainer, read_log
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests import ROOT
 
 
 def world(n: int = 24) -> TensorDataset:

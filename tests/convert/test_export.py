@@ -18,6 +18,7 @@ from detection.export import import_state as detectron2_to_detection
 from maecore.convert.trained import task_of
 from maecore.engine import dump_args
 from segmentation.export import import_state as mmseg_to_segmentation
+from tests import ROOT
 
 TOL = 1e-5
 CLASSES = ["circle", "square", "triangle", "star", "ring"]
@@ -169,7 +170,7 @@ def test_mmseg_config_taps_the_blocks_the_segmentor_taps():
         assert taps == tuple(model.backbone.out_indices) == default_out_indices(depth), depth
 
 
-MMSEG_CONFIG = Path(__file__).parents[1] / "segmentation/configs/mmseg/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
+MMSEG_CONFIG = ROOT / "segmentation/configs/mmseg/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"
 RUNTIME = ("model", "train_dataloader", "val_dataloader", "test_dataloader")  # what mmseg's runner reads
 
 
@@ -386,7 +387,7 @@ D2_LEVEL_DEFAULTS = {
     "model.roi_heads.mask_in_features": ["p2", "p3", "p4", "p5"],
     "model.roi_heads.mask_pooler.scales": [1 / 4, 1 / 8, 1 / 16, 1 / 32],
 }
-D2_B_CONFIG = Path(__file__).resolve().parents[1] / "detection" / "configs" / "detectron2" / "mask_rcnn_vitdet_b_100ep.py"
+D2_B_CONFIG = ROOT / "detection" / "configs" / "detectron2" / "mask_rcnn_vitdet_b_100ep.py"
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from maecore.convert import convert, load_backbone, load_source, read_state
 from maecore.errors import UserError
 from maecore.models import VisionTransformer
 from pretrain.model import MaskedAutoencoderViT
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
 VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 DEC = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)

@@ -17,8 +17,8 @@ import torch
 
 from maecore.checkpoint import load_file
 from maecore.engine import read_log
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--input_size", "32", "--decoder_depth", "1",
         "--decoder_embed_dim", "64", "--decoder_num_heads", "4", "--batch_size", "8", "--no_progress",
         "--vis_every", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--log_every", "1"]

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from pipeline.gpu_wheels import DEV_ONLY, IMAGE, check_requirements, missing_on_image, normalize, project_requirements, runtime_requires
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 # what the image lacks of the project's requirements, and what those need that it lacks
 CARRIED = {"pycocotools", "fvcore", "submitit", "iopath", "yacs", "termcolor"}

@@ -3,7 +3,7 @@
 the same RNG, the same distribution over many draws (both also for the classification probe's 0.08-1 crops),
 bitwise-equal pixels where no DCT reduction happens (Pillow resize) and the output statistics within stated
 tolerances elsewhere; skip-and-count of bad files; the GPU path's worker half and its device half (run on the CPU
-here; tests/test_fastdata.py::test_gpu_decode_on_cuda on a GPU); the ``--bench data`` smoke run.
+here; tests/data/test_fastdata.py::test_gpu_decode_on_cuda on a GPU); the ``--bench data`` smoke run.
 
 Tolerances (in 0-255 pixel units, per channel, paired crops: same seeds, so the same boxes):
 * DCT scale 1, ``resize="pil"``: bitwise equal;

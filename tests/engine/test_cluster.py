@@ -20,8 +20,8 @@ import torch
 
 from maecore.checkpoint import load_file
 from maecore.engine import read_log
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 # a 2-block ViT-tiny/8 MAE on 32 px, fp32; 4 images per rank: 56 / (4 x 2) = 7 steps an epoch
 PRETRAIN = ["--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--depth", "2", "--input_size", "32", "--decoder_depth", "1",

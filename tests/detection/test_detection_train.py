@@ -139,7 +139,7 @@ def test_predictions_come_back_in_original_image_coordinates():
 
 
 def test_vitdet_schedule_in_steps():
-    """ViTDet counts iterations: 184,375 whatever the dataset's size (tests/test_official_recipes.py compares every
+    """ViTDet counts iterations: 184,375 whatever the dataset's size (tests/tasks/test_official_recipes.py compares every
     recipe with detectron2's scheduler)."""
     args = Namespace(lr=1e-4, warmup_iters=250, milestones=list(VITDET_MILESTONES), epochs=100, max_iters=184_375)
     epochs, total = schedule_length(args, steps_per_epoch=1832)  # COCO's 117,266 annotated images at batch 64

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import ROOT
+
 DEMO = [sys.executable, str(ROOT / "tools" / "demo.py")]
 # unbuffered: the runs' lines reach the log as they are printed (the test waits for them); one thread: the resumed
 # runs in the demo's process are tiny, and 2 threads on 2 busy cores make them 10x slower

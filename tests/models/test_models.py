@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +25,8 @@ from maecore.models import (
     registry,
     resolve_model,
 )
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PATCH = {"tiny": 16, "small": 16, "base": 16, "large": 16, "huge": 14}
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import ROOT
+
 CUDA = torch.cuda.is_available()
 CUDA_TESTS = {"test_bf16_autocast_step", "test_fp16_gradscaler_step", "test_fused_adamw", "test_sdpa_takes_the_flash_path",
               "test_compile_step", "test_nccl_one_process", "test_fsdp_one_process"}
@@ -206,7 +207,7 @@ def tiny_images(tmp_path: Path) -> Path:
 def test_gpu_check_selects_the_cuda_tests_and_they_skip_here_with_a_reason(tmp_path):
     from pipeline.gpu_check import parse_junit, pytest_command
 
-    cmd = pytest_command(tmp_path, tests=str(ROOT / "tests" / "test_gpu.py"))
+    cmd = pytest_command(tmp_path, tests=str(ROOT / "tests" / "pipeline" / "test_gpu.py"))
     assert cmd[cmd.index("-m", 2) + 1] == "cuda"  # marker selection
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     cases = parse_junit(tmp_path / "pytest.xml")

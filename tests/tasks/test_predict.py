@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--num_workers", "0", "--no_progress", "--amp", "none", "--device", "cpu"]
 
 

@@ -26,8 +26,8 @@ from synthetic import (
     make_world,
     render_scene,
 )
+from tests import ROOT as REPO
 
-REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "tools" / "make_synthetic.py"
 SIZE = 32
 N_TRAIN, N_VAL = 3, 2  # per class for ImageNet, per split for COCO/ADE

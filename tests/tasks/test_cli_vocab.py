@@ -18,8 +18,8 @@ import pytest
 from maecore.checkpoint import checkpoint_args, load_file, save_atomic
 from maecore.cli import given_flags, upgrade_saved_args
 from maecore.errors import UserError
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIS = ("pretrain", "classification", "detection", "segmentation")
 READMES = ("README.md", "classification/README.md", "segmentation/README.md")
 
