@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny synthetic world, made once per test session."""
+"""Shared fixtures (a tiny synthetic world, made once per worker; one smoke demo run, made once for all xdist workers)
+and the order the tests run in (the modules with a ``slow`` test first)."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import ROOT
 
 # Tests run on 2 cores next to other work: keep torch from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -42,3 +45,37 @@ def run_module() -> Callable[..., subprocess.CompletedProcess]:
         return p
 
     return run
+
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules that hold a ``slow`` test run first, each module's tests together and in their order (so a
+    module's fixtures are made once): ``make test``'s two workers then end on short tests, together, instead of one
+    of them starting a minute-long test while the other has nothing left to take."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable
+
+
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of this session that every xdist worker sees (the workers' base temps are folders in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def smoke_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """ONE ``python tools/demo.py --preset smoke`` run (the command ``make demo`` runs, at the smallest size) for the
+    whole session: the first test to ask runs it under a file lock, a test on another xdist worker waits for it and
+    reads it.  Returns the run's folder and its process (each test asserts the exit status); read only: a test that
+    goes on with the run works on a copy."""
+    shared = shared_dir(tmp_path_factory) / "smoke_demo"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "process.json"
+        if not done.exists():
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's packages, not whichever copy is installed
+            cmd = [sys.executable, str(ROOT / "tools" / "demo.py"), "--preset", "smoke", "--output", str(shared / "run")]
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            done.write_text(json.dumps({"args": p.args, "returncode": p.returncode, "stdout": p.stdout, "stderr": p.stderr}))
+        return shared / "run", subprocess.CompletedProcess(**json.loads(done.read_text()))
