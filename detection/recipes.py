@@ -2,7 +2,7 @@
 
 ``vitdet_{b,l,h}`` are ViTDet's COCO Mask R-CNN recipes (Li et al. 2022, detectron2
 ``projects/ViTDet/configs/COCO/mask_rcnn_vitdet_{b,l}_100ep.py``, ``_h_75ep.py``), number for number
-(tests/test_official_recipes.py): LSJ at 1024, AdamW lr 1e-4 (0.9, 0.999), wd 0.1, layer decay 0.7/0.8/0.9,
+(tests/tasks/test_official_recipes.py): LSJ at 1024, AdamW lr 1e-4 (0.9, 0.999), wd 0.1, layer decay 0.7/0.8/0.9,
 drop path 0.1/0.4/0.5, 184,375 iterations at batch 64 ("100 epochs"; H: 138,281, "75 epochs") whatever the
 dataset's size, 250-iteration warm-up from 0.001 (H: 187.4966, the same fraction of its run), x0.1 at
 iterations 163,889 and 177,546 (H: 122,916 and 133,159).  Weight decay as detectron2 gives it: B/L exempt

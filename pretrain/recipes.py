@@ -3,7 +3,7 @@
 Both train with ``main_pretrain.py``'s parameter groups (timm 0.3.2 ``add_weight_decay`` with no skip list: only
 1-D parameters and biases skip weight decay, ``cls_token`` and ``mask_token`` decay) and its per-iteration
 warm-up + cosine, tested per parameter against a transcription of the official code
-(tests/test_official_recipes.py).
+(tests/tasks/test_official_recipes.py).
 
 Choices where we differ from, or add to, the official code (all opt-in):
 

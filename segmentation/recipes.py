@@ -1,7 +1,7 @@
 """Named ADE20K UperNet recipes.
 
 ``base`` is the MAE paper's ViT-B setting as mmsegmentation reproduces it (48.13 mIoU single scale,
-``mae-base_upernet_8xb2-amp-160k_ade20k-512x512``), number for number (tests/test_official_recipes.py):
+``mae-base_upernet_8xb2-amp-160k_ade20k-512x512``), number for number (tests/tasks/test_official_recipes.py):
 AdamW lr 1e-4 (0.9, 0.999), wd 0.05, layer decay 0.65, 8 processes x batch 2 = 16, crop 512, drop path 0.1,
 UperNet channels 768, auxiliary FCN 256 channels weight 0.4; weight decay as mmseg's
 ``LayerDecayOptimizerConstructor`` gives it (1-D parameters and biases exempt; ``pos_embed``, ``cls_token`` and

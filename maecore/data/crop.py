@@ -26,7 +26,7 @@ RESIZES = ("torch", "pil")
 
 def _tv_decode_jpeg() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """torchvision's CPU JPEG decoder (libjpeg-turbo; RGB out), or None where this torchvision has none.  On the
-    same bytes it gives Pillow's pixels bit for bit (tests/test_fastdata.py) at about half Pillow's time on a
+    same bytes it gives Pillow's pixels bit for bit (tests/data/test_fastdata.py) at about half Pillow's time on a
     500x375 photo: Pillow feeds its decoder in chunks through Python, torchvision decodes the buffer in one call.
     The operator is called directly where torchvision registers it (what ``decode_jpeg`` calls after its usage
     logging and deprecation warning, ~20 us a call that buy nothing here); libjpeg's own warnings about damaged
@@ -101,7 +101,7 @@ class FastRandomResizedCrop:
     crop, no normalise in the worker); the result stays uint8 (a quarter of the bytes through the worker queue and
     the host-to-device copy).
 
-    *Pixels* (measured in tests/test_fastdata.py).  ``resize="pil"`` at DCT scale 1 (no reduction: every crop
+    *Pixels* (measured in tests/data/test_fastdata.py).  ``resize="pil"`` at DCT scale 1 (no reduction: every crop
     narrower or lower than twice the output, e.g. all 224-px crops of 500x375 photos) crops then resizes with
     Pillow's bicubic, as torchvision does on PIL images: the uint8 pixels are **bitwise identical** to the official
     pipeline's, hence so is the normalised batch.  (Pillow's ``resize(box=…)`` on the whole image differs at the
@@ -145,7 +145,7 @@ class FastRandomResizedCrop:
         """:meth:`plan` for an image of ``width`` x ``height``: torchvision's ``RandomResizedCrop.get_params``
         (the same RNG calls in the same order on the same dtypes, the same float arithmetic, the same central-crop
         fallback after 10 tries) without its per-call overhead (~4x: a tensor for the log-ratios each call, the
-        PIL size query), then the flip's ``torch.rand(1)``; tests/test_fastdata.py checks box, flip and the RNG
+        PIL size query), then the flip's ``torch.rand(1)``; tests/data/test_fastdata.py checks box, flip and the RNG
         state left behind against torchvision's."""
         area = height * width
         s0, s1 = self.scale

@@ -6,7 +6,7 @@ their own: the DC predictors restart at each marker.  The MCUs of a box are then
 original header with the frame size patched, the segments of the rows and columns the box touches, one after
 the other (within one MCU row those are one contiguous byte slice of the original), the restart markers
 renumbered 0..7 in their new sequence, an end-of-image marker.  libjpeg decodes it to the very pixels the
-whole image's decode has there, bit for bit (tests/test_jpegroi.py), as long as the box keeps a margin for
+whole image's decode has there, bit for bit (tests/data/test_jpegroi.py), as long as the box keeps a margin for
 the chroma upsampling of a subsampled image (libjpeg's "fancy" upsampling reads one chroma sample beyond
 each output pixel's own): :func:`roi_bounds` adds it.
 
