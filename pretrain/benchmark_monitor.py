@@ -65,7 +65,8 @@ def monitor_data(root: Path, bank: int, queries: int, input_size: int, seed: int
     from synthetic import SHAPES, make_imagenet
 
     n = len(SHAPES)
-    return make_imagenet(root, max(1, math.ceil(bank / n)), max(1, math.ceil(queries / n)), size=input_size, seed=seed)
+    return make_imagenet(root / "monitor", max(1, math.ceil(bank / n)), max(1, math.ceil(queries / n)), size=input_size,
+                         seed=seed, overwrite=True)
 
 
 def monitor_bench(device: torch.device, timing: Timing, *, model_name: str, batch_size: int, input_size: int,

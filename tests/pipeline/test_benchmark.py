@@ -137,6 +137,8 @@ def test_monitor_cost_side_by_side_json(tmp_path):
     out = tmp_path / "monitor.json"
     bench.main([*TINY, "--bench", "monitor", "--monitor_every", "10", "--monitor_bank", "14", "--monitor_queries", "7",
                 "--measure_windows", "1", "--data_dir", str(tmp_path / "data"), "--json", str(out)])
+    bench.main([*TINY, "--bench", "monitor", "--monitor_every", "10", "--monitor_bank", "14", "--monitor_queries", "7",
+                "--measure_windows", "1", "--data_dir", str(tmp_path / "data"), "--json", str(out)])  # its folder again
     m = json.loads(out.read_text())["monitor"]
     assert (m["monitor_every"], m["monitor_bank"], m["monitor_queries"], m["online_classifier"]) == (10, 14, 7, True)
     for k in ("without", "with", "measure"):
