@@ -28,7 +28,12 @@ PRESETS: dict[str, dict] = {
         # precision: every stage's --amp auto (bf16 where the CPU has native bf16, ~1.35x a tiny-ViT step; fp32
         # elsewhere, where emulated bf16 would be slower) and --attn auto (under bf16 on CPU the explicit softmax:
         # ~1.4x faster pretraining and fine-tuning steps); the report names both
-        "pretrain": ["--recipe", "demo", "--epochs", "10"],  # 870 steps
+        # 870 steps (87 an epoch).  --monitor (#26): weighted kNN, the online linear classifier and RankMe at step 0 (the
+        # random network) and every 2 epochs (where the study keeps its checkpoints), on 500 training / 250 val images:
+        # 6 x 750 unmasked forwards, ~2.6 % of the pretraining (an unmasked forward of a batch costs 0.32 of a training
+        # step, bf16, measured interleaved under load); the defaults' 1,000 / 500 would cost 5 %
+        "pretrain": ["--recipe", "demo", "--epochs", "10", "--monitor", "--monitor_every", "174", "--monitor_bank", "500",
+                     "--monitor_queries", "250"],
         "linprobe": ["--recipe", "demo_linprobe", "--cache_features", "--epochs", "30"],
         # one block (the issue's row; the last-MLP variant would cost two more runs)
         "partial": ["--recipe", "demo_partial", "--epochs", "3"],  # 525 steps
@@ -48,7 +53,8 @@ PRESETS: dict[str, dict] = {
         "data_root": None,
         "inits": ["mae", "random"],
         "parallel": 2,
-        "pretrain": ["--recipe", "demo", "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--log_every", "1"],
+        "pretrain": ["--recipe", "demo", "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--log_every", "1",
+                     "--monitor", "--monitor_every", "2", "--monitor_bank", "16"],
         "linprobe": ["--recipe", "demo_linprobe", "--cache_features", "--epochs", "1", "--batch_size", "8",
                      "--num_workers", "0"],
         "partial": ["--recipe", "demo_partial", "--epochs", "1", "--batch_size", "8", "--num_workers", "0"],

@@ -10,6 +10,7 @@ from pathlib import Path
 from maecore.errors import UserError
 from pipeline.context import Context, common, dense_inits
 from pipeline.jobs import Job
+from pipeline.monitor_figure import MONITOR_PNG, monitor_png, monitor_summary
 from pipeline.plan import STAGE_NAMES, partial_label
 from pipeline.report import stage_report
 
@@ -41,6 +42,8 @@ def stage_pretrain(ctx: Context) -> None:
         raise UserError(f"pretraining logged no step (is --log_every larger than the run?): {out / 'log.jsonl'}")
     ctx.results["pretrain"] = {"first_loss": log[0]["loss"], "last_loss": log[-1]["loss"], "steps": log[-1]["step"],
                                "wall_s": res["wall_s"]}
+    if monitor := monitor_summary(out):  # --monitor: kNN / online linear / RankMe at step 0 and at the end
+        ctx.results["pretrain"]["monitor"] = monitor
 
 
 def stage_figures(ctx: Context) -> None:
@@ -49,6 +52,9 @@ def stage_figures(ctx: Context) -> None:
     imgs = [str(p) for p in val[:: max(1, len(val) // 6)][:6]]
     ctx.run("figures", "tools/visualize.py", [str(ckpt), *imgs, "-o", str(ctx.out / "reconstruction.png")])
     loss_curve(ctx.out / "pretrain", ctx.out / "pretrain_loss.png")
+    train = ctx.world / "imagenet" / "train"
+    n_cls = sum(1 for d in train.iterdir() if d.is_dir()) if train.is_dir() else 0
+    monitor_png(ctx.out / "pretrain", ctx.out / MONITOR_PNG, n_cls)
 
 
 def stage_convert(ctx: Context) -> None:

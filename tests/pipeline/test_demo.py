@@ -47,6 +47,15 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(smoke_demo, tmp_path
     assert {k.split("|")[1] for k in rows} == {"mae", "random"}
     assert all(r["value"] is not None for r in rows.values())
 
+    # the pretraining monitors (#26): at step 0 (the random network) and at the last step; their figure and line in the
+    # report
+    from pipeline.monitor_figure import monitor_records
+
+    saved = json.loads((out / "results.json").read_text())
+    steps, recs = saved["results"]["pretrain"]["steps"], monitor_records(out / "pretrain")
+    assert recs[0]["step"] == 0 and recs[-1]["step"] == steps and all("knn_top1" in r and "rankme" in r for r in recs)
+    assert (out / "pretrain_monitor.png").stat().st_size > 0 and "Pretraining monitors (`--monitor`" in report
+
     # the transfer runs went side by side (the smoke preset's "parallel": 2), as their shown commands say
     assert "OMP_NUM_THREADS=1 python -m classification" in report and "side by side" in report
 
