@@ -54,7 +54,9 @@ PRESETS: dict[str, dict] = {
         "inits": ["mae", "random"],
         "parallel": 2,
         "pretrain": ["--recipe", "demo", "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--log_every", "1",
-                     "--monitor", "--monitor_every", "2", "--monitor_bank", "16"],
+                     "--monitor", "--monitor_every", "2", "--monitor_bank", "16", "--keep_every", "1"],
+        # the study's checkpoint probes (pipeline.checkpoint_jobs): the one kept checkpoint is the final one here
+        "checkpoint_study": {"finetune_epochs": [1]},
         "linprobe": ["--recipe", "demo_linprobe", "--cache_features", "--epochs", "1", "--batch_size", "8",
                      "--num_workers", "0"],
         "partial": ["--recipe", "demo_partial", "--epochs", "1", "--batch_size", "8", "--num_workers", "0"],
@@ -72,3 +74,8 @@ PRESETS: dict[str, dict] = {
 # the study: the demo's pipeline, every row from both inits, three training seeds on the same world (seed 0);
 # `<output>/seed<N>/` holds each seed's whole demo run, `<output>/results.md` the mean ± std and curves
 PRESETS["study"] = {**json.loads(json.dumps(PRESETS["demo"])), "dense_inits": ["mae", "random"], "seeds": [0, 1, 2]}
+# issue #26 item 6: do the monitors predict the transfer rows?  Pretraining keeps a checkpoint every 2 epochs (where the
+# monitor measures); each gets the demo's linear probe (~30 s), the one after 4 epochs also its fine-tune (~6 min):
+# with the final checkpoint's own rows, 5 linear-probe and 2 fine-tune points per seed (pipeline.checkpoint_jobs)
+PRESETS["study"]["pretrain"] += ["--keep_every", "2"]
+PRESETS["study"]["checkpoint_study"] = {"finetune_epochs": [4]}

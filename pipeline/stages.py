@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from maecore.errors import UserError
+from pipeline.checkpoint_jobs import convert_kept, jobs_checkpoints
 from pipeline.context import Context, common, dense_inits
 from pipeline.jobs import Job
 from pipeline.monitor_figure import MONITOR_PNG, monitor_png, monitor_summary
@@ -62,6 +63,7 @@ def stage_convert(ctx: Context) -> None:
     for task in ("classification", "detection", "segmentation"):
         ctx.run("convert", "tools/convert.py", [str(ckpt), "-o", str(ctx.out / "converted" / f"{task}.pth"),
                                                 "--to", task, "--force"])
+    convert_kept(ctx)  # the study: every kept pretraining checkpoint, for the checkpoints stage's probes
 
 
 def _init_args(ctx: Context, task: str, init: str) -> list[str]:
@@ -151,6 +153,6 @@ def loss_curve(run_dir: Path, png: Path) -> None:
 _FUNCTIONS: dict[str, Callable[[Context], object]] = {
     "data": stage_data, "pretrain": stage_pretrain, "figures": stage_figures, "convert": stage_convert,
     "finetune": jobs_finetune, "detection": jobs_detection, "segmentation": jobs_segmentation,
-    "linprobe": jobs_linprobe, "partial": jobs_partial, "report": stage_report,
+    "linprobe": jobs_linprobe, "partial": jobs_partial, "checkpoints": jobs_checkpoints, "report": stage_report,
 }
 STAGES: list[tuple[str, Callable[[Context], object]]] = [(name, _FUNCTIONS[name]) for name in STAGE_NAMES]
