@@ -59,6 +59,18 @@ def _tv_decode_jpeg() -> Callable[[torch.Tensor], torch.Tensor] | None:
 _DECODE_JPEG = _tv_decode_jpeg()
 
 
+def _resize_aa() -> Callable[..., torch.Tensor]:
+    """``F.interpolate(x, size, mode="bicubic", antialias=True)`` of a 4-D tensor: the operator it calls (the
+    same overload and arguments, so the same pixels), without its ~15 us of argument checks a call."""
+    op = getattr(torch._C._nn, "_upsample_bicubic2d_aa", None)
+    if op is None:  # pragma: no cover - every torch this project supports has it
+        return lambda x, size, align_corners, scales: F.interpolate(x, size=size, mode="bicubic", antialias=True)
+    return op
+
+
+_RESIZE_AA = _resize_aa()
+
+
 def dct_scale(crop_wh: tuple[int, int], out_wh: tuple[int, int]) -> int:
     """The largest JPEG DCT scale (8, 4, 2, else 1) at which a crop of ``crop_wh`` source pixels still has at
     least ``out_wh`` pixels: decoding there never goes below the output resolution of the crop."""
@@ -214,12 +226,14 @@ class FastRandomResizedCrop:
         antialiased bicubic), flipped if asked."""
         out_h, out_w = self.size
         x = img[:, box[1]:box[3], box[0]:box[2]].unsqueeze(0)
-        if x.shape[-2:] != (out_h, out_w):
-            # HWC memory (the decoders'), made contiguous first: the uint8 antialiased kernel reads a crop of a bigger
-            # image ~1.4x slower than a channels-last copy of it (a channels-first contiguous() costs 3x); same pixels
-            x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(out_h, out_w), mode="bicubic", antialias=True)
-        x = x[0]
-        return x.flip(-1) if flip else x
+        if x.shape[-2:] == (out_h, out_w):
+            return x[0].flip(-1) if flip else x[0]
+        # HWC memory (the decoders'), copied first: the uint8 antialiased kernel reads a crop of a bigger image ~1.4x
+        # slower than a channels-last copy of it (a channels-first copy costs 3x).  The flip happens in that copy
+        # (flip keeps the channels-last layout): the kernel's weights are mirror-symmetric, so flipping the box before
+        # the resize gives bit for bit the flipped resize (tests/data/test_fastdata.py), one copy of the image less
+        x = x.flip(-1) if flip else x.contiguous(memory_format=torch.channels_last)
+        return _RESIZE_AA(x, (out_h, out_w), False, None)[0]
 
     def decode_known(self, data: bytes, width: int, height: int, kind: int, table: np.ndarray | None = None) -> torch.Tensor:
         """:meth:`__call__` for the bytes of an image whose size (``width`` x ``height``) and ``kind`` (:func:`jpeg_kind`)
