@@ -408,10 +408,11 @@ def test_one_call_jpeg_decode_equals_pillow_and_skips_corrupt_files(photos, tmp_
     assert sum(off[k][2] for k in keys(n, n)) == sum(ours[k][2] for k in keys(n, n)) == 2  # one skip each
 
 
-def test_flip_folded_into_the_box_copy_and_normalising_by_table_are_bitwise_the_plain_ops(photos):
-    """The resize flips the box while it copies it (torch's antialiased kernel is mirror-symmetric): the same pixels as
-    resizing and then flipping; the CPU batch normalisation looks values up in a table made by the float32 ops: the
-    same floats as ``ToTensor`` + ``Normalize`` for every value and channel, any layout."""
+def test_resize_operator_and_normalising_by_table_are_bitwise_the_plain_ops(photos):
+    """The resize calls the operator ``F.interpolate`` calls: the same pixels, flipped or not (and flipping the box
+    before the resize would give them too: torch's antialiased kernel is mirror-symmetric); the CPU batch normalisation
+    looks values up in a table made by the float32 ops: the same floats as ``ToTensor`` + ``Normalize`` for every value
+    and channel, any layout."""
     import torch.nn.functional as F
 
     from maecore.data.crop import _DECODE_JPEG
@@ -431,6 +432,9 @@ def test_flip_folded_into_the_box_copy_and_normalising_by_table_are_bitwise_the_
                                     size=size, mode="bicubic", antialias=True)[0]
                 assert torch.equal(fast._resize_box(img, box, False), ref)
                 assert torch.equal(fast._resize_box(img, box, True), ref.flip(-1))
+                flipped_first = F.interpolate(img[None, :, top:top + h, left:left + w].flip(-1), size=size, mode="bicubic",
+                                              antialias=True)[0]
+                assert torch.equal(flipped_first, ref.flip(-1))
     for mean, std in ((IMAGENET_MEAN, IMAGENET_STD), ((0.5,), (0.25,))):
         m, s = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
         u8 = torch.arange(256, dtype=torch.uint8).view(16, 16)
