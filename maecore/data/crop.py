@@ -145,6 +145,7 @@ class FastRandomResizedCrop:
         self.scale, self.ratio, self.flip, self.resize = scale, ratio, flip, resize
         # torchvision computes these float32 logs each call and uniform_ reads them as doubles: the same values
         self._log_ratio = tuple(float(v) for v in torch.log(torch.tensor(ratio)))
+        self._draws = (torch.empty(1), torch.empty(1, dtype=torch.int64))  # plan_size's scratch: not two tensors a sample
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip}, resize={self.resize!r})"
@@ -162,7 +163,7 @@ class FastRandomResizedCrop:
         area = height * width
         s0, s1 = self.scale
         r0, r1 = self._log_ratio
-        f, i = torch.empty(1), torch.empty(1, dtype=torch.int64)  # one float32 and one int64 draw at a time, as torchvision
+        f, i = self._draws  # one float32 and one int64 draw at a time, as torchvision
         for _ in range(10):
             target_area = area * f.uniform_(s0, s1).item()
             aspect_ratio = f.uniform_(r0, r1).exp_().item()
