@@ -35,8 +35,9 @@ def parse_hw(text: str) -> tuple[int, int]:
 
 
 def make_photo_folder(root: Path, n: int, hw: tuple[int, int], seed: int = 0) -> Path:
-    """``n`` JPEG photos of size ``hw`` (H, W) in ``root``: random crops / flips of scikit-image's
-    bundled photographs, resized, so decode cost matches real photos (texture, not flat colour)."""
+    """``n`` JPEG photos (q90, Pillow's 4:2:0) of size ``hw`` (H, W) in ``root``: random crops / flips of scikit-image's
+    bundled photographs, resized, so decode cost matches real photos (texture, not flat colour).  The benchmark
+    writes them into one class folder (``root/photo/``), so torchvision's ``ImageFolder`` reads the set."""
     import numpy as np
     from PIL import Image
     from skimage import data as skd
@@ -69,8 +70,30 @@ def data_sets(work: Path, data_path: str | None, data_images: int, synthetic_siz
     root = make_imagenet(work / "synthetic", per_class, 0, size=synthetic_size, seed=seed, overwrite=True)
     sets.append(("synthetic", f"{synthetic_size}x{synthetic_size}", root / "train"))
     for text in photo_sizes:
-        sets.append(("photos", text, make_photo_folder(work / f"photos_{text}", data_images, parse_hw(text), seed)))
+        folder = work / f"photos_{text}"
+        make_photo_folder(folder / "photo", data_images, parse_hw(text), seed)  # one class folder: ImageFolder's layout
+        sets.append(("photos", text, folder))
     return sets
+
+
+def official_dataset(folder: Path, input_size: int, jpeg_draft: bool = False):
+    """What a user's run of the official scripts reads: torchvision's ``ImageFolder`` with the official transforms
+    (:func:`pretrain.data.pretrain_transform`) and its default loader (Pillow: open, ``convert("RGB")``) on the original
+    image folder (``jpeg_draft``: a loader with the old draft decode).  A folder without class folders (which
+    ``ImageFolder`` refuses) or a packed one: the same transforms through this project's dataset."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import default_loader
+
+    from maecore.data.images import load_rgb
+    from maecore.data.packed.index import split_dir
+    from pretrain.data import build_pretrain_dataset, pretrain_transform, resolve_train_dir
+
+    root = resolve_train_dir(folder)
+    if split_dir(root) is not None or not any(d.is_dir() and not d.name.startswith(".") for d in root.iterdir()):
+        return build_pretrain_dataset(root, input_size, jpeg_draft=jpeg_draft, decode="official")
+    size = (input_size, input_size)
+    loader = (lambda path: load_rgb(path, size)) if jpeg_draft else default_loader
+    return ImageFolder(str(root), transform=pretrain_transform(size), loader=loader)
 
 
 H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 peak
@@ -197,7 +220,8 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
     (written under ``data_dir`` or a temporary folder) stored as a folder, packed with the original bytes and packed
     with ``--roi`` (re-encoded at quality 90 with restart markers; ``formats``); next to the
     model step rate ``model_img_per_s`` and the cores each pipeline needs to feed one GPU
-    (:func:`gpu_rate_assumption`)."""
+    (:func:`gpu_rate_assumption`).  The official pipeline always reads the original folder through torchvision's
+    ``ImageFolder`` (:func:`official_dataset`), as a user's official run does, whatever the format the fast one reads."""
     from maecore.data.packed.index import split_dir
     from maecore.data.packed.writer import pack
     from pretrain.data import build_pretrain_dataset, pretrain_collate, pretrain_device_batch
@@ -214,21 +238,22 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
         stores = []
         for name, size, folder in data_sets(work, data_path, data_images, synthetic_size, photo_sizes, seed):
             if data_path:
-                stores.append((name, size, "packed" if split_dir(folder) is not None else "folder", folder))
+                stores.append((name, size, "packed" if split_dir(folder) is not None else "folder", folder, folder))
                 continue
             for fmt_ in formats:
                 if fmt_ in ("packed", "packed-roi"):
                     dst = work / fmt_ / f"{name}_{size}"
                     pack(folder, dst, force=True, workers=0, say=lambda _m: None, roi="mcu" if fmt_ == "packed-roi" else None)
-                    stores.append((name, size, fmt_, dst))
+                    stores.append((name, size, fmt_, dst, folder))
                 else:
-                    stores.append((name, size, fmt_, folder))
+                    stores.append((name, size, fmt_, folder, folder))
         variants = [("official", False), *([("official", True)] if jpeg_draft else []), ("fast", False)]
-        for name, size, fmt_, folder in stores:
+        for name, size, fmt_, folder, original in stores:
             for nw in num_workers:
-                def timer(pipeline: str, draft: bool, nw: int = nw, folder: Path = folder) -> LoaderTimer:
-                    return LoaderTimer(build_pretrain_dataset(folder, input_size, jpeg_draft=draft, decode=pipeline), batch_size, nw,
-                                       batches, device.type == "cuda", pretrain_collate(pipeline),
+                def timer(pipeline: str, draft: bool, nw: int = nw, folder: Path = folder, original: Path = original) -> LoaderTimer:
+                    ds = (official_dataset(original, input_size, draft) if pipeline == "official"
+                          else build_pretrain_dataset(folder, input_size, decode=pipeline))
+                    return LoaderTimer(ds, batch_size, nw, batches, device.type == "cuda", pretrain_collate(pipeline),
                                        pretrain_device_batch(pipeline, input_size, device), device)
 
                 if nw == 0:  # the pipelines' loaders side by side, timed in turns: drift of a shared machine hits each alike
@@ -247,7 +272,9 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
                         finally:
                             t.close()
                 for (pipeline, draft), (rate, cpu_rate) in zip(variants, rates):
-                    runs.append({"dataset": name, "image_size": size, "format": fmt_, "pipeline": pipeline, "jpeg_draft": draft,
+                    reads = "the original folder (torchvision ImageFolder)" if pipeline == "official" else fmt_
+                    runs.append({"dataset": name, "image_size": size, "format": fmt_, "reads": reads, "pipeline": pipeline,
+                                 "jpeg_draft": draft,
                                  "num_workers": nw, "img_per_s": rate, "img_per_s_per_worker": rate / max(nw, 1),
                                  "cpu_img_per_s": cpu_rate if nw == 0 else None,
                                  "vs_model": rate / model_img_per_s if model_img_per_s else None})
@@ -262,7 +289,8 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
 def format_data(d: dict[str, Any]) -> list[str]:
     lines = ["", f"## data pipeline: decode + RandomResizedCrop({d['input_size']}, 0.2-1, bicubic) + flip + normalise, batch ready "
              f"for the model; model step rate {fmt(d['model_img_per_s'])} img/s",
-             "official: torchvision transforms in the workers, float batches (draft: the old --jpeg_draft); "
+             "official: torchvision ImageFolder + transforms in the workers on the original folder whatever the format, float "
+             "batches (draft: the old --jpeg_draft); "
              "fast: --decode fast (DCT scale from the crop, uint8, normalised in the main process); formats: folder, packed "
              "(original bytes), packed-roi (maecore.data.packed --roi: re-encoded q90 with restart markers, fast decodes the box only)",
              f"{'images':<10} {'size':>10} {'format':>10} {'pipeline':>9} {'draft':>6} {'workers':>7} {'img/s':>9} {'vs model':>9}"]

@@ -59,6 +59,18 @@ def _tv_decode_jpeg() -> Callable[[torch.Tensor], torch.Tensor] | None:
 _DECODE_JPEG = _tv_decode_jpeg()
 
 
+def _resize_aa() -> Callable[..., torch.Tensor]:
+    """``F.interpolate(x, size, mode="bicubic", antialias=True)`` of a 4-D tensor: the operator it calls (the
+    same overload and arguments, so the same pixels), without its ~15 us of argument checks a call."""
+    op = getattr(torch._C._nn, "_upsample_bicubic2d_aa", None)
+    if op is None:  # pragma: no cover - every torch this project supports has it
+        return lambda x, size, align_corners, scales: F.interpolate(x, size=size, mode="bicubic", antialias=True)
+    return op
+
+
+_RESIZE_AA = _resize_aa()
+
+
 def dct_scale(crop_wh: tuple[int, int], out_wh: tuple[int, int]) -> int:
     """The largest JPEG DCT scale (8, 4, 2, else 1) at which a crop of ``crop_wh`` source pixels still has at
     least ``out_wh`` pixels: decoding there never goes below the output resolution of the crop."""
@@ -133,6 +145,7 @@ class FastRandomResizedCrop:
         self.scale, self.ratio, self.flip, self.resize = scale, ratio, flip, resize
         # torchvision computes these float32 logs each call and uniform_ reads them as doubles: the same values
         self._log_ratio = tuple(float(v) for v in torch.log(torch.tensor(ratio)))
+        self._draws = (torch.empty(1), torch.empty(1, dtype=torch.int64))  # plan_size's scratch: not two tensors a sample
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip}, resize={self.resize!r})"
@@ -150,7 +163,7 @@ class FastRandomResizedCrop:
         area = height * width
         s0, s1 = self.scale
         r0, r1 = self._log_ratio
-        f, i = torch.empty(1), torch.empty(1, dtype=torch.int64)  # one float32 and one int64 draw at a time, as torchvision
+        f, i = self._draws  # one float32 and one int64 draw at a time, as torchvision
         for _ in range(10):
             target_area = area * f.uniform_(s0, s1).item()
             aspect_ratio = f.uniform_(r0, r1).exp_().item()
@@ -216,8 +229,10 @@ class FastRandomResizedCrop:
         x = img[:, box[1]:box[3], box[0]:box[2]].unsqueeze(0)
         if x.shape[-2:] != (out_h, out_w):
             # HWC memory (the decoders'), made contiguous first: the uint8 antialiased kernel reads a crop of a bigger
-            # image ~1.4x slower than a channels-last copy of it (a channels-first contiguous() costs 3x); same pixels
-            x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(out_h, out_w), mode="bicubic", antialias=True)
+            # image ~1.4x slower than a channels-last copy of it (a channels-first contiguous() costs 3x); same pixels.
+            # (Flipping the box in that copy instead of the output gives the same pixels too, but costs more: the box
+            # is mostly larger than the output.)
+            x = _RESIZE_AA(x.contiguous(memory_format=torch.channels_last), (out_h, out_w), False, None)
         x = x[0]
         return x.flip(-1) if flip else x
 

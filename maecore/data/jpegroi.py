@@ -37,15 +37,34 @@ class RoiError(ValueError):
     """A table that does not fit the bytes it is used with (a damaged record)."""
 
 
-def encode(img: Image.Image, quality: int, restart: str = "mcu") -> bytes:
-    """``img`` (RGB or L) as a baseline JPEG at ``quality`` (Pillow's default 4:2:0 chroma subsampling for RGB)
-    with a restart marker after every MCU (``restart="mcu"``) or every MCU row (``"row"``)."""
+SUBSAMPLINGS = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
+"""The chroma subsamplings a JPEG can be written with (Pillow's ``subsampling`` codes)."""
+
+
+def encode(img: Image.Image, quality: int, restart: str = "mcu", subsampling: str = "4:2:0") -> bytes:
+    """``img`` (RGB or L) as a baseline JPEG at ``quality`` with a restart marker after every MCU (``restart="mcu"``)
+    or every MCU row (``"row"``); an RGB image's chroma subsampled as ``subsampling`` says (:data:`SUBSAMPLINGS`; the
+    MCU is 16 x 16 pixels at 4:2:0, 16 x 8 at 4:2:2, 8 x 8 at 4:4:4 and for grey images)."""
     if restart not in RESTARTS:
         raise ValueError(f"restart must be one of {RESTARTS}, got {restart!r}")
+    if subsampling not in SUBSAMPLINGS:
+        raise ValueError(f"subsampling must be one of {tuple(SUBSAMPLINGS)}, got {subsampling!r}")
     buf = io.BytesIO()
     kw = {"restart_marker_blocks": 1} if restart == "mcu" else {"restart_marker_rows": 1}
+    if img.mode != "L":
+        kw["subsampling"] = SUBSAMPLINGS[subsampling]
     img.save(buf, "JPEG", quality=quality, **kw)
     return buf.getvalue()
+
+
+def source_subsampling(im: Image.Image) -> str:
+    """The chroma subsampling that keeps what ``im`` (opened, not yet converted) has: a colour JPEG's own when a
+    JPEG can be written with it (4:4:4, 4:2:2, 4:2:0), else 4:4:4 (4:4:0, 4:1:1, CMYK, and every other format, which
+    store chroma at full resolution: nothing is thrown away)."""
+    from PIL import JpegImagePlugin
+
+    own = JpegImagePlugin.get_sampling(im) if im.format in ("JPEG", "MPO") else -1
+    return {v: k for k, v in SUBSAMPLINGS.items()}.get(own, "4:4:4")
 
 
 def restart_table(data: bytes) -> np.ndarray | None:

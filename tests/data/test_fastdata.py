@@ -406,3 +406,40 @@ def test_one_call_jpeg_decode_equals_pillow_and_skips_corrupt_files(photos, tmp_
     ours = SeededDataset(ImageFiles(d, decoder=FastRandomResizedCrop(224)))
     n = len(off.base.samples)
     assert sum(off[k][2] for k in keys(n, n)) == sum(ours[k][2] for k in keys(n, n)) == 2  # one skip each
+
+
+def test_resize_operator_and_normalising_by_table_are_bitwise_the_plain_ops(photos):
+    """The resize calls the operator ``F.interpolate`` calls: the same pixels, flipped or not (and flipping the box
+    before the resize would give them too: torch's antialiased kernel is mirror-symmetric); the CPU batch normalisation
+    looks values up in a table made by the float32 ops: the same floats as ``ToTensor`` + ``Normalize`` for every value
+    and channel, any layout."""
+    import torch.nn.functional as F
+
+    from maecore.data.crop import _DECODE_JPEG
+    from maecore.data.pixels import normalize_table
+
+    rng = np.random.default_rng(0)
+    paths = sorted(photos["500x375"].glob("*.jpg"))[:4]
+    for size in ((224, 224), (96, 160)):
+        fast = FastRandomResizedCrop(size)
+        for p in paths:
+            img = _DECODE_JPEG(torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8))
+            for _ in range(12):
+                w, h = int(rng.integers(1, img.shape[2] + 1)), int(rng.integers(1, img.shape[1] + 1))
+                left, top = int(rng.integers(0, img.shape[2] - w + 1)), int(rng.integers(0, img.shape[1] - h + 1))
+                box = (left, top, left + w, top + h)
+                ref = F.interpolate(img[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last),
+                                    size=size, mode="bicubic", antialias=True)[0]
+                assert torch.equal(fast._resize_box(img, box, False), ref)
+                assert torch.equal(fast._resize_box(img, box, True), ref.flip(-1))
+                flipped_first = F.interpolate(img[None, :, top:top + h, left:left + w].flip(-1), size=size, mode="bicubic",
+                                              antialias=True)[0]
+                assert torch.equal(flipped_first, ref.flip(-1))
+    for mean, std in ((IMAGENET_MEAN, IMAGENET_STD), ((0.5,), (0.25,))):
+        m, s = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
+        u8 = torch.arange(256, dtype=torch.uint8).view(16, 16)
+        batch = torch.stack([u8, u8.t(), u8.flip(0)]).expand(2, 3, 16, 16)  # every value in every channel
+        for x in (batch, batch.contiguous(memory_format=torch.channels_last), batch[:, :, 3:, 5:]):
+            got = normalize_uint8(x, mean, std)
+            assert got.is_contiguous() and torch.equal(got, x.float().div(255).sub(m).div(s))  # ToTensor + Normalize's ops
+        assert normalize_table(mean, std).shape == (len(mean), 256)

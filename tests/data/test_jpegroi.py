@@ -173,3 +173,31 @@ def test_known_source_that_does_not_match_its_record_is_unusable_and_draws_nothi
         with pytest.raises(UnusableImage):
             fast.decode_known(*args)
         assert torch.equal(torch.rand(1), same_rng_run(lambda: None, 3)[1])  # the RNG as it was found
+
+
+def test_reencoding_keeps_the_sources_chroma_subsampling(photo, tmp_path):
+    """``--roi`` and the capped re-encode keep a JPEG's chroma subsampling by default (a 4:4:4 source is not cut to
+    4:2:0: docs/benchmarks.md has the PSNR); other formats, with full chroma, become 4:4:4; grey stays grey;
+    ``--subsampling`` picks one for all; the 4:4:4 and 4:2:2 re-encodes still cut into boxes."""
+    from maecore.data.jpegroi import SUBSAMPLINGS, source_subsampling
+    from maecore.data.packed.writer import prepare
+
+    img = photo.resize((96, 64))
+
+    def kept(data: bytes) -> str:
+        with Image.open(io.BytesIO(data)) as im:
+            return "L" if im.mode == "L" else source_subsampling(im)
+
+    sources = {ss: jpeg(img, subsampling=code) for ss, code in SUBSAMPLINGS.items()}
+    sources["png"] = b""
+    for name in sources:
+        path = tmp_path / f"{name.replace(':', '')}.{'png' if name == 'png' else 'jpg'}"
+        img.save(path) if name == "png" else path.write_bytes(sources[name])
+        for mode, want in (("keep", "4:4:4" if name == "png" else name), ("4:2:0", "4:2:0")):
+            roi = prepare((str(path), None, None, 90, "mcu", mode))
+            capped = prepare((str(path), 48, None, 90, None, mode))
+            assert kept(roi.data) == kept(capped.data) == want, (name, mode)
+            assert roi.table is not None and int(roi.table[2]) == (8 if want == "4:4:4" else 16)  # the MCU width
+    grey = tmp_path / "grey.jpg"
+    img.convert("L").save(grey, quality=90)
+    assert kept(prepare((str(grey), None, None, 90, "mcu", "keep")).data) == "L"

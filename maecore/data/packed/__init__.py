@@ -1,7 +1,7 @@
 """Packed, sharded image datasets: WebDataset-style tar shards plus an index for random access.
 
-``python -m maecore.data.packed SRC DST [--max_side N | --short_side N] [--quality Q] [--roi] [--shard_size SIZE]
-[--workers N] [--force]`` (``python tools/pack_dataset.py`` is the same command) packs an image folder — with class
+``python -m maecore.data.packed SRC DST [--max_side N | --short_side N] [--quality Q] [--roi] [--subsampling S]
+[--shard_size SIZE] [--workers N] [--force]`` (``python tools/pack_dataset.py`` is the same command) packs an image folder — with class
 sub-folders (ImageNet layout) or without — into ``DST``; a classification root holding ``train/`` and
 ``val/`` is packed split by split into ``DST/train`` and ``DST/val``.  Every packed folder holds:
 
@@ -35,8 +35,12 @@ MCU (``--roi_restart row``: every MCU row), and stores where each entropy-coded 
 (``--decode fast``) then decodes only the MCUs its crop box touches (:mod:`maecore.data.jpegroi`): the pixels are
 those of the whole re-encoded image, cropped, bit for bit.  The cost: one more JPEG generation (quality 90
 loses little, but the pixels are no longer the originals', so a run on a ROI pack is not the folder's run), the
-markers (~7 % larger files for per-MCU markers on 500x375 photos, ~0 % per row) and the tables (~3 KB per
-500x375 image per MCU, ~0.1 KB per row).  Grey (``L``) images stay grey; anything else is stored as RGB
+markers (~7 % larger files for per-MCU markers on 500x375 4:2:0 photos, ~0 % per row) and the tables (~3 KB per
+500x375 image per MCU, ~0.1 KB per row).  Every re-encode keeps the source's chroma subsampling
+(``--subsampling keep``, the default: a JPEG's own 4:4:4, 4:2:2 or 4:2:0; 4:4:4 for other layouts and formats, which
+hold full chroma; or one for all): a 4:4:4 source stays 4:4:4, at 4x the MCUs (files ~24 % larger than the source,
+~12 KB of table per 500x375 image), where cutting it to 4:2:0 cost 11-13 dB of PSNR (docs/benchmarks.md).
+Grey (``L``) images stay grey; anything else is stored as RGB
 (converted as the training loader converts it).  docs/benchmarks.md has the measured gain.
 
 Every image is decoded at pack time through the training loader's protected decoder

@@ -13,7 +13,7 @@ from pathlib import Path
 from maecore.cli import OneLineParser, run_cli
 from maecore.data import jpegroi
 from maecore.data.packed.verify import verify
-from maecore.data.packed.writer import DEFAULT_QUALITY, DEFAULT_SHARD_SIZE, pack
+from maecore.data.packed.writer import DEFAULT_QUALITY, DEFAULT_SHARD_SIZE, SUBSAMPLING_CHOICES, pack
 
 
 def byte_size(text: str) -> int:
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the crop box (lossy: one more JPEG generation; see maecore/data/packed/)")
     p.add_argument("--roi_restart", choices=jpegroi.RESTARTS, default="mcu",
                    help="with --roi: a restart marker after every MCU (default; boxes cut both ways) or every MCU row")
+    p.add_argument("--subsampling", choices=SUBSAMPLING_CHOICES, default="keep",
+                   help="chroma subsampling of re-encoded colour images: keep (default) = a JPEG's own (4:4:0, 4:1:1 and "
+                        "other formats: 4:4:4, nothing thrown away), or one for all")
     p.add_argument("--shard_size", type=byte_size, default=DEFAULT_SHARD_SIZE, help="bytes per shard, e.g. 500M (default 1G)")
     p.add_argument("--workers", type=_int_in(0, 256), default=min(8, os.cpu_count() or 1),
                    help="decoding processes (default min(8, CPUs); 0 = in this process)")
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give SRC and DST to pack (or --verify DST to check a packed dataset)")
     t0 = time.perf_counter()
     out = pack(args.src, args.dst, force=args.force, max_side=args.max_side, short_side=args.short_side,
-               quality=args.quality, shard_size=args.shard_size, workers=args.workers, roi=args.roi_restart if args.roi else None)
+               quality=args.quality, shard_size=args.shard_size, workers=args.workers, roi=args.roi_restart if args.roi else None,
+               subsampling=args.subsampling)
     print(f"packed {args.src} -> {', '.join(map(str, out))} in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -44,7 +44,8 @@ def capped_size(size: tuple[int, int], max_side: int | None, short_side: int | N
     return max(1, round(w * s)), max(1, round(h * s))
 
 
-Job = tuple[str, int | None, int | None, int, str | None]  # path, max_side, short_side, quality, restart markers
+Job = tuple[str, int | None, int | None, int, str | None, str]  # path, max_side, short_side, quality, restart markers, subsampling
+SUBSAMPLING_CHOICES = ("keep", *jpegroi.SUBSAMPLINGS)  # keep: the source's own (jpegroi.source_subsampling)
 
 
 class Prepared(NamedTuple):
@@ -60,12 +61,16 @@ class Prepared(NamedTuple):
 def prepare(job: Job) -> Prepared | str:
     """One source file -> what to store (:class:`Prepared`), or the reason it is skipped.  Runs in the packing
     workers; decodes the whole image through the training loader's protected decoder.  With ``restart`` (``"mcu"``
-    or ``"row"``: ``--roi``) every image is re-encoded as a JPEG with restart markers and its table computed."""
-    path, max_side, short_side, quality, restart = job
+    or ``"row"``: ``--roi``) every image is re-encoded as a JPEG with restart markers and its table computed.  A
+    re-encoded colour image is subsampled as ``subsampling`` says (``"keep"``: as its source, see
+    :func:`maecore.data.jpegroi.source_subsampling`)."""
+    path, max_side, short_side, quality, restart, subsampling = job
     try:
         data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as im:
             fmt, mode = im.format or "", im.mode
+            if subsampling == "keep":
+                subsampling = jpegroi.source_subsampling(im)
         img = load_rgb(data)
     except UNREADABLE as e:
         return f"{type(e).__name__}: {e}".replace("\n", " ")
@@ -78,9 +83,9 @@ def prepare(job: Job) -> Prepared | str:
         img = img.resize(target, Image.Resampling.LANCZOS)
     if restart is None:
         buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=quality)
+        img.save(buf, "JPEG", quality=quality, subsampling=jpegroi.SUBSAMPLINGS[subsampling])
         return Prepared(buf.getvalue(), "jpg", True, (*img.size, "JPEG", img.mode), None)
-    out = jpegroi.encode(img, quality, restart)
+    out = jpegroi.encode(img, quality, restart, subsampling)
     return Prepared(out, "jpg", True, (*img.size, "JPEG", img.mode), jpegroi.restart_table(out))
 
 
@@ -168,12 +173,16 @@ def _results(jobs: list[Job], workers: int) -> Iterator[Prepared | str]:
 
 def pack_split(src: Path, dst: Path, *, max_side: int | None = None, short_side: int | None = None,
                quality: int = DEFAULT_QUALITY, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 0,
-               roi: str | None = None, say: Callable[[str], None] = print, shown: Path | None = None) -> dict[str, Any]:
+               roi: str | None = None, subsampling: str = "keep", say: Callable[[str], None] = print,
+               shown: Path | None = None) -> dict[str, Any]:
     """Pack one image folder (with or without class sub-folders) into ``dst`` (created); returns its index.
-    ``roi``: ``"mcu"`` or ``"row"`` re-encodes every image with restart markers there (``--roi``).  Messages name
-    ``shown`` (where ``dst`` will be moved), else ``dst``."""
+    ``roi``: ``"mcu"`` or ``"row"`` re-encodes every image with restart markers there (``--roi``); ``subsampling``:
+    the chroma subsampling of re-encoded images (:data:`SUBSAMPLING_CHOICES`, ``"keep"``: each source's own).
+    Messages name ``shown`` (where ``dst`` will be moved), else ``dst``."""
     if roi is not None and roi not in jpegroi.RESTARTS:
         raise ValueError(f"roi must be one of {jpegroi.RESTARTS} or None, got {roi!r}")
+    if subsampling not in SUBSAMPLING_CHOICES:
+        raise ValueError(f"subsampling must be one of {SUBSAMPLING_CHOICES}, got {subsampling!r}")
     shown = shown or dst
     folder = ImageFiles(src)  # the folder's own listing: same classes, same order, same 'no images' error
     dst.mkdir(parents=True)
@@ -183,7 +192,7 @@ def pack_split(src: Path, dst: Path, *, max_side: int | None = None, short_side:
     skipped: list[dict[str, str]] = []
     used: set[str] = set()
     n_reencoded = n_tables = 0
-    jobs: list[Job] = [(str(p), max_side, short_side, quality, roi) for p, _ in folder.samples]
+    jobs: list[Job] = [(str(p), max_side, short_side, quality, roi, subsampling) for p, _ in folder.samples]
     t_last = time.monotonic()
     try:
         for i, ((path, label), res) in enumerate(zip(folder.samples, _results(jobs, workers))):
@@ -211,7 +220,7 @@ def pack_split(src: Path, dst: Path, *, max_side: int | None = None, short_side:
     index = {
         "format": FORMAT, "version": VERSION, "source": str(src.resolve()),
         "reencode": {"max_side": max_side, "short_side": short_side, "quality": quality if (max_side or short_side or roi) else None,
-                     "count": n_reencoded},
+                     "subsampling": subsampling if (max_side or short_side or roi) else None, "count": n_reencoded},
         "roi": {"restart": roi, "count": n_tables} if roi else None,
         "classes": folder.classes, "shards": shards, "samples": cols,
         "skipped": {"count": len(skipped), "files": skipped},
