@@ -1,6 +1,6 @@
-"""Packed datasets in object storage: ``--data_path http(s)://HOST/PATH/pack`` (HTTP range requests through the
-standard library, a kept-alive connection per thread), or ``s3://`` / ``gs://`` … through fsspec where it and its
-backend are installed (``pip install 'mae-toolkit[remote]' s3fs``).
+"""Packed datasets in object storage: ``--data_path http(s)://HOST/PATH/pack`` (HTTP range requests over the
+standard library's sockets, a kept-alive connection per thread: :mod:`maecore.data.packed.wire`), or ``s3://`` /
+``gs://`` … through fsspec where it and its backend are installed (``pip install 'mae-toolkit[remote]' s3fs``).
 
 :class:`RemoteStore` is the :class:`~maecore.data.packed.store.Store` both share; a subclass only fetches one byte range
 once (:meth:`RemoteStore._get`).  What it adds to that:
@@ -21,7 +21,6 @@ Environment overrides for the retry policy (tests, flaky links): ``MAE_REMOTE_RE
 
 from __future__ import annotations
 
-import http.client
 import os
 import threading
 import time
@@ -35,6 +34,7 @@ from urllib.parse import quote, urlsplit
 from maecore.data.packed.cache import RecordCache
 from maecore.data.packed.index import INDEX_NAME, is_url
 from maecore.data.packed.store import Range, Store, local_split
+from maecore.data.packed.wire import Connection
 from maecore.errors import UserError
 
 
@@ -209,14 +209,19 @@ def content_total(header: str | None) -> int | None:
 
 class HttpStore(RemoteStore):
     """A packed folder served over HTTP(S) by any server that answers range requests (nginx, S3's and GCS's HTTPS
-    endpoints for public or presigned objects, a CDN).  One kept-alive connection per thread; a connection the server
-    closed while idle is opened again at once (not counted as a try)."""
+    endpoints for public or presigned objects, a CDN).  One kept-alive connection per thread
+    (:class:`~maecore.data.packed.wire.Connection`); a connection the server closed while idle is opened again at once
+    (not counted as a try)."""
 
     def __init__(self, url: str, options: RemoteOptions | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UserError(f"{url}: not an http(s)://HOST/PATH URL")
-        self.scheme, self.netloc, self.base = parts.scheme, parts.netloc, parts.path.rstrip("/")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as e:
+            raise UserError(f"{url}: {e}") from None
+        self.host, self.port, self.tls, self.base = parts.hostname, port, parts.scheme == "https", parts.path.rstrip("/")
         self._local = threading.local()
         super().__init__(url, options)
 
@@ -227,39 +232,27 @@ class HttpStore(RemoteStore):
     def _forget_connections(self) -> None:
         self._local = threading.local()
 
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+    def _connection(self) -> Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn, True
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        conn = self._local.conn = cls(self.netloc, timeout=self.options.timeout)
-        return conn, False
-
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            conn.close()
+        if conn is None:
+            conn = self._local.conn = Connection(self.host, self.port, self.tls, self.options.timeout)
+        return conn
 
     def _get(self, file: str, offset: int, size: int | None) -> bytes | None:
         url = self.name(file)
         if size is not None and size <= 0:
             return b""
         headers = {} if size is None else {"Range": f"bytes={offset}-{offset + size - 1}"}
-        for _ in range(2):
-            conn, reused = self._connection()
+        conn = self._connection()
+        while True:
+            reused = conn.reused
             try:
-                conn.request("GET", f"{self.base}/{quote(file)}", headers=headers)
-                r = conn.getresponse()
-                body = r.read()
-            except (OSError, http.client.HTTPException) as e:
-                self._drop()
+                r = conn.get(f"{self.base}/{quote(file)}", headers)
+                break
+            except (OSError, ValueError) as e:
                 if reused and not isinstance(e, TimeoutError):
                     continue  # the server closed an idle kept-alive connection: a new one, at once
                 raise Transient(f"{type(e).__name__}: {e}") from None
-            if r.will_close:
-                self._drop()
-            break
         status = r.status
         if status >= 500 or status in (408, 429):
             raise Transient(f"HTTP {status} {r.reason}")
@@ -270,15 +263,15 @@ class HttpStore(RemoteStore):
         if status == 416:
             return b""  # the range starts past the file's end: a short read, which the reader refuses
         if size is None and status == 200:
-            return body
+            return r.body
         if status == 200:
             raise UserError(f"{url}: the server answered a range request with the whole file (HTTP 200): it needs range support")
         if status != 206:
             raise UserError(f"{url}: HTTP {status} {r.reason}")
-        total, want = content_total(r.getheader("Content-Range")), self.sizes.get(file)
+        total, want = content_total(r.headers.get("content-range")), self.sizes.get(file)
         if want is not None and total is not None and total != want:
             raise UserError(f"{url}: {total} bytes, the index records {want}: a truncated or replaced shard (pack it again)")
-        return body
+        return r.body
 
 
 class FsspecStore(RemoteStore):
