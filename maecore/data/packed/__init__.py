@@ -61,6 +61,7 @@ The modules, each importing only from those listed above it:
 * :mod:`~maecore.data.packed.store`: the storage seam, :class:`Store` (a packed folder's files read by byte range) and
   :class:`LocalStore` (``pread``);
 * :mod:`~maecore.data.packed.cache`: the bounded local cache of a remote pack's records (``--cache_dir``);
+* :mod:`~maecore.data.packed.wire`: the minimal HTTP/1.1 client of the range reads;
 * :mod:`~maecore.data.packed.remote`: packs in object storage, ``--data_path https://…`` (HTTP range requests) or
   ``s3://`` / ``gs://`` … (fsspec): read-ahead, coalescing, retries;
 * :mod:`~maecore.data.packed.reader`: :class:`PackedImages` (random access), :func:`iter_tar_samples` (in sequence);
