@@ -142,6 +142,11 @@ class RemoteStore(Store):
             self._files[file] = self._fetch(file, 0, None)
         return self._files[file]
 
+    def index(self) -> dict[str, Any]:
+        index = super().index()
+        self._files.pop(INDEX_NAME, None)  # fetched once (open_split asked first); not kept, nor pickled into the workers
+        return index
+
     def check_shard(self, file: str, nbytes: int) -> None:
         self.sizes[file] = nbytes
 
