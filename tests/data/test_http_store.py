@@ -117,6 +117,16 @@ def test_fsspec_store_reads_the_same_records(pack_root):
     fs.rm("memory://mae-test-pack", recursive=True)
 
 
+def test_monitor_reads_a_remote_root(pack_root, nginx):
+    from maecore.monitor.subset import MonitorSubset
+
+    local, remote = (MonitorSubset(p, 32, 14, 7) for p in (pack_root / "imagenet", f"{nginx.url}/imagenet"))
+    for m in (local, remote):
+        m.load()
+    assert remote.classes == local.classes and remote.bank.indices == local.bank.indices
+    assert torch.equal(remote.bank.images, local.bank.images) and torch.equal(remote.queries.images, local.queries.images)
+
+
 def test_http_server_restarted_mid_epoch(pack_root, tmp_path):
     srv = server(pack_root, tmp_path / "nginx")
     try:

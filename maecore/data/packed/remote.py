@@ -204,6 +204,13 @@ class RemoteStore(Store):
         if self._pool is not None and self._pid == os.getpid():
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._reset()
+        self._forget_connections()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to tidy
+            pass
 
 
 def content_total(header: str | None) -> int | None:
@@ -227,20 +234,29 @@ class HttpStore(RemoteStore):
         except ValueError as e:
             raise UserError(f"{url}: {e}") from None
         self.host, self.port, self.tls, self.base = parts.hostname, port, parts.scheme == "https", parts.path.rstrip("/")
-        self._local = threading.local()
+        self._forget_connections()
         super().__init__(url, options)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_conns", "_conns_pid")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._local = threading.local()
+        self._conns_pid = None  # the connections were the pickling process's
+        self._forget_connections()
 
     def _forget_connections(self) -> None:
-        self._local = threading.local()
+        """Close this process's connections (a forked copy's inherited ones are the parent's: only forgotten)."""
+        if getattr(self, "_conns_pid", None) == os.getpid():
+            for conn in self._conns:
+                conn.close()
+        self._local, self._conns, self._conns_pid = threading.local(), [], os.getpid()
 
     def _connection(self) -> Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = Connection(self.host, self.port, self.tls, self.options.timeout)
+            self._conns.append(conn)
         return conn
 
     def _get(self, file: str, offset: int, size: int | None) -> bytes | None:
