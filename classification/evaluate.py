@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from maecore import distributed as du
 from maecore.engine import autocast, to_device
 from maecore.figures import save_figure
+from maecore.monitor.metrics import knn_scores
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
@@ -119,7 +120,6 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device,
     return f, t
 
 
-@torch.no_grad()
 def knn_classify(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -130,19 +130,9 @@ def knn_classify(
     chunk: int = 256,
 ) -> torch.Tensor:
     """Weighted kNN on cosine similarity (Wu et al. 2018; DINO's monitor): each of the ``k`` nearest
-    training samples votes for its class with weight exp(sim / T).  Returns class scores (N, C)."""
-    train = F.normalize(train_feats.float(), dim=1)
-    test = F.normalize(test_feats.float(), dim=1)
-    k = min(k, train.shape[0])
-    out = []
-    for i in range(0, test.shape[0], chunk):
-        sim = test[i : i + chunk] @ train.T
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=weights.dtype)
-        votes.scatter_add_(1, train_labels[top_idx], weights)
-        out.append(votes)
-    return torch.cat(out)
+    training samples votes for its class with weight exp(sim / T).  Returns class scores (N, C).
+    The monitor's kNN (:func:`maecore.monitor.metrics.knn_scores`): one kNN in the codebase."""
+    return knn_scores(train_feats, train_labels, test_feats, num_classes, k, temperature, chunk)
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = 20, temperature: float = 0.07) -> dict:

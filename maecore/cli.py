@@ -237,10 +237,28 @@ def config_from_args(args: RunConfig | Mapping[str, Any] | argparse.Namespace, *
     return engine_config(values, **overrides)
 
 
+def logger_name(text: str) -> str:
+    """argparse ``type=`` for ``--loggers``: a logger's name (:data:`maecore.engine.loggers.LOGGERS`), whose package is
+    installed (wandb is an optional extra): a missing one is a flag error before anything runs."""
+    from maecore.engine.loggers import LOGGERS
+    from maecore.engine.loggers.wandb import INSTALL, available
+
+    if text not in LOGGERS:
+        raise argparse.ArgumentTypeError(f"no logger named {text!r} (choose from {', '.join(LOGGERS)})")
+    if text == "wandb" and not available():
+        raise argparse.ArgumentTypeError(f"wandb is not installed: {INSTALL}")
+    return text
+
+
+logger_name.base = str  # type: ignore[attr-defined]
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine's flags (:class:`maecore.engine.EngineConfig`), named as in the official MAE scripts where those
     have one."""
     from maecore.distributed import DEFAULT_TIMEOUT_MIN  # imports torch: only when a parser is built
+    from maecore.engine.loggers import DEFAULT as DEFAULT_LOGGERS
+    from maecore.engine.loggers import LOGGERS
 
     g = parser.add_argument_group("engine")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints, logs, figures")
@@ -274,6 +292,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dist_timeout", type=positive_float, default=DEFAULT_TIMEOUT_MIN, metavar="MIN",
                    help="under torchrun: minutes a collective waits for the other ranks before failing with a line "
                         "naming this rank (a dead or stuck rank never hangs the job forever)")
+    g.add_argument("--loggers", nargs="+", type=logger_name, default=list(DEFAULT_LOGGERS), metavar="NAME",
+                   help=f"where the run's records go, on rank 0: {', '.join(LOGGERS)} (default: {' '.join(DEFAULT_LOGGERS)}; "
+                        "wandb is an optional extra: pip install 'mae-toolkit[wandb]', WANDB_MODE=offline without network)")
 
 
 # ---- flags a checkpoint can supply ---------------------------------------------------------------

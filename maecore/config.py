@@ -52,6 +52,7 @@ class RunConfig:
     compile: bool
     device: str  # auto | cpu | cuda
     dist_timeout: float
+    loggers: list[str]  # jsonl | tensorboard | wandb (maecore.engine.loggers)
     # not a flag: the dests of the flags written on the command line, whatever their values (a checkpoint's saved
     # model flags do not replace these: ``--eval --resume``)
     given: frozenset[str] = field(default=frozenset(), repr=False)

@@ -7,6 +7,7 @@ Examples (see docs/benchmarks.md for measured numbers):
     python tools/benchmark.py --bench mask_tokens --mt_model mae_vit_large_patch16 --mt_batch_size 8
     python tools/benchmark.py --bench data --num_workers 0 1 2 --photo_sizes 500x375 1600x1200 --data_images 256
     python tools/benchmark.py --bench finetune detection segmentation --batch_size 2
+    python tools/benchmark.py --bench monitor --model mae_vit_base_patch16 --batch_size 64   # --monitor's cost
     python tools/benchmark.py --bench finetune detection segmentation --task_arch tiny --task_input_size 64 --batch_size 2
 
 Timing protocol: warm-up steps are excluded; each variant runs ``--windows`` timed windows of
@@ -34,7 +35,9 @@ from maecore.errors import UserError
 from maecore.models import SIZES
 from pretrain import benchmark as pretrain_bench
 from pretrain import benchmark_data as data_bench
+from pretrain import benchmark_monitor as monitor_bench
 from pretrain.model import MODELS
+from pretrain.recipes import RECIPES as PRETRAIN_RECIPES
 
 SCHEMA_VERSION = harness.SCHEMA_VERSION
 
@@ -82,7 +85,7 @@ TASK_STEPS: dict[str, Callable[[], StepBuilder]] = {
     "detection": _detection_step,
     "segmentation": _segmentation_step,
 }
-BENCHES = ("pretrain", "mask_tokens", "data", *TASK_BENCHMARKS)
+BENCHES = ("pretrain", "mask_tokens", "data", "monitor", *TASK_BENCHMARKS)
 
 
 def task_bench(name: str, args: argparse.Namespace, device: torch.device, timing: harness.Timing) -> dict[str, Any]:
@@ -137,7 +140,7 @@ def format_tasks(res: dict[str, Any]) -> list[str]:
 def print_table(res: dict[str, Any]) -> None:
     lines = harness.env_header(res["env"])
     for key, section in (("pretrain", pretrain_bench.format_pretrain), ("mask_tokens", pretrain_bench.format_mask_tokens),
-                         ("data", data_bench.format_data)):
+                         ("data", data_bench.format_data), ("monitor", monitor_bench.format_monitor)):
         if key in res:
             lines += section(res[key])
     lines += format_tasks(res)
@@ -194,6 +197,15 @@ def get_parser() -> argparse.ArgumentParser:
                         "copy read over HTTP range requests from an nginx on localhost (http; skipped with a line without nginx)")
     g.add_argument("--data_batch_size", type=int, default=32)
     g.add_argument("--data_batches", type=int, default=8)
+    g = p.add_argument_group("--monitor's cost (pretraining steps with and without it; also takes the pretraining step's flags)")
+    g.add_argument("--monitor_every", type=int, default=monitor_bench.EVERY, help="steps between measurements (the CLI's default)")
+    g.add_argument("--monitor_bank", type=int, default=monitor_bench.BANK, help="kNN bank images (the CLI's default)")
+    g.add_argument("--monitor_queries", type=int, default=monitor_bench.QUERIES, help="query images (the CLI's default)")
+    g.add_argument("--monitor_data", default=None, help="a labelled folder for the monitor (default: generated, 7 classes)")
+    g.add_argument("--measure_windows", type=int, default=3, help="timed measurements (after one untimed)")
+    g.add_argument("--monitor_recipe", default=None, choices=sorted(PRETRAIN_RECIPES),
+                   help="the model, batch size, input size and mask ratio of this pretraining recipe (demo: the demo's "
+                        "ViT-tiny/8, 64 px, batch 64) instead of --model --batch_size --input_size --decoder_depth")
     g = p.add_argument_group("task steps (finetune, detection, segmentation; also take --batch_size, --amp, --compile)")
     g.add_argument("--task_arch", default=None, choices=sorted(SIZES),
                    help="ViT size of the task models (default: the recipes' base)")
@@ -204,12 +216,17 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for k in ("batch_size", "input_size", "mt_batch_size", "data_images", "data_batch_size", "data_batches"):
+    for k in ("batch_size", "input_size", "mt_batch_size", "data_images", "data_batch_size", "data_batches", "monitor_every",
+              "monitor_bank", "measure_windows"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k} must be >= 1")
     for k in ("task_input_size", "task_patch_size"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{k} must be >= 1")
+    if args.monitor_queries < 0:
+        raise UserError("--monitor_queries must be >= 0")
+    if args.monitor_data and not Path(args.monitor_data).is_dir():
+        raise UserError(f"--monitor_data is not a directory: {args.monitor_data}")
     if not 0.0 <= args.mask_ratio < 1.0:
         raise UserError("--mask_ratio must be in [0, 1)")
     if args.input_size % 16 and args.input_size % 14:
@@ -277,6 +294,12 @@ def run(args: argparse.Namespace, device: torch.device, argv: list[str]) -> dict
             data_path=args.data_path, data_dir=args.data_dir, data_images=args.data_images,
             synthetic_size=args.synthetic_size, photo_sizes=args.photo_sizes, seed=args.seed,
             formats=tuple(dict.fromkeys(args.data_formats)))
+    if "monitor" in args.bench:
+        res["monitor"] = monitor_bench.monitor_bench(
+            device, timed, model_name=args.model, batch_size=args.batch_size, input_size=args.input_size,
+            mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth, amp=resolve_amp(args.amp, device, cpu_bf16=False),
+            attn=args.attn, seed=args.seed, every=args.monitor_every, bank=args.monitor_bank, queries=args.monitor_queries,
+            measure_windows=args.measure_windows, data=args.monitor_data, data_dir=args.data_dir, recipe=args.monitor_recipe)
     for name in TASK_BENCHMARKS:
         if name in args.bench:
             res[name] = task_bench(name, args, device, timed)

@@ -3,8 +3,9 @@ initialisation, with a report.
 
     python tools/demo.py --output runs/demo [--preset demo|smoke] [--config FILE.json] [--from-stage STAGE]
 
-(``python -m pipeline.demo`` is the same.)  Stages: data -> pretrain -> figures -> convert -> linprobe ->
-partial -> finetune -> detection -> segmentation -> report.  Each stage calls the toolkit's own command
+(``python -m pipeline.demo`` is the same.)  Stages: data -> pretrain -> figures -> convert -> checkpoints (the
+study's probes of the kept pretraining checkpoints; none in the demo) -> finetune -> detection -> segmentation ->
+linprobe -> partial -> report.  Each stage calls the toolkit's own command
 lines (their modules' ``main``, in this process, to save start-up time; the equivalent shell commands
 are printed and written to the report, so any row can be re-run by hand).  A failing stage stops the
 pipeline with a message naming it, keeps every earlier stage's outputs, and ``--from-stage`` resumes
@@ -31,6 +32,7 @@ from pipeline.presets import PRESETS
 from pipeline.report_data import row_order
 from pipeline.results import write_results
 from pipeline.stages import STAGES, stage_data
+from pipeline.study_monitor import write_monitor_study
 
 
 def run_pipeline(out: Path, cfg: dict, from_stage: str, to_stage: str | None = None) -> Path:
@@ -137,7 +139,10 @@ def run_seeds(out: Path, cfg: dict, from_stage: str, to_stage: str | None = None
         print(f"\n[study] seed {seed} -> {run_dir}", flush=True)
         run_pipeline(run_dir, {**cfg, "seed": seed}, from_stage, to_stage)
         from_stage = STAGES[0][0]  # --from-stage applies to the first unfinished seed only
-    return write_results(out, [out / f"seed{s}" for s in cfg["seeds"]])
+    dirs = [out / f"seed{s}" for s in cfg["seeds"]]
+    md = write_results(out, dirs)
+    write_monitor_study(out, dirs)  # #26: do the monitors at each kept checkpoint predict its probes?
+    return md
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -8,11 +8,12 @@ import os
 # The stages in the order they run.  The transfer stages longest first: their runs share one pool ("parallel" at a
 # time), and starting the long ones first leaves the short ones to fill the gaps at the end (longest-processing-time
 # order: ~40 s less on 2 cores than linear probe first, where detection and segmentation ran last side by side); the
-# report's rows keep the paper's order whatever the order of the runs
-STAGE_NAMES: tuple[str, ...] = ("data", "pretrain", "figures", "convert", "finetune", "detection", "segmentation",
-                                "linprobe", "partial", "report")
+# report's rows keep the paper's order whatever the order of the runs.  The study's probes of its kept pretraining
+# checkpoints (``checkpoints``, pipeline.checkpoint_jobs: a fine-tune and short linear probes) go first
+STAGE_NAMES: tuple[str, ...] = ("data", "pretrain", "figures", "convert", "checkpoints", "finetune", "detection",
+                                "segmentation", "linprobe", "partial", "report")
 # the transfer stages build jobs (run_jobs: side by side with "parallel" > 1, across stages); the others run in-process
-JOB_STAGES = ("linprobe", "partial", "finetune", "detection", "segmentation")
+JOB_STAGES = ("linprobe", "partial", "finetune", "detection", "segmentation", "checkpoints")
 
 
 def transfer_threads(parallel: int) -> int:

@@ -28,7 +28,12 @@ PRESETS: dict[str, dict] = {
         # precision: every stage's --amp auto (bf16 where the CPU has native bf16, ~1.35x a tiny-ViT step; fp32
         # elsewhere, where emulated bf16 would be slower) and --attn auto (under bf16 on CPU the explicit softmax:
         # ~1.4x faster pretraining and fine-tuning steps); the report names both
-        "pretrain": ["--recipe", "demo", "--epochs", "10"],  # 870 steps
+        # 870 steps (87 an epoch).  --monitor (#26): weighted kNN, the online linear classifier and RankMe at step 0 (the
+        # random network) and every 2 epochs (where the study keeps its checkpoints), on 500 training / 250 val images:
+        # 6 x 750 unmasked forwards, ~2.6 % of the pretraining (an unmasked forward of a batch costs 0.32 of a training
+        # step, bf16, measured interleaved under load); the defaults' 1,000 / 500 would cost 5 %
+        "pretrain": ["--recipe", "demo", "--epochs", "10", "--monitor", "--monitor_every", "174", "--monitor_bank", "500",
+                     "--monitor_queries", "250"],
         "linprobe": ["--recipe", "demo_linprobe", "--cache_features", "--epochs", "30"],
         # one block (the issue's row; the last-MLP variant would cost two more runs)
         "partial": ["--recipe", "demo_partial", "--epochs", "3"],  # 525 steps
@@ -48,7 +53,10 @@ PRESETS: dict[str, dict] = {
         "data_root": None,
         "inits": ["mae", "random"],
         "parallel": 2,
-        "pretrain": ["--recipe", "demo", "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--log_every", "1"],
+        "pretrain": ["--recipe", "demo", "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--log_every", "1",
+                     "--monitor", "--monitor_every", "2", "--monitor_bank", "16", "--keep_every", "1"],
+        # the study's checkpoint probes (pipeline.checkpoint_jobs): the one kept checkpoint is the final one here
+        "checkpoint_study": {"finetune_epochs": [1]},
         "linprobe": ["--recipe", "demo_linprobe", "--cache_features", "--epochs", "1", "--batch_size", "8",
                      "--num_workers", "0"],
         "partial": ["--recipe", "demo_partial", "--epochs", "1", "--batch_size", "8", "--num_workers", "0"],
@@ -66,3 +74,8 @@ PRESETS: dict[str, dict] = {
 # the study: the demo's pipeline, every row from both inits, three training seeds on the same world (seed 0);
 # `<output>/seed<N>/` holds each seed's whole demo run, `<output>/results.md` the mean ± std and curves
 PRESETS["study"] = {**json.loads(json.dumps(PRESETS["demo"])), "dense_inits": ["mae", "random"], "seeds": [0, 1, 2]}
+# issue #26 item 6: do the monitors predict the transfer rows?  Pretraining keeps a checkpoint every 2 epochs (where the
+# monitor measures); each gets the demo's linear probe (~30 s), the one after 4 epochs also its fine-tune (~6 min):
+# with the final checkpoint's own rows, 5 linear-probe and 2 fine-tune points per seed (pipeline.checkpoint_jobs)
+PRESETS["study"]["pretrain"] += ["--keep_every", "2"]
+PRESETS["study"]["checkpoint_study"] = {"finetune_epochs": [4]}

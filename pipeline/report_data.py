@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from pipeline.context import Context, dense_inits
+from pipeline.monitor_figure import MONITOR_KEYS, MONITOR_PNG
 from pipeline.plan import machine_line
 from pipeline.results import curves_png
 
@@ -111,6 +112,20 @@ def transfer_curves(ctx: Context) -> str | None:
     return CURVES_PNG
 
 
+def monitor_sentence(monitor: dict | None) -> list[str]:
+    """The intro's line on the pretraining monitors (``results["pretrain"]["monitor"]``): each value from the
+    random-initialised network (step 0) to the last measurement; nothing without ``--monitor``."""
+    if not monitor:
+        return []
+    first, last = monitor["first"], monitor["last"]
+    names = {"knn_top1": "weighted kNN top-1", "linear_top1": "online linear top-1", "rankme": "RankMe"}
+    parts = [f"{names[k]} {first[k]:.1f} -> {last[k]:.1f}" for k, _, _ in MONITOR_KEYS if k in first and k in last]
+    if not parts:
+        return []
+    return [f" Pretraining monitors (`--monitor`, unmasked features): {', '.join(parts)} from the random-initialised"
+            f" network (step {first['step']}) to step {last['step']}."]
+
+
 def build_report(ctx: Context, curves: str | None = None) -> Report:
     """The report of the run in ``ctx`` (its results, config and commands); ``curves``: the metric-vs-steps figure
     (``transfer_curves``), relative to the run folder."""
@@ -128,8 +143,11 @@ def build_report(ctx: Context, curves: str | None = None) -> Report:
            " the preset's budget (`--preset study` runs them, docs/results.md has its numbers)."]
           if set(dense_inits(ctx)) != set(ctx.cfg["inits"]) else []),
     ]
-    figures = [FigureGroup(None, [("pretraining loss", "pretrain_loss.png")]),
-               FigureGroup(None, [("reconstructions", "reconstruction.png")])]
+    intro += monitor_sentence(pre.get("monitor"))
+    figures = [FigureGroup(None, [("pretraining loss", "pretrain_loss.png")])]
+    if (ctx.out / MONITOR_PNG).is_file():
+        figures.append(FigureGroup(None, [("pretraining monitors vs step", MONITOR_PNG)]))
+    figures.append(FigureGroup(None, [("reconstructions", "reconstruction.png")]))
     if curves:
         figures.append(FigureGroup(None, [("metric vs optimizer step", curves)]))
     for title, rel in [("detection predictions (MAE init)", "detection/mae/predictions.png"),

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from maecore.errors import UserError
+from pipeline.checkpoint_jobs import convert_kept, jobs_checkpoints
 from pipeline.context import Context, common, dense_inits
 from pipeline.jobs import Job
+from pipeline.monitor_figure import MONITOR_PNG, monitor_png, monitor_summary
 from pipeline.plan import STAGE_NAMES, partial_label
 from pipeline.report import stage_report
 
@@ -41,6 +43,8 @@ def stage_pretrain(ctx: Context) -> None:
         raise UserError(f"pretraining logged no step (is --log_every larger than the run?): {out / 'log.jsonl'}")
     ctx.results["pretrain"] = {"first_loss": log[0]["loss"], "last_loss": log[-1]["loss"], "steps": log[-1]["step"],
                                "wall_s": res["wall_s"]}
+    if monitor := monitor_summary(out):  # --monitor: kNN / online linear / RankMe at step 0 and at the end
+        ctx.results["pretrain"]["monitor"] = monitor
 
 
 def stage_figures(ctx: Context) -> None:
@@ -49,6 +53,9 @@ def stage_figures(ctx: Context) -> None:
     imgs = [str(p) for p in val[:: max(1, len(val) // 6)][:6]]
     ctx.run("figures", "tools/visualize.py", [str(ckpt), *imgs, "-o", str(ctx.out / "reconstruction.png")])
     loss_curve(ctx.out / "pretrain", ctx.out / "pretrain_loss.png")
+    train = ctx.world / "imagenet" / "train"
+    n_cls = sum(1 for d in train.iterdir() if d.is_dir()) if train.is_dir() else 0
+    monitor_png(ctx.out / "pretrain", ctx.out / MONITOR_PNG, n_cls)
 
 
 def stage_convert(ctx: Context) -> None:
@@ -56,6 +63,7 @@ def stage_convert(ctx: Context) -> None:
     for task in ("classification", "detection", "segmentation"):
         ctx.run("convert", "tools/convert.py", [str(ckpt), "-o", str(ctx.out / "converted" / f"{task}.pth"),
                                                 "--to", task, "--force"])
+    convert_kept(ctx)  # the study: every kept pretraining checkpoint, for the checkpoints stage's probes
 
 
 def _init_args(ctx: Context, task: str, init: str) -> list[str]:
@@ -145,6 +153,6 @@ def loss_curve(run_dir: Path, png: Path) -> None:
 _FUNCTIONS: dict[str, Callable[[Context], object]] = {
     "data": stage_data, "pretrain": stage_pretrain, "figures": stage_figures, "convert": stage_convert,
     "finetune": jobs_finetune, "detection": jobs_detection, "segmentation": jobs_segmentation,
-    "linprobe": jobs_linprobe, "partial": jobs_partial, "report": stage_report,
+    "linprobe": jobs_linprobe, "partial": jobs_partial, "checkpoints": jobs_checkpoints, "report": stage_report,
 }
 STAGES: list[tuple[str, Callable[[Context], object]]] = [(name, _FUNCTIONS[name]) for name in STAGE_NAMES]

@@ -17,7 +17,8 @@ One file a job:
 * :mod:`~maecore.engine.storage` — what the loop measured since the last log line;
 * :mod:`~maecore.engine.runfolder` — the output folder: lock, fresh/overwrite policy, resume checks, ``args.json``;
 * :mod:`~maecore.engine.precision` — ``--amp`` and ``--attn``; :mod:`~maecore.engine.signals` — stop signals;
-  :mod:`~maecore.engine.logs` — ``log.jsonl`` and TensorBoard; :mod:`~maecore.engine.fsdp` — ``--fsdp``;
+  :mod:`~maecore.engine.logs` — the run's records, handed to :mod:`~maecore.engine.loggers` (``--loggers``: ``log.jsonl``,
+  TensorBoard, W&B; one file and one hook a logger); :mod:`~maecore.engine.fsdp` — ``--fsdp``;
   :mod:`~maecore.engine.config` — :class:`EngineConfig` (its flags are :func:`maecore.cli.add_engine_args`).
 
 Nothing is lost, and a failure is one line (``error: …``, status 2), never a traceback:
@@ -55,6 +56,7 @@ from maecore.engine.hooks import (
     StopOnSignal,
     TrainLog,
 )
+from maecore.engine.loggers import LOGGERS, Logger
 from maecore.engine.logs import RunLogger, read_log
 from maecore.engine.precision import (
     autocast,
@@ -76,6 +78,7 @@ NonFiniteLossError = NonFiniteError  # the older name
 __all__ = [
     "EXIT_REQUEUE",
     "LAST",
+    "LOGGERS",
     "SCHEDULE_KEYS",
     "STOP_SIGNALS",
     "Checkpointer",
@@ -83,6 +86,7 @@ __all__ = [
     "EpochEndCallback",
     "Evaluation",
     "HookBase",
+    "Logger",
     "MetricStorage",
     "ModuleState",
     "NonFiniteError",

@@ -38,6 +38,7 @@ class EngineConfig:
     find_unused_parameters: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state per block over the ranks (FSDP2)
     best_key: str | None = None  # eval metric whose maximum is kept as checkpoint-best.pth
+    loggers: tuple[str, ...] = ("jsonl", "tensorboard")  # where the records go (maecore.engine.loggers.LOGGERS)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -18,8 +18,9 @@ The events, in the order a run meets them::
                                   there, then the run ends with Preempted (exit status 75)
 
 Hooks run in ``priority`` order (then registration order): the task's per-step callbacks first (an EMA of the
-weights), then the logs and progress, then the hooks a task or user adds (:data:`NORMAL`), evaluation, the
-checkpoints, figures and last the stop check — so a checkpoint holds every other hook's work of its step.
+weights), then the loggers (:mod:`maecore.engine.loggers`: where the records go), the logs and progress, then the
+hooks a task or user adds (:data:`NORMAL`), evaluation, the checkpoints, figures and last the stop check — so a
+checkpoint holds every other hook's work of its step.
 
 State: a hook with a ``state_key`` has its :meth:`~HookBase.state_dict` saved in every checkpoint under
 ``extra[state_key]`` and given back to :meth:`~HookBase.load_state_dict`
@@ -54,7 +55,7 @@ from maecore.engine.signals import EXIT_REQUEUE, STOP_SIGNALS, Preempted
 if TYPE_CHECKING:
     from maecore.engine.run import Run
 
-CALLBACK, LOG, PROGRESS, NORMAL, EVAL, CHECKPOINT, FIGURES, STOP = 10, 20, 30, 50, 70, 80, 85, 90  # priorities
+CALLBACK, LOGGERS, LOG, PROGRESS, NORMAL, EVAL, CHECKPOINT, FIGURES, STOP = 10, 15, 20, 30, 50, 70, 80, 85, 90  # priorities
 STATUS_EVERY_S = 10.0
 
 

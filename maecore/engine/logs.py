@@ -1,59 +1,58 @@
-"""The run's logs: ``log.jsonl`` (one JSON record a line: run, resume, train, eval, stop…) and TensorBoard."""
+"""The run's records (run, resume, train, eval, monitor, stop…): :class:`RunLogger` hands each to the run's loggers
+(:mod:`maecore.engine.loggers`: ``log.jsonl``, TensorBoard, W&B…, chosen with ``--loggers``), on rank 0 only."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from maecore.engine.loggers import DEFAULT, Logger, build_loggers
+
 
 class RunLogger:
-    """JSON lines (``log.jsonl``) and TensorBoard scalars, written by rank 0 only."""
+    """Where a run's records go: ``loggers`` (default: ``log.jsonl`` and TensorBoard), written by rank 0 only
+    (``enabled``), once :meth:`open` (the run owns the folder)."""
 
-    def __init__(self, output_dir: Path, enabled: bool) -> None:
+    def __init__(self, output_dir: Path, enabled: bool, loggers: Sequence[Logger] | None = None) -> None:
         self.enabled = enabled
         self.dir = output_dir
         self.path = output_dir / "log.jsonl"
-        self.tb = None
+        self.loggers = list(build_loggers(DEFAULT) if loggers is None else loggers)
+        self.opened = False
 
     def open(self) -> None:
-        """Create the folder and the TensorBoard writer: only once the run owns the folder."""
-        if not self.enabled or self.tb is not None:
+        """Create the folder and what each logger writes: only once the run owns the folder."""
+        if not self.enabled or self.opened:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
-        except ImportError:  # tensorboard is a dependency, but logging must never kill a run
-            self.tb = None
+        for lg in self.loggers:
+            lg.open(self.dir)
+        self.opened = True
 
     def set_aside(self) -> Path | None:
-        """A fresh (not resumed) run in a folder that already has a ``log.jsonl``: move the old log to
-        ``log.N.jsonl`` (nothing is lost) so that readers of the new one see this run only."""
-        if not (self.enabled and self.path.exists() and self.path.stat().st_size):
+        """A fresh (not resumed) run in a folder that already has an earlier run's logs: each logger moves its own
+        aside (``log.jsonl`` to ``log.N.jsonl``: nothing is lost), so that readers of the new one see this run only.
+        Returns the old ``log.jsonl``'s new path, if it was moved."""
+        if not self.enabled:
             return None
-        n = 1
-        while (old := self.path.with_name(f"log.{n}.jsonl")).exists():
-            n += 1
-        self.path.rename(old)
-        return old
+        moved = [lg.set_aside(self.dir) for lg in self.loggers]
+        return next((p for p in moved if p is not None), None)
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         if not self.enabled:
             return
-        rec = {"type": kind, "step": step, **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        for lg in self.loggers:
+            lg.write(kind, step, values)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        """Each opened logger's ``close`` (rank 0's; once)."""
+        if not self.opened:
+            return
+        self.opened = False
+        for lg in self.loggers:
+            lg.close()
 
 
 def read_log(path: str | Path, kind: str | None = None) -> list[dict]:

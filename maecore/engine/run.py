@@ -24,6 +24,7 @@ class Run(Protocol):
     """What :class:`~maecore.engine.hooks.HookBase` subclasses find in ``self.trainer``."""
 
     cfg: EngineConfig
+    args: dict[str, Any]  # the run's flags, as its checkpoints store them
     device: torch.device
     model: nn.Module  # the bare module (not the DDP wrapper)
     optimizer: torch.optim.Optimizer

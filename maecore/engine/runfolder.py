@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -33,8 +33,10 @@ from maecore.checkpoint import (
     set_aside,
 )
 from maecore.engine.config import SCHEDULE_KEYS, EngineConfig
-from maecore.engine.logs import RunLogger
 from maecore.errors import UserError
+
+if TYPE_CHECKING:
+    from maecore.engine.logs import RunLogger
 
 LAST = "checkpoint-last.pth"
 

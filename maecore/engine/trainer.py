@@ -40,6 +40,7 @@ from maecore.engine.hooks import (
     StopOnSignal,
     TrainLog,
 )
+from maecore.engine.loggers import build_loggers
 from maecore.engine.logs import RunLogger
 from maecore.engine.precision import resolve_amp, use_attention
 from maecore.engine.runfolder import LAST, RunFolder, show_value
@@ -54,8 +55,8 @@ class Trainer:
     """Runs ``cfg.epochs`` epochs of ``step_fn`` over ``dataset`` with ``optimizer`` and ``schedule``.
 
     ``model`` here is the bare module; the trainer wraps it in DDP (or shards it: ``--fsdp``).  What else a run
-    does is a hook (:class:`~maecore.engine.hooks.HookBase`): the standard ones (logs, progress, checkpoints, the
-    stop on a signal) are registered here, with the task's callbacks as hooks: ``evaluate(model, epoch) -> dict``
+    does is a hook (:class:`~maecore.engine.hooks.HookBase`): the standard ones (the loggers ``cfg.loggers``, logs,
+    progress, checkpoints, the stop on a signal) are registered here, with the task's callbacks as hooks: ``evaluate(model, epoch) -> dict``
     every ``eval_every`` epochs, ``on_epoch_end(model, epoch)`` (figures), ``after_step(model, step)`` (EMA…),
     and ``extra_state`` modules (EMA weights…) checkpointed under ``extra``; ``hooks`` and :meth:`register_hooks`
     add more.  ``model_keys``: the ``args`` keys that define the network (a resume must match them);
@@ -98,7 +99,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.amp = resolve_amp(cfg.amp, device)
         self.attn = use_attention(self.model, cfg.attn, device, self.amp)
-        self.logger = RunLogger(self.out, du.is_main())
+        self.logger = RunLogger(self.out, du.is_main(), build_loggers(cfg.loggers))
         self.folder = RunFolder(cfg, self.args, self.logger, model_keys, schedule_keys)
         self.lock = self.folder.lock
 
@@ -165,6 +166,7 @@ class Trainer:
         self.register_hooks([
             *([StepCallback(after_step)] if after_step is not None else []),
             *(ModuleState(k, m) for k, m in (extra_state or {}).items()),
+            *self.logger.loggers,
             TrainLog(),
             Progress(),
             *([Evaluation(evaluate)] if evaluate is not None else []),

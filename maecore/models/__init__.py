@@ -9,6 +9,7 @@ Importing this package registers the ``vit_*`` builders; the ``mae_vit_*`` ones 
 registered by ``pretrain.model``, which whoever needs them imports (see :mod:`maecore.models.registry`).
 """
 
+from maecore.models import _timm  # noqa: F401  (first: timm without its eager wandb import)
 from maecore.models.registry import (
     FAMILY_HOME,
     MODEL_REGISTRY,

@@ -101,8 +101,9 @@ def test_hooks_run_in_priority_order_and_see_every_event(tmp_path):
     rec = Recorder()
     t = trainer(tmp_path / "r", hooks=[rec], epochs=2, evaluate=lambda m, e: {"score": float(e)},
                 after_step=lambda m, s: None, on_epoch_end=lambda m, e: None, extra_state={"ema": nn.Linear(2, 2)})
-    assert [type(h).__name__ for h in t.hooks] == ["StepCallback", "ModuleState", "TrainLog", "Progress", "Recorder",
-                                                   "Evaluation", "Checkpointer", "EpochEndCallback", "StopOnSignal"]
+    assert [type(h).__name__ for h in t.hooks] == ["StepCallback", "ModuleState", "JsonLines", "TensorBoard", "TrainLog",
+                                                   "Progress", "Recorder", "Evaluation", "Checkpointer", "EpochEndCallback",
+                                                   "StopOnSignal"]
     t.fit()
     # 24 samples, batches of 4, 2 micro-batches a step: 6 micro-batches and 3 optimizer steps an epoch
     one_step = lambda s: [("before_step", s - 1), ("after_backward", s - 1), ("after_backward", s - 1), ("after_step", s)]

@@ -131,13 +131,31 @@ def test_task_steps_json(tmp_path, monkeypatch):
     assert res["finetune"] == {"status": "not available", "module": "classification.no_such_benchmark"}
 
 
+def test_monitor_cost_side_by_side_json(tmp_path):
+    """--bench monitor: the pretraining step without and with the monitor (interleaved), one measurement, and the
+    overhead per step at the given every / bank / queries (tiny here; the CLI's defaults otherwise)."""
+    out = tmp_path / "monitor.json"
+    bench.main([*TINY, "--bench", "monitor", "--monitor_every", "10", "--monitor_bank", "14", "--monitor_queries", "7",
+                "--measure_windows", "1", "--data_dir", str(tmp_path / "data"), "--json", str(out)])
+    bench.main([*TINY, "--bench", "monitor", "--monitor_every", "10", "--monitor_bank", "14", "--monitor_queries", "7",
+                "--measure_windows", "1", "--data_dir", str(tmp_path / "data"), "--json", str(out)])  # its folder again
+    m = json.loads(out.read_text())["monitor"]
+    assert (m["monitor_every"], m["monitor_bank"], m["monitor_queries"], m["online_classifier"]) == (10, 14, 7, True)
+    for k in ("without", "with", "measure"):
+        assert len(m[k]["step_s_windows"]) == (1 if k == "measure" else 2) and m[k]["step_s"] > 0
+    assert m["step_s_with_amortised"] == pytest.approx(m["with"]["step_s"] + m["measure"]["step_s"] / 10)
+    assert m["overhead"] == pytest.approx(m["step_ratio"] - 1 + m["measure"]["step_s"] / 10 / m["without"]["step_s"])
+    assert m["step_ratio"] > 0 and m["target"] == 0.05
+
+
 def test_cli_bad_input_one_line_error(tmp_path, capsys):
     for argv, msg in [(["--bench", "data", "--data_path", str(tmp_path / "missing")], "--data_path is not a directory"),
                       (["--bench", "data", "--photo_sizes", "big"], "photo size must look like 500x375"),
                       (["--mask_ratio", "1.0"], "--mask_ratio must be in [0, 1)"),
                       (["--bench", "segmentation", "--task_arch", "tiny", "--task_input_size", "60"],
                        "--bench segmentation: --input_size 60 is not a multiple of the patch size"),
-                      (["--bench", "detection", "--task_input_size", "0"], "--task_input_size must be >= 1")]:
+                      (["--bench", "detection", "--task_input_size", "0"], "--task_input_size must be >= 1"),
+                      (["--bench", "monitor", "--monitor_every", "0"], "--monitor_every must be >= 1")]:
         with pytest.raises(SystemExit) as e:
             bench.cli(argv)
         assert e.value.code == 2

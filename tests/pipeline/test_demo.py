@@ -47,6 +47,19 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(smoke_demo, tmp_path
     assert {k.split("|")[1] for k in rows} == {"mae", "random"}
     assert all(r["value"] is not None for r in rows.values())
 
+    # the pretraining monitors (#26): at step 0 (the random network) and at the last step; their figure and line in the
+    # report; the study's checkpoint probes join them: the smoke run's one kept checkpoint is its last
+    from pipeline.monitor_figure import monitor_records
+    from pipeline.study_monitor import checkpoint_points
+
+    saved = json.loads((out / "results.json").read_text())
+    steps, recs = saved["results"]["pretrain"]["steps"], monitor_records(out / "pretrain")
+    assert recs[0]["step"] == 0 and recs[-1]["step"] == steps and all("knn_top1" in r and "rankme" in r for r in recs)
+    assert (out / "pretrain_monitor.png").stat().st_size > 0 and "Pretraining monitors (`--monitor`" in report
+    (point,) = checkpoint_points({"dir": out, **saved})
+    assert point["step"] == steps and point["knn_top1"] == recs[-1]["knn_top1"]
+    assert point["linear probe"] == rows["linear probe|mae"]["value"] and point["fine-tune"] == rows["fine-tune|mae"]["value"]
+
     # the transfer runs went side by side (the smoke preset's "parallel": 2), as their shown commands say
     assert "OMP_NUM_THREADS=1 python -m classification" in report and "side by side" in report
 
@@ -107,6 +120,7 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(smoke_demo, tmp_path
     assert p.stdout.count("finished earlier") == 2
     md = (study / "results.md").read_text()
     assert (study / "curves.png").stat().st_size > 0 and "Seeds (training" in md and ": 0, 1." in md
+    assert "## Do the pretraining monitors predict" in md and (study / "monitor_study.png").stat().st_size > 0
     ft = next(line for line in md.splitlines() if line.startswith("| fine-tune |"))
     assert "± 1.4" in ft  # two seeds 2 points apart: sample std sqrt(2)
 

@@ -34,10 +34,12 @@ def test_html_has_what_the_markdown_has_escaped_and_embedded(tmp_path):
     from pipeline.report import stage_report
 
     out = tmp_path / "run"
-    for rel in ("pretrain_loss.png", "reconstruction.png", "detection/mae/predictions.png", "segmentation/mae/vis/a.png"):
+    for rel in ("pretrain_loss.png", "pretrain_monitor.png", "reconstruction.png", "detection/mae/predictions.png",
+                "segmentation/mae/vis/a.png"):
         _png(out / rel)
     ctx = Context(out, {"inits": ["mae", "random"], "dense_inits": ["mae"], "world": {}})
-    ctx.results = {"pretrain": {"first_loss": 1.5, "last_loss": 0.5, "steps": 10, "wall_s": 3.0}, "rows": {
+    monitor = {"first": {"step": 0, "knn_top1": 14.31, "rankme": 3.0}, "last": {"step": 10, "knn_top1": 30.0, "rankme": 9.5}}
+    ctx.results = {"pretrain": {"first_loss": 1.5, "last_loss": 0.5, "steps": 10, "wall_s": 3.0, "monitor": monitor}, "rows": {
         "linear probe|mae": {"metric": "top-1", "value": 40.0, "wall_s": 5.0, "n": 100},
         "linear probe|random": {"metric": "top-1", "value": 20.0, "wall_s": 6.0, "n": 100},
         "segmentation <b>(mIoU)</b>|mae": {"metric": "mIoU & co", "value": 19.6, "wall_s": 7.0, "n": 5}}}
@@ -55,7 +57,9 @@ def test_html_has_what_the_markdown_has_escaped_and_embedded(tmp_path):
     for _, cmd in ctx.commands:  # each command as run, between the page's word-wrapping spans
         words = [html.escape(w) for w in cmd.split(" ")]
         assert '<span class="w">' + '</span> <span class="w">'.join(words) + "</span>" in page
-    assert page.count("<img ") == 4 == page.count('src="data:image/png;base64,') and ' href="http' not in page
+    assert page.count("<img ") == 5 == page.count('src="data:image/png;base64,') and ' href="http' not in page
+    line = "weighted kNN top-1 14.3 -> 30.0, RankMe 3.0 -> 9.5 from the random-initialised network (step 0) to step 10."
+    assert line in md and html.escape(line) in page and "![pretraining monitors vs step](pretrain_monitor.png)" in md
     assert "<script" not in page and "--preset study</code>" in page  # the markdown's `code` stays code
     assert next(line for line in md.splitlines() if line.startswith("Machine:")) in html.unescape(page)
 
@@ -196,8 +200,8 @@ def test_smoke_report_html_in_chromium(chromium, smoke_demo):
 
     # every figure embedded and decoded; nothing fetched from outside the page
     alts = [i["alt"] for i in facts["imgs"]]
-    assert {"pretraining loss", "reconstructions", "metric vs optimizer step", "detection predictions (MAE init)",
-            "segmentation predictions (MAE init)"} <= set(alts), alts
+    assert {"pretraining loss", "pretraining monitors vs step", "reconstructions", "metric vs optimizer step",
+            "detection predictions (MAE init)", "segmentation predictions (MAE init)"} <= set(alts), alts
     assert all(i["loaded"] and i["data"] for i in facts["imgs"]), facts["imgs"]
     assert facts["linked"] == [] and [r for r in facts["resources"] if not r.startswith("data:")] == []
 

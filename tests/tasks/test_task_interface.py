@@ -72,6 +72,14 @@ def test_the_config_is_frozen_and_lists_the_flags_in_the_parsers_order(task: str
     assert isinstance(engine, EngineConfig) and engine.max_steps == 3 and engine.epochs == cfg.epochs
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_takes_the_engines_loggers(task: str) -> None:
+    """``--loggers`` is an engine flag: every task's run logs where it says (default: log.jsonl and TensorBoard)."""
+    tm = train_module(task)
+    assert tm.parse_config(ARGV[task]).engine().loggers == ["jsonl", "tensorboard"]
+    assert tm.parse_config([*ARGV[task], "--loggers", "jsonl"]).engine().loggers == ["jsonl"]
+
+
 @pytest.mark.parametrize("task", ["pretrain", "classification"])
 def test_the_lr_is_resolved_before_the_config_is_frozen(task: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """lr = blr x (batch x accumulation x processes) / 256, the processes torchrun announces before the group starts."""
