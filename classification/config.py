@@ -26,6 +26,7 @@ from typing import Any
 from classification.recipes import PROTOCOL_DEFAULTS, RECIPES
 from maecore.cli import (
     OneLineParser,
+    add_cache_args,
     add_engine_args,
     add_model_args,
     check_model_args,
@@ -96,6 +97,8 @@ class ClassificationConfig(RunConfig):
     crop_pct: float | None  # None: 0.875 up to 224 px, else 1
     # data and evaluation
     data_path: str
+    cache_dir: str | None  # a remote --data_path's records kept on local disk (maecore.data.packed.remote)
+    cache_size: int
     eval: bool
     dist_eval: bool
     cache_features: bool
@@ -154,7 +157,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop_pct", type=ratio(0.0, 1.0, lo_open=True), default=None,
                    help="eval centre-crop fraction (default 0.875 up to 224 px, else 1)")
     g = p.add_argument_group("data and evaluation")
-    g.add_argument("--data_path", required=True, help="folder with train/ and val/ class sub-folders")
+    g.add_argument("--data_path", required=True, help="folder with train/ and val/ class sub-folders, a packed copy, or the URL "
+                                                      "of one (http(s)://, s3:// … see maecore/data/packed/)")
+    add_cache_args(g)
     g.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--dist_eval", action="store_true", help="accepted for compatibility: evaluation is always sharded")
     g.add_argument("--cache_features", action="store_true", help="linprobe: extract features once, train without augmentation")

@@ -21,8 +21,10 @@ from classification.evaluate import eval_loader  # noqa: F401  (re-exported: the
 from maecore.data.crop import FastRandomResizedCrop
 from maecore.data.decode import crop_decoder
 from maecore.data.images import ImageFiles, ImageSource, check_dir
-from maecore.data.packed.index import INDEX_NAME, split_dir
+from maecore.data.packed.index import INDEX_NAME, is_url, split_dir
 from maecore.data.packed.reader import PackedImages
+from maecore.data.packed.remote import RemoteOptions, find_split, open_split
+from maecore.data.packed.store import Store
 from maecore.errors import UserError
 from maecore.models.layers import to_2tuple
 
@@ -116,38 +118,55 @@ def eval_transform(input_size: int | Sequence[int], crop_pct: float | None = Non
 
 def build_datasets(
     data_path: str | Path, train_tf, val_tf, need_train: bool = True, classes: Sequence[str] | None = None,
-    train_decoder: Callable[[ImageSource], Any] | None = None,
+    train_decoder: Callable[[ImageSource], Any] | None = None, remote: RemoteOptions | None = None,
 ) -> tuple[ImageFiles | None, ImageFiles, list[str]]:
     """``train`` and ``val`` image folders sharing one class index space: ``classes`` when given (a
     checkpoint's), else the train split's folders, else (evaluation without train/) the val split's.
-    ``train_decoder`` (:func:`linprobe_train`) replaces decoding + ``train_tf`` for the train split.
+    ``train_decoder`` (:func:`linprobe_train`) replaces decoding + ``train_tf`` for the train split.  ``data_path`` may
+    be the URL of a packed root (its ``train/`` and ``val/`` read over the network as ``remote`` says).
 
     A val class that the index space lacks is an error; a class absent from val is fine.
     Returns (train or None, val, class names)."""
-    if split_dir(data_path) is not None:
-        raise UserError(f"{data_path} is one packed folder; classification needs a root with train/ and val/ "
-                        f"(pack the ImageNet-layout root itself)")
-    root = check_dir(data_path, "data")
-    for split in ("train", "val") if need_train else ("val",):
-        if not (root / split).is_dir():
-            raise UserError(f"{root} has no {split}/ sub-directory (expected the ImageNet layout {root}/{{train,val}}/<class>/*)")
+    if is_url(data_path):  # a remote packed root: train/ and val/ are its stores
+        where = str(data_path).rstrip("/")
+        if open_split(where, remote) is not None:
+            raise UserError(f"{where} is one packed folder; classification needs a root with train/ and val/ "
+                            f"(pack the ImageNet-layout root itself)")
+        splits = {s: find_split(where, (s,), remote) for s in (("train", "val") if need_train else ("val",))}
+    else:
+        if split_dir(data_path) is not None:
+            raise UserError(f"{data_path} is one packed folder; classification needs a root with train/ and val/ "
+                            f"(pack the ImageNet-layout root itself)")
+        root = check_dir(data_path, "data")
+        for split in ("train", "val") if need_train else ("val",):
+            if not (root / split).is_dir():
+                raise UserError(f"{root} has no {split}/ sub-directory (expected the ImageNet layout {root}/{{train,val}}/<class>/*)")
+        splits = {s: root / s for s in ("train", "val")}
     train = None
     if need_train:
-        train = _open_split(root / "train", train_tf, train_decoder)
+        train = _open_split(splits["train"], train_tf, train_decoder)
         if classes is None:
             classes = list(train.classes)
         else:
             _reindex(train, classes, "train")
-    val = _open_split(root / "val", val_tf)
+    val = _open_split(splits["val"], val_tf)
     if classes is None:
         classes = list(val.classes)
     _reindex(val, classes, "val")
     return train, val, list(classes)
 
 
-def _open_split(folder: Path, tf, decoder: Callable[[ImageSource], Any] | None = None) -> ImageFiles:
-    """A split's class folders, or its packed copy (found by its index); one without classes is refused."""
-    packed = split_dir(folder) is not None
+def has_split(data_path: str | Path, split: str, remote: RemoteOptions | None = None) -> bool:
+    """``data_path`` has a ``split`` (``train``/``val``): a folder, or a packed folder of a remote root."""
+    if is_url(data_path):
+        return open_split(f"{str(data_path).rstrip('/')}/{split}", remote) is not None
+    return (Path(data_path) / split).is_dir()
+
+
+def _open_split(folder: Path | Store, tf, decoder: Callable[[ImageSource], Any] | None = None) -> ImageFiles:
+    """A split's class folders, or its packed copy (found by its index, or a remote one's store); one without
+    classes is refused."""
+    packed = isinstance(folder, Store) or split_dir(folder) is not None
     ds = (PackedImages if packed else ImageFiles)(folder, tf, decoder=decoder)
     if not ds.classes:
         raise UserError(f"{folder}: packed without class labels (its {INDEX_NAME} lists no classes; pack a folder of class "

@@ -37,6 +37,7 @@ from classification.data import (
     eval_loader,
     eval_transform,
     finetune_transform,
+    has_split,
     linprobe_train,
 )
 from classification.evaluate import confusion_figure, extract_features, knn_accuracy, sync_buffers
@@ -54,6 +55,7 @@ from maecore.cli import run_cli
 from maecore.convert import load_weights
 from maecore.data.decode import decode_collate, decode_device_batch
 from maecore.data.images import ImageFiles
+from maecore.data.packed.remote import RemoteOptions
 from maecore.engine import Trainer, resolve_amp, use_attention
 from maecore.errors import UserError
 from maecore.optim import WarmupCosine, adamw, param_groups
@@ -126,16 +128,21 @@ def build_data(cfg: ClassificationConfig) -> tuple[ImageFiles | None, ImageFiles
         train_tf = val_tf
     else:
         train_tf = finetune_transform(cfg.input_size, cfg.aa, cfg.reprob, cfg.remode, cfg.recount, cfg.color_jitter)
-    train_ds, val_ds, _ = build_datasets(cfg.data_path, train_tf, val_tf, train_decoder=train_decoder)
+    train_ds, val_ds, _ = build_datasets(cfg.data_path, train_tf, val_tf, train_decoder=train_decoder, remote=remote_options(cfg))
     return train_ds, val_ds
+
+
+def remote_options(cfg: ClassificationConfig) -> RemoteOptions:
+    """How a URL ``--data_path`` is read: ``--cache_dir``, ``--cache_size`` (:mod:`maecore.data.packed.remote`)."""
+    return RemoteOptions(cache_dir=cfg.cache_dir, cache_size=cfg.cache_size)
 
 
 def eval_data(cfg: ClassificationConfig, classes: Sequence[str] | None = None) -> ImageFiles:
     """val/ seen through the evaluation transform, in the class index space ``classes`` (a checkpoint's), else
     train/'s class folders (val/'s own when there is no train/)."""
-    has_train = (Path(cfg.data_path) / "train").is_dir()
+    has_train = not classes and has_split(cfg.data_path, "train", remote_options(cfg))
     _, val_ds, _ = build_datasets(cfg.data_path, None, eval_transform(cfg.input_size, cfg.crop_pct),
-                                  need_train=has_train and not classes, classes=classes)
+                                  need_train=has_train, classes=classes, remote=remote_options(cfg))
     return val_ds
 
 
@@ -192,8 +199,8 @@ def train(cfg: ClassificationConfig, device: torch.device) -> dict:
     knn = {}
     if cfg.cache_features or cfg.knn:
         val_tf = eval_transform(cfg.input_size, cfg.crop_pct)
-        feat_loader = eval_loader(build_datasets(cfg.data_path, val_tf, val_tf, classes=classes)[0], cfg.batch_size,
-                                  cfg.num_workers, pin)
+        feat_ds = build_datasets(cfg.data_path, val_tf, val_tf, classes=classes, remote=remote_options(cfg))[0]
+        feat_loader = eval_loader(feat_ds, cfg.batch_size, cfg.num_workers, pin)
         tr_f, tr_t = extract_features(model, feat_loader, device, amp)
         va_f, va_t = extract_features(model, val_loader, device, amp)
         if cfg.knn:

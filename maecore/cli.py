@@ -6,6 +6,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import re
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -71,6 +72,24 @@ non_negative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
 finite_float = _number_type(float, math.isfinite, "a finite number")
 non_negative_float = _number_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 positive_float = _number_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def byte_size(text: str | int) -> int:
+    """``1G``, ``500M``, ``64K`` or a number of bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
+    value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ") if m else 0
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1K such as 64K, 500M or 1G, got {text!r}")
+    return int(value)
+
+
+def add_cache_args(g: Any) -> None:
+    """``--cache_dir`` / ``--cache_size``: a remote ``--data_path``'s records kept on local disk
+    (:mod:`maecore.data.packed.cache`)."""
+    g.add_argument("--cache_dir", default=None,
+                   help="with a URL --data_path (http(s)://, s3:// …): keep the records fetched in this local folder, up to "
+                        "--cache_size, and read them from there in later epochs")
+    g.add_argument("--cache_size", type=byte_size, default="10G", help="bound of --cache_dir, all processes together (default 10G)")
 
 
 def ratio(lo: float = 0.0, hi: float = 1.0, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:

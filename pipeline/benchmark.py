@@ -193,7 +193,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--jpeg_draft", action="store_true", help="also run the official pipeline with the old JPEG draft decoding")
     g.add_argument("--data_formats", nargs="+", default=list(data_bench.DATA_FORMATS), choices=list(data_bench.DATA_FORMATS),
                    help="store the generated sets as image folders, packed copies (maecore.data.packed, original bytes) and/or "
-                        "packed --roi copies (re-encoded at quality 90 with restart markers: crop-box decoding)")
+                        "packed --roi copies (re-encoded at quality 90 with restart markers: crop-box decoding), and/or the packed "
+                        "copy read over HTTP range requests from an nginx on localhost (http; skipped with a line without nginx)")
     g.add_argument("--data_batch_size", type=int, default=32)
     g.add_argument("--data_batches", type=int, default=8)
     g = p.add_argument_group("--monitor's cost (pretraining steps with and without it; also takes the pretraining step's flags)")

@@ -6,6 +6,8 @@ and the fast ``--decode`` against the model's step rate and the cores one GPU ne
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -207,7 +209,7 @@ def data_summary(runs: list[dict[str, Any]], gpu_img_per_s: float) -> list[dict[
     return out
 
 
-DATA_FORMATS = ("folder", "packed", "packed-roi")  # how the data benchmark stores each generated set (see data_bench)
+DATA_FORMATS = ("folder", "packed", "packed-roi", "http")  # how the data benchmark stores each generated set (see data_bench)
 
 
 def data_bench(device: torch.device, *, input_size: int, batch_size: int, batches: int, num_workers: list[int],
@@ -218,11 +220,14 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
     the old JPEG draft decoding with ``jpeg_draft``) next to the fast one (``--decode fast``: DCT scale from the
     crop, uint8, normalised in this process), for each worker count, on ``data_path`` or else on generated sets
     (written under ``data_dir`` or a temporary folder) stored as a folder, packed with the original bytes and packed
-    with ``--roi`` (re-encoded at quality 90 with restart markers; ``formats``); next to the
-    model step rate ``model_img_per_s`` and the cores each pipeline needs to feed one GPU
-    (:func:`gpu_rate_assumption`).  The official pipeline always reads the original folder through torchvision's
-    ``ImageFolder`` (:func:`official_dataset`), as a user's official run does, whatever the format the fast one reads."""
-    from maecore.data.packed.index import split_dir
+    with ``--roi`` (re-encoded at quality 90 with restart markers), and the packed copy read over HTTP from an nginx on
+    localhost (``http``: range requests, :mod:`maecore.data.packed.remote`; skipped with a line where nginx cannot
+    start); ``formats`` picks among them; next to the model step rate ``model_img_per_s`` and the cores each pipeline
+    needs to feed one GPU (:func:`gpu_rate_assumption`).  The official pipeline always reads the original folder through
+    torchvision's ``ImageFolder`` (:func:`official_dataset`), as a user's official run does, whatever the format the
+    fast one reads."""
+    from maecore.data.packed.index import INDEX_NAME, split_dir
+    from maecore.data.packed.serve import LocalNginx, NginxUnavailable
     from maecore.data.packed.writer import pack
     from pretrain.data import build_pretrain_dataset, pretrain_collate, pretrain_device_batch
 
@@ -233,24 +238,44 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
         tmp = tempfile.TemporaryDirectory(prefix="mae-bench-")
         work = Path(tmp.name)
     gpu = gpu_rate_assumption(input_size=input_size)
-    runs = []
+    runs: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    server = None
     try:
-        stores = []
+        stores: list[tuple[str, str, str, Path | str, Path]] = []
+        served: list[tuple[str, str, Path, Path]] = []  # packed sets (and their original folders) the http store reads through nginx
         for name, size, folder in data_sets(work, data_path, data_images, synthetic_size, photo_sizes, seed):
             if data_path:
-                stores.append((name, size, "packed" if split_dir(folder) is not None else "folder", folder, folder))
+                packed = split_dir(folder)
+                stores.append((name, size, "packed" if packed is not None else "folder", folder, folder))
+                if packed is not None and "http" in formats:
+                    served.append((name, size, packed, folder))
                 continue
             for fmt_ in formats:
                 if fmt_ in ("packed", "packed-roi"):
                     dst = work / fmt_ / f"{name}_{size}"
                     pack(folder, dst, force=True, workers=0, say=lambda _m: None, roi="mcu" if fmt_ == "packed-roi" else None)
                     stores.append((name, size, fmt_, dst, folder))
-                else:
+                elif fmt_ == "folder":
                     stores.append((name, size, fmt_, folder, folder))
+            if "http" in formats:
+                dst = work / "packed" / f"{name}_{size}"
+                if not (dst / INDEX_NAME).is_file():
+                    pack(folder, dst, force=True, workers=0, say=lambda _m: None)
+                served.append((name, size, dst, folder))
+        if served:
+            root = Path(os.path.commonpath([str(p.parent) for _, _, p, _ in served]))
+            try:
+                server = LocalNginx(root, Path(tempfile.mkdtemp(prefix="mae-bench-nginx-")), log=False).start()
+            except NginxUnavailable as e:
+                skipped["http"] = str(e)
+            else:
+                stores += [(name, size, "http", f"{server.url}/{p.relative_to(root).as_posix()}", original)
+                           for name, size, p, original in served]
         variants = [("official", False), *([("official", True)] if jpeg_draft else []), ("fast", False)]
         for name, size, fmt_, folder, original in stores:
             for nw in num_workers:
-                def timer(pipeline: str, draft: bool, nw: int = nw, folder: Path = folder, original: Path = original) -> LoaderTimer:
+                def timer(pipeline: str, draft: bool, nw: int = nw, folder: Path | str = folder, original: Path = original) -> LoaderTimer:
                     ds = (official_dataset(original, input_size, draft) if pipeline == "official"
                           else build_pretrain_dataset(folder, input_size, decode=pipeline))
                     return LoaderTimer(ds, batch_size, nw, batches, device.type == "cuda", pretrain_collate(pipeline),
@@ -279,11 +304,29 @@ def data_bench(device: torch.device, *, input_size: int, batch_size: int, batche
                                  "cpu_img_per_s": cpu_rate if nw == 0 else None,
                                  "vs_model": rate / model_img_per_s if model_img_per_s else None})
     finally:
+        if server is not None:
+            server.stop()
+            shutil.rmtree(server.tmp, ignore_errors=True)
         if tmp is not None:
             tmp.cleanup()
     return {"input_size": input_size, "batch_size": batch_size, "batches": batches,
             "model_img_per_s": model_img_per_s, "gpu_assumption": gpu, "runs": runs,
-            "summary": data_summary(runs, gpu["gpu_img_per_s"])}
+            "summary": data_summary(runs, gpu["gpu_img_per_s"]), "http_vs_packed": http_vs_packed(runs), "skipped": skipped}
+
+
+def http_vs_packed(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The http store's img/s over the same pack's on local disk, per image set, pipeline and worker count (``ratio``:
+    wall-clock; ``cpu_ratio``, 0 workers: per CPU-second of the process, its fetching threads included)."""
+    key = lambda r: (r["dataset"], r["image_size"], r["pipeline"], r["jpeg_draft"], r["num_workers"])  # noqa: E731
+    local = {key(r): r for r in runs if r["format"] == "packed"}
+    out = []
+    for r in runs:
+        if r["format"] == "http" and (p := local.get(key(r))) is not None:
+            cpu = r["cpu_img_per_s"] / p["cpu_img_per_s"] if r.get("cpu_img_per_s") and p.get("cpu_img_per_s") else None
+            out.append({"dataset": r["dataset"], "image_size": r["image_size"], "pipeline": r["pipeline"], "jpeg_draft": r["jpeg_draft"],
+                        "num_workers": r["num_workers"], "packed": p["img_per_s"], "http": r["img_per_s"],
+                        "ratio": r["img_per_s"] / p["img_per_s"], "cpu_ratio": cpu})
+    return out
 
 
 def format_data(d: dict[str, Any]) -> list[str]:
@@ -292,11 +335,21 @@ def format_data(d: dict[str, Any]) -> list[str]:
              "official: torchvision ImageFolder + transforms in the workers on the original folder whatever the format, float "
              "batches (draft: the old --jpeg_draft); "
              "fast: --decode fast (DCT scale from the crop, uint8, normalised in the main process); formats: folder, packed "
-             "(original bytes), packed-roi (maecore.data.packed --roi: re-encoded q90 with restart markers, fast decodes the box only)",
+             "(original bytes), packed-roi (maecore.data.packed --roi: re-encoded q90 with restart markers, fast decodes the box only), "
+             "http (the packed copy over HTTP range requests from nginx on localhost)",
              f"{'images':<10} {'size':>10} {'format':>10} {'pipeline':>9} {'draft':>6} {'workers':>7} {'img/s':>9} {'vs model':>9}"]
     for r in d["runs"]:
         lines.append(f"{r['dataset']:<10} {r['image_size']:>10} {r['format']:>10} {r['pipeline']:>9} {r['jpeg_draft']!s:>6} "
                      f"{r['num_workers']:>7} {r['img_per_s']:>9.1f} {fmt(r['vs_model']):>9}")
+    for fmt_, why in d.get("skipped", {}).items():
+        lines.append(f"{fmt_} store skipped: {why}")
+    if d.get("http_vs_packed"):
+        lines += ["", "http: the packed copy read over HTTP range requests from nginx on localhost, vs the same pack on local disk",
+                  "(img/s; ratio per CPU-second of the loading process with 0 workers, its fetching threads included)",
+                  f"{'images':<10} {'size':>10} {'pipeline':>9} {'draft':>6} {'workers':>7} {'packed':>9} {'http':>9} {'ratio':>6} "
+                  f"{'per CPU-s':>9}"]
+        lines += [f"{r['dataset']:<10} {r['image_size']:>10} {r['pipeline']:>9} {r['jpeg_draft']!s:>6} {r['num_workers']:>7} "
+                  f"{r['packed']:>9.1f} {r['http']:>9.1f} {r['ratio']:>6.2f} {fmt(r.get('cpu_ratio')):>9}" for r in d["http_vs_packed"]]
     gpu = d.get("gpu_assumption")
     if d.get("summary") and gpu:
         lines += ["", f"assumed GPU consumption: {gpu['text']}",

@@ -13,6 +13,7 @@ from typing import Any
 
 from maecore.cli import (
     OneLineParser,
+    add_cache_args,
     add_engine_args,
     add_model_args,
     check_model_args,
@@ -70,6 +71,8 @@ class PretrainConfig(RunConfig):
     warmup_epochs: float
     # data and figures
     data_path: str
+    cache_dir: str | None  # a remote --data_path's records kept on local disk (maecore.data.packed.remote)
+    cache_size: int
     decode: str
     jpeg_draft: bool
     vis_every: int
@@ -110,7 +113,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--min_lr", type=non_negative_float, default=0.0)
     g.add_argument("--warmup_epochs", type=non_negative_float, default=40)
     g = p.add_argument_group("data and figures")
-    g.add_argument("--data_path", required=True, help="image folder (class sub-folders optional; uses train/ if present)")
+    g.add_argument("--data_path", required=True, help="image folder (class sub-folders optional; uses train/ if present), "
+                                                      "a packed copy, or the URL of one (http(s)://, s3:// … see maecore/data/packed/)")
+    add_cache_args(g)
     g.add_argument("--decode", choices=DECODES, default="fast", help=DECODE_HELP)
     g.add_argument("--jpeg_draft", action="store_true",
                    help="deprecated: --decode fast picks the DCT scale per crop; with --decode official, draft-decode "

@@ -23,8 +23,10 @@ from torchvision.transforms import InterpolationMode
 
 from maecore.data.decode import IMAGENET_MEAN, IMAGENET_STD, crop_decoder, decode_collate, decode_device_batch
 from maecore.data.images import MAX_SUBSTITUTES, ImageFiles, check_dir, list_images, try_load_rgb
-from maecore.data.packed.index import split_dir
+from maecore.data.packed.index import is_url, split_dir
 from maecore.data.packed.reader import NamedBytes, PackedImages
+from maecore.data.packed.remote import RemoteOptions, find_split
+from maecore.data.packed.store import Store
 from maecore.models.layers import to_2tuple
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,12 @@ def eval_transform(input_size: int | tuple[int, int]) -> T.Compose:
     )
 
 
-def resolve_train_dir(data_path: str | Path) -> Path:
+def resolve_train_dir(data_path: str | Path, remote: RemoteOptions | None = None) -> Path | Store:
     """``data_path/train`` when it exists (the official scripts' convention), else ``data_path``; a packed
-    folder (or its index file) is a training set itself."""
+    folder (or its index file) is a training set itself.  A URL (``https://…``, ``s3://…``) names a packed one,
+    or a root whose ``train/`` is one: its store (:mod:`maecore.data.packed.remote`)."""
+    if is_url(data_path):
+        return find_split(str(data_path), ("", "train"), remote)
     packed = split_dir(data_path)
     if packed is not None:
         return packed
@@ -67,21 +72,22 @@ def resolve_train_dir(data_path: str | Path) -> Path:
     return root / "train" if (root / "train").is_dir() else root
 
 
-def open_images(folder: Path, transform=None, draft_size: tuple[int, int] | None = None,
+def open_images(folder: Path | Store, transform=None, draft_size: tuple[int, int] | None = None,
                 decoder: Callable[[Any], Any] | None = None) -> ImageFiles:
-    """The dataset of ``folder``: a packed one (found by its index) or an image folder."""
-    if split_dir(folder) is not None:
+    """The dataset of ``folder``: a packed one (found by its index, or a remote one's store) or an image folder."""
+    if isinstance(folder, Store) or split_dir(folder) is not None:
         return PackedImages(folder, transform, draft_size, decoder)
     return ImageFiles(folder, transform, draft_size, decoder)
 
 
 def build_pretrain_dataset(
-    data_path: str | Path, input_size: int | tuple[int, int], jpeg_draft: bool = False, decode: str = "fast"
+    data_path: str | Path, input_size: int | tuple[int, int], jpeg_draft: bool = False, decode: str = "fast",
+    remote: RemoteOptions | None = None,
 ) -> ImageFiles:
-    """The training images of ``data_path``: a folder or a packed dataset (its ``train/`` when present),
-    decoded as ``decode`` says (see the module's docstring; ``jpeg_draft`` only changes ``official``)."""
+    """The training images of ``data_path``: a folder or a packed dataset (its ``train/`` when present; a URL: read
+    as ``remote`` says), decoded as ``decode`` says (see the module's docstring; ``jpeg_draft`` only changes ``official``)."""
     size = to_2tuple(input_size)
-    folder = resolve_train_dir(data_path)
+    folder = resolve_train_dir(data_path, remote)
     decoder = crop_decoder(decode, size, PRETRAIN_SCALE)
     if decoder is None:
         return open_images(folder, pretrain_transform(size, PRETRAIN_SCALE), draft_size=size if jpeg_draft else None)
@@ -97,12 +103,15 @@ def fixed_images(data_path: str | Path, n: int) -> list[Path] | list[NamedBytes]
     """A fixed, spread-out choice of ``n`` readable images (from ``val`` if present) for figures across
     epochs; an unreadable candidate is reported once here and replaced by the next readable file.  From a
     packed dataset the images are their encoded bytes (named by their record), which the figures decode alike."""
-    src = resolve_train_dir(data_path)
-    if split_dir(data_path) is None and (Path(data_path) / "val").is_dir():
-        src = Path(data_path) / "val"
     if n <= 0:
         return []
-    packed = PackedImages(src) if split_dir(src) is not None else None
+    if is_url(data_path):  # a remote root's val/ when it has one, as for a folder
+        src: Path | Store = find_split(str(data_path), ("val", "", "train"))
+    else:
+        src = resolve_train_dir(data_path)
+        if split_dir(data_path) is None and (Path(data_path) / "val").is_dir():
+            src = Path(data_path) / "val"
+    packed = PackedImages(src) if isinstance(src, Store) or split_dir(src) is not None else None
     files = list_images(src) if packed is None else []
     get = files.__getitem__ if packed is None else packed.image_bytes
     count = len(files) if packed is None else len(packed)

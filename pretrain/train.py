@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from maecore import distributed as du
 from maecore.checkpoint import checkpoint_args, checkpoint_step, load_file, unwrap_state_dict, write_eval
 from maecore.cli import run_cli
+from maecore.data.packed.remote import RemoteOptions
 from maecore.engine import StepFn, Trainer, autocast, resolve_amp
 from maecore.errors import UserError
 from maecore.monitor import build_monitor
@@ -60,7 +61,8 @@ def build_model(cfg: PretrainConfig, num_classes: None = None) -> MaskedAutoenco
 
 def build_data(cfg: PretrainConfig) -> tuple[Dataset, None]:
     """(the training images, no validation set): a folder or a packed dataset, decoded as ``--decode`` says."""
-    return build_pretrain_dataset(cfg.data_path, cfg.input_size, cfg.jpeg_draft, cfg.decode), None
+    remote = RemoteOptions(cache_dir=cfg.cache_dir, cache_size=cfg.cache_size)
+    return build_pretrain_dataset(cfg.data_path, cfg.input_size, cfg.jpeg_draft, cfg.decode, remote), None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,6 +31,14 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
+    def __getitems__(self, keys: list[tuple[int, int] | int]) -> list[Any]:
+        """A batch, as a DataLoader worker asks for it: a dataset that can fetch ahead (``prefetch``: a remote packed
+        dataset) is told the batch's indices first, in order; then each sample is made as :meth:`__getitem__` makes it."""
+        ahead = getattr(self.base, "prefetch", None)
+        if ahead is not None:
+            ahead([k[0] if isinstance(k, tuple) else k for k in keys])
+        return [self[k] for k in keys]
+
     def __getitem__(self, key: tuple[int, int] | int) -> Any:
         if not isinstance(key, tuple):
             return self.base[key]

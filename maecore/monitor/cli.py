@@ -32,7 +32,8 @@ def add_monitor_args(parser: argparse.ArgumentParser) -> None:
                         "abbreviation of its own --monitor-interval)")
     g.add_argument("--monitor_every", type=positive_int, default=EVERY, help="steps between measurements (also at step 0 and the last)")
     g.add_argument("--monitor_data", default="", metavar="PATH",
-                   help="labelled folder (class sub-folders; train/ and val/ if present) to measure on (default: --data_path)")
+                   help="labelled folder (class sub-folders; train/ and val/ if present), a packed copy or its URL, to measure on "
+                        "(default: --data_path)")
     g.add_argument("--monitor_bank", type=positive_int, default=BANK, help="training images in the kNN bank (and RankMe)")
     g.add_argument("--monitor_queries", type=non_negative_int, default=QUERIES,
                    help="validation images (else other training images) the kNN and the linear classifier are scored on")

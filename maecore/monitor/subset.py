@@ -28,8 +28,10 @@ from torchvision.transforms import InterpolationMode
 from maecore import distributed as du
 from maecore.data.decode import IMAGENET_MEAN, IMAGENET_STD
 from maecore.data.images import ImageFiles, check_dir
-from maecore.data.packed.index import split_dir
+from maecore.data.packed.index import is_url, split_dir
 from maecore.data.packed.reader import PackedImages
+from maecore.data.packed.remote import find_split, open_split
+from maecore.data.packed.store import Store
 from maecore.data.pixels import normalize_uint8
 from maecore.models.layers import to_2tuple
 
@@ -42,13 +44,20 @@ def view_transform(input_size: int | Sequence[int]) -> T.Compose:
                       T.PILToTensor()])
 
 
-def open_images(folder: Path, transform: Callable) -> ImageFiles:
-    return PackedImages(folder, transform) if split_dir(folder) is not None else ImageFiles(folder, transform)
+def open_images(folder: Path | Store, transform: Callable) -> ImageFiles:
+    packed = isinstance(folder, Store) or split_dir(folder) is not None
+    return PackedImages(folder, transform) if packed else ImageFiles(folder, transform)
 
 
-def split_roots(root: str | Path) -> tuple[Path, Path | None]:
+def split_roots(root: str | Path) -> tuple[Path | Store, Path | Store | None]:
     """(bank folder, queries folder or None): ``root/train`` and ``root/val`` when present (``val`` only beside a
-    ``train``), else ``root`` itself (a packed folder is a split itself)."""
+    ``train``), else ``root`` itself (a packed folder is a split itself; a URL names a packed folder or root)."""
+    if is_url(root):
+        url = str(root).rstrip("/")
+        store = open_split(url)
+        if store is not None:
+            return store, None
+        return find_split(url, ("train",)), open_split(f"{url}/val")
     if split_dir(root) is not None:
         return Path(root), None
     r = check_dir(root, "monitor data")
@@ -98,7 +107,7 @@ class MonitorSubset:
         tf = view_transform(input_size)
         train_root, val_root = split_roots(root)
         train = open_images(train_root, tf)
-        self.root = Path(root)
+        self.root = root if is_url(root) else Path(root)
         self.classes: list[str] = list(train.classes)
         self.labelled = bool(self.classes)
         order = balanced_order(train.targets, seed)

@@ -372,8 +372,12 @@ def test_bench_data_smoke_prints_both_pipelines(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "official" in text and "fast" in text and "cores/GPU" in text and "45% of 989 TFLOP/s" in text
     d = json.loads(out.read_text())["data"]
-    formats = ("folder", "packed", "packed-roi")
+    formats = ("folder", "packed", "packed-roi") + (("http",) if "http" not in d["skipped"] else ())  # http: where nginx starts
     assert {(r["format"], r["pipeline"]) for r in d["runs"]} == {(f, p) for f in formats for p in ("official", "fast")}
+    assert sorted((r["dataset"], r["pipeline"]) for r in d["http_vs_packed"]) == (
+        [("photos", "fast"), ("photos", "official"), ("synthetic", "fast"), ("synthetic", "official")] if "http" in formats else [])
+    assert all(r["ratio"] > 0 for r in d["http_vs_packed"])
+    assert ("http: the packed copy read over HTTP" if "http" in formats else "http store skipped: ") in text
     assert all(r["img_per_s"] > 0 and r["cpu_img_per_s"] > 0 for r in d["runs"])  # 0 workers: CPU seconds too
     gpu = d["gpu_assumption"]
     assert gpu["train_flops_per_img"] == 6 * gpu["forward_macs_per_img"] and 5000 < gpu["gpu_img_per_s"] < 10000

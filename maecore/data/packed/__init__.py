@@ -55,13 +55,22 @@ structure, the restart tables; a summary, and for a damaged pack one ``error:`` 
 Reading (:class:`~maecore.data.packed.reader.PackedImages`) is random access by index — each process opens each
 shard once and reads the recorded byte range — so the sampler's per-epoch permutation, rank shards and exact
 mid-epoch resume (:class:`maecore.data.sampler.ResumableSampler`, :class:`~maecore.data.sampler.SeededDataset`)
-work unchanged.
+work unchanged.  The same holds for a pack in object storage (``--data_path https://HOST/PATH/pack``, or ``s3://`` … through
+fsspec): the index is read once, each record by one HTTP range request (:mod:`~maecore.data.packed.remote`), so a
+run logs the same losses as on the pack on disk.
 
 The modules, each importing only from those listed above it:
 
 * :mod:`~maecore.data.packed.index`: the format's names, finding a packed folder, the checked index, a record;
+* :mod:`~maecore.data.packed.store`: the storage seam, :class:`Store` (a packed folder's files read by byte range) and
+  :class:`LocalStore` (``pread``);
+* :mod:`~maecore.data.packed.cache`: the bounded local cache of a remote pack's records (``--cache_dir``);
+* :mod:`~maecore.data.packed.wire`: the minimal HTTP/1.1 client of the range reads;
+* :mod:`~maecore.data.packed.remote`: packs in object storage, ``--data_path https://…`` (HTTP range requests) or
+  ``s3://`` / ``gs://`` … (fsspec): read-ahead, coalescing, retries;
 * :mod:`~maecore.data.packed.reader`: :class:`PackedImages` (random access), :func:`iter_tar_samples` (in sequence);
 * :mod:`~maecore.data.packed.writer`: :func:`pack`, :func:`pack_split`, :class:`ShardWriter`;
 * :mod:`~maecore.data.packed.verify`: :func:`verify`, the offline check;
 * :mod:`~maecore.data.packed.cli`: the command line (``__main__`` runs it).
+* :mod:`~maecore.data.packed.serve`: a local nginx serving a folder on a loopback port (tests, ``--bench data``).
 """

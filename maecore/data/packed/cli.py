@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from maecore.cli import OneLineParser, run_cli
+from maecore.cli import OneLineParser, byte_size, run_cli
 from maecore.data import jpegroi
 from maecore.data.packed.verify import verify
 from maecore.data.packed.writer import DEFAULT_QUALITY, DEFAULT_SHARD_SIZE, SUBSAMPLING_CHOICES, pack
-
-
-def byte_size(text: str) -> int:
-    """``1G``, ``500M``, ``64K`` or a number of bytes (binary units)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
-    value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ") if m else 0
-    if value < 1024:
-        raise argparse.ArgumentTypeError(f"expected a size of at least 1K such as 64K, 500M or 1G, got {text!r}")
-    return int(value)
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:

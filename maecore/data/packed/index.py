@@ -5,6 +5,7 @@ what a record is (format: :mod:`maecore.data.packed`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,26 @@ def is_packed(path: str | Path) -> bool:
     return split_dir(p) is not None or any(split_dir(p / s) is not None for s in SPLITS if (p / s).is_dir())
 
 
+def is_url(location: str | Path) -> bool:
+    """``location`` names a remote packed dataset (``http://``, ``https://``, ``s3://``, ``gs://``…), not a path."""
+    return isinstance(location, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
+
+
 def read_index(folder: Path) -> dict[str, Any]:
     """The checked index of a packed folder (one-line :class:`UserError` for a damaged or foreign one)."""
     path = folder / INDEX_NAME
     try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: not a readable packed-dataset index ({e})") from None
+    return parse_index(text, str(path))
+
+
+def parse_index(text: bytes, path: str) -> dict[str, Any]:
+    """The checked index from its bytes (read from ``path``, a file or a URL, which the messages name)."""
+    try:
+        index = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a readable packed-dataset index ({e})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"{path}: not a packed-dataset index (no \"format\": \"{FORMAT}\")")
@@ -90,7 +105,7 @@ class Record:
     """Where one sample's image bytes lie: shard file, byte offset and size of the member's data; and what the
     index knows of the image (packs made before these columns: zeros, -1): its size, its kind for the fast
     decoder (:func:`maecore.data.crop.jpeg_kind`), where its restart table starts in its shard's table file, the
-    CRC-32 of its bytes."""
+    CRC-32 of its bytes, the restart table's length."""
 
     shard: int
     offset: int
@@ -103,6 +118,7 @@ class Record:
     kind: int = 0
     table: int = -1
     crc: int = -1
+    table_ints: int = 0  # the length of its restart table (up to the next one in its shard's table file)
 
     def __str__(self) -> str:
         return f"{self.shard_path}:{self.key}.{self.ext}"
