@@ -14,10 +14,21 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
     from maecore.engine.config import EngineConfig
-    from maecore.engine.logs import RunLogger
     from maecore.engine.signals import StopSignals
     from maecore.engine.step import TrainStep
     from maecore.engine.storage import MetricStorage
+
+
+class RunLog(Protocol):
+    """The run's log as hooks and the run folder use it (:class:`~maecore.engine.logs.RunLogger` is the one there
+    is): written against this, the engine's hooks need not import the loggers, which are hooks themselves."""
+
+    path: Path  # the run's log.jsonl
+
+    def open(self) -> None: ...
+    def set_aside(self) -> Path | None: ...
+    def log(self, kind: str, step: int, **values: Any) -> None: ...
+    def close(self) -> None: ...
 
 
 class Run(Protocol):
@@ -30,7 +41,7 @@ class Run(Protocol):
     optimizer: torch.optim.Optimizer
     train_step: TrainStep
     out: Path  # the run folder
-    logger: RunLogger
+    logger: RunLog
     storage: MetricStorage  # the step's losses and logs, for the log hooks
     signals: StopSignals
     amp: str

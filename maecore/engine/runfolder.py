@@ -36,7 +36,7 @@ from maecore.engine.config import SCHEDULE_KEYS, EngineConfig
 from maecore.errors import UserError
 
 if TYPE_CHECKING:
-    from maecore.engine.logs import RunLogger
+    from maecore.engine.run import RunLog
 
 LAST = "checkpoint-last.pth"
 
@@ -47,7 +47,7 @@ class RunFolder:
     unless ``--resume_override`` names them.  Constructing it writes nothing; :meth:`claim` does the checks and
     then takes the folder."""
 
-    def __init__(self, cfg: EngineConfig, args: dict[str, Any], logger: RunLogger, model_keys: Sequence[str] = (),
+    def __init__(self, cfg: EngineConfig, args: dict[str, Any], logger: RunLog, model_keys: Sequence[str] = (),
                  schedule_keys: Sequence[str] = SCHEDULE_KEYS) -> None:
         self.cfg = cfg
         self.args = args
