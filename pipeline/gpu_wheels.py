@@ -2,7 +2,7 @@
 
 The GPU machine is a stock image (Python 3.12, PyTorch and most of what the project needs: :data:`IMAGE`) that
 reaches no package registry.  What the project needs there and the image does not hold (its dependencies and
-extras, less the developer tools of :data:`DEV_ONLY`, and what those need in turn, read from their
+extras, less what no GPU stage calls (:data:`DEV_ONLY`), and what those need in turn, read from their
 ``Requires-Dist``) travels as Python 3.12 manylinux wheels in a git-ignored folder (``.whl``) sent along with the
 working tree; ``tools/gpu_check.sh`` installs them there with ``pip --no-index`` into a temporary target first.
 Each wheel is the version installed here, so the GPU run imports what the CPU tests ran; a package published
@@ -50,8 +50,9 @@ statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threa
 tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope
 triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
 """.split())
-# developer tools that no test or stage of the GPU run calls
-DEV_ONLY = frozenset({"ruff"})
+# what no test or stage of the GPU run calls: a developer tool, and Weights & Biases (an optional logger, --loggers
+# wandb; its offline test runs on the CPU and skips, saying why, where wandb is missing)
+DEV_ONLY = frozenset({"ruff", "wandb"})
 # the markers of the GPU machine's interpreter, for the requirements that hold only on some platforms
 TARGET_MARKERS = {"python_version": PYTHON_VERSION, "python_full_version": f"{PYTHON_VERSION}.3", "sys_platform": "linux",
                   "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
