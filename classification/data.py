@@ -127,16 +127,13 @@ def build_datasets(
 
     A val class that the index space lacks is an error; a class absent from val is fine.
     Returns (train or None, val, class names)."""
-    if is_url(data_path):  # a remote packed root: train/ and val/ are its stores
-        where = str(data_path).rstrip("/")
-        if open_split(where, remote) is not None:
-            raise UserError(f"{where} is one packed folder; classification needs a root with train/ and val/ "
-                            f"(pack the ImageNet-layout root itself)")
-        splits = {s: find_split(where, (s,), remote) for s in (("train", "val") if need_train else ("val",))}
+    remote_root = str(data_path).rstrip("/") if is_url(data_path) else None
+    if (split_dir(data_path) if remote_root is None else open_split(remote_root, remote)) is not None:
+        raise UserError(f"{remote_root or data_path} is one packed folder; classification needs a root with train/ and "
+                        "val/ (pack the ImageNet-layout root itself)")
+    if remote_root is not None:  # a remote packed root: train/ and val/ are its stores
+        splits = {s: find_split(remote_root, (s,), remote) for s in (("train", "val") if need_train else ("val",))}
     else:
-        if split_dir(data_path) is not None:
-            raise UserError(f"{data_path} is one packed folder; classification needs a root with train/ and val/ "
-                            f"(pack the ImageNet-layout root itself)")
         root = check_dir(data_path, "data")
         for split in ("train", "val") if need_train else ("val",):
             if not (root / split).is_dir():

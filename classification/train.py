@@ -128,21 +128,16 @@ def build_data(cfg: ClassificationConfig) -> tuple[ImageFiles | None, ImageFiles
         train_tf = val_tf
     else:
         train_tf = finetune_transform(cfg.input_size, cfg.aa, cfg.reprob, cfg.remode, cfg.recount, cfg.color_jitter)
-    train_ds, val_ds, _ = build_datasets(cfg.data_path, train_tf, val_tf, train_decoder=train_decoder, remote=remote_options(cfg))
+    train_ds, val_ds, _ = build_datasets(cfg.data_path, train_tf, val_tf, train_decoder=train_decoder, remote=RemoteOptions.from_flags(cfg))
     return train_ds, val_ds
-
-
-def remote_options(cfg: ClassificationConfig) -> RemoteOptions:
-    """How a URL ``--data_path`` is read: ``--cache_dir``, ``--cache_size`` (:mod:`maecore.data.packed.remote`)."""
-    return RemoteOptions(cache_dir=cfg.cache_dir, cache_size=cfg.cache_size)
 
 
 def eval_data(cfg: ClassificationConfig, classes: Sequence[str] | None = None) -> ImageFiles:
     """val/ seen through the evaluation transform, in the class index space ``classes`` (a checkpoint's), else
     train/'s class folders (val/'s own when there is no train/)."""
-    has_train = not classes and has_split(cfg.data_path, "train", remote_options(cfg))
+    has_train = not classes and has_split(cfg.data_path, "train", RemoteOptions.from_flags(cfg))
     _, val_ds, _ = build_datasets(cfg.data_path, None, eval_transform(cfg.input_size, cfg.crop_pct),
-                                  need_train=has_train, classes=classes, remote=remote_options(cfg))
+                                  need_train=has_train, classes=classes, remote=RemoteOptions.from_flags(cfg))
     return val_ds
 
 
@@ -199,7 +194,7 @@ def train(cfg: ClassificationConfig, device: torch.device) -> dict:
     knn = {}
     if cfg.cache_features or cfg.knn:
         val_tf = eval_transform(cfg.input_size, cfg.crop_pct)
-        feat_ds = build_datasets(cfg.data_path, val_tf, val_tf, classes=classes, remote=remote_options(cfg))[0]
+        feat_ds = build_datasets(cfg.data_path, val_tf, val_tf, classes=classes, remote=RemoteOptions.from_flags(cfg))[0]
         feat_loader = eval_loader(feat_ds, cfg.batch_size, cfg.num_workers, pin)
         tr_f, tr_t = extract_features(model, feat_loader, device, amp)
         va_f, va_t = extract_features(model, val_loader, device, amp)

@@ -61,8 +61,7 @@ def build_model(cfg: PretrainConfig, num_classes: None = None) -> MaskedAutoenco
 
 def build_data(cfg: PretrainConfig) -> tuple[Dataset, None]:
     """(the training images, no validation set): a folder or a packed dataset, decoded as ``--decode`` says."""
-    remote = RemoteOptions(cache_dir=cfg.cache_dir, cache_size=cfg.cache_size)
-    return build_pretrain_dataset(cfg.data_path, cfg.input_size, cfg.jpeg_draft, cfg.decode, remote), None
+    return build_pretrain_dataset(cfg.data_path, cfg.input_size, cfg.jpeg_draft, cfg.decode, RemoteOptions.from_flags(cfg)), None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -61,6 +61,11 @@ class RemoteOptions:
     gap: int = 64 << 10
     max_span: int = 8 << 20
 
+    @classmethod
+    def from_flags(cls, cfg: Any) -> RemoteOptions:
+        """What a task's ``--cache_dir`` / ``--cache_size`` (:func:`maecore.cli.add_cache_args`) ask for."""
+        return cls(cache_dir=cfg.cache_dir, cache_size=cfg.cache_size)
+
 
 class Transient(Exception):
     """A failed try worth another (timeout, connection, 5xx)."""
