@@ -69,6 +69,9 @@ def run_jobs(ctx: Context, jobs: list[Job], done: Callable[[Job], None]) -> None
     threads = transfer_threads(parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # the interpreter of the runs: torchrun's PYTHON_EXEC where it is set (a site's wrapper; the test suite's warm
+    # start: tests/forkserver.py), as torchrun starts its workers
+    python = os.environ.get("PYTHON_EXEC") or sys.executable
     pending = deque(jobs)
     running: dict[subprocess.Popen, tuple[Job, float, deque, threading.Thread]] = {}
     failed: list[tuple[Job, str, str]] = []
@@ -113,7 +116,7 @@ def run_jobs(ctx: Context, jobs: list[Job], done: Callable[[Job], None]) -> None
                 with lock:
                     ctx.show(job.stage, job.entry, job.args, threads)
                 # a session of its own: a Ctrl-C reaches the pipeline, which passes it on once
-                proc = subprocess.Popen([sys.executable, *entry_argv(job.entry), *job.args], stdout=subprocess.PIPE,
+                proc = subprocess.Popen([python, *entry_argv(job.entry), *job.args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, start_new_session=True)
                 tail: deque = deque(maxlen=200)
                 reader = threading.Thread(target=pump, args=(proc, job, tail), daemon=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import ROOT
+from tests import ROOT, forkserver
 
 # Tests run on 2 cores next to other work: keep torch from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -40,7 +40,7 @@ def run_module() -> Callable[..., subprocess.CompletedProcess]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         launch = [sys.executable, "-m", module] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", module]
-        p = subprocess.run([*launch, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        p = forkserver.run([*launch, *map(str, args)], cwd=ROOT, env=env, timeout=timeout)
         assert p.returncode == 0, f"{module} x{nproc} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         return p
 
@@ -76,6 +76,6 @@ def smoke_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         if not done.exists():
             env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's packages, not whichever copy is installed
             cmd = [sys.executable, str(ROOT / "tools" / "demo.py"), "--preset", "smoke", "--output", str(shared / "run")]
-            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            p = forkserver.run(cmd, cwd=ROOT, env=env)
             done.write_text(json.dumps({"args": p.args, "returncode": p.returncode, "stdout": p.stdout, "stderr": p.stderr}))
         return shared / "run", subprocess.CompletedProcess(**json.loads(done.read_text()))

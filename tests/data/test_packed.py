@@ -28,7 +28,7 @@ from maecore.data.sampler import ResumableSampler, SeededDataset
 from maecore.engine import read_log
 from maecore.errors import UserError
 from pretrain.data import build_pretrain_dataset, fixed_images, pretrain_transform
-from tests import ROOT
+from tests import ROOT, forkserver
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--input_size", "32", "--decoder_depth", "1",
         "--decoder_embed_dim", "64", "--decoder_num_heads", "4", "--batch_size", "8", "--no_progress",
@@ -53,8 +53,7 @@ def env() -> dict[str, str]:
 
 
 def pretrain(args, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "pretrain", *map(str, args)], cwd=ROOT, env=env(), capture_output=True, text=True,
-                       timeout=300)
+    p = forkserver.run([sys.executable, "-m", "pretrain", *map(str, args)], cwd=ROOT, env=env(), timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
@@ -487,8 +486,8 @@ def test_verify_a_clean_and_a_damaged_pack(packed, packed_roi, tmp_path, capsys)
     val = PackedImages(bad / "val")
     last = val.shard_paths[-1]
     last.write_bytes(last.read_bytes()[:-1024])  # the last tar's end-of-archive blocks cut: a size mismatch
-    p = subprocess.run([sys.executable, "-m", "maecore.data.packed", "--verify", str(bad)], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=120)
+    p = forkserver.run([sys.executable, "-m", "maecore.data.packed", "--verify", str(bad)], cwd=ROOT, env=env(),
+                       timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith(f"error: {bad}: 3 problems in the packed dataset: ") and "CRC-32" in p.stderr, p.stderr
     out = p.stdout
@@ -510,7 +509,7 @@ def test_verify_a_clean_and_a_damaged_pack(packed, packed_roi, tmp_path, capsys)
 def test_both_packing_commands_pack_and_verify(tmp_path):
     """``python -m maecore.data.packed`` and its thin entry point ``tools/pack_dataset.py`` are one command: the same
     help, and a folder packed through the script verifies through the module."""
-    helps = [subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    helps = [forkserver.run(cmd, cwd=ROOT, env=env(), timeout=120)
              for cmd in ([sys.executable, "-m", "maecore.data.packed", "--help"], [sys.executable, "tools/pack_dataset.py", "--help"])]
     assert all(p.returncode == 0 and "--verify" in p.stdout and "--roi" in p.stdout for p in helps), [p.stderr for p in helps]
     assert helps[0].stdout == helps[1].stdout
@@ -518,9 +517,9 @@ def test_both_packing_commands_pack_and_verify(tmp_path):
     src.mkdir()
     for i in range(3):
         Image.new("RGB", (40 + i, 30), (60 * i, 90, 120)).save(src / f"{i}.jpg")
-    p = subprocess.run([sys.executable, "tools/pack_dataset.py", str(src), str(tmp_path / "dst"), "--workers", "0"], cwd=ROOT,
-                       env=env(), capture_output=True, text=True, timeout=120)
+    p = forkserver.run([sys.executable, "tools/pack_dataset.py", str(src), str(tmp_path / "dst"), "--workers", "0"], cwd=ROOT,
+                       env=env(), timeout=120)
     assert p.returncode == 0 and "3 images (no classes)" in p.stdout, p.stderr
-    p = subprocess.run([sys.executable, "-m", "maecore.data.packed", "--verify", str(tmp_path / "dst")], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=120)
+    p = forkserver.run([sys.executable, "-m", "maecore.data.packed", "--verify", str(tmp_path / "dst")], cwd=ROOT, env=env(),
+                       timeout=120)
     assert p.returncode == 0 and "3 records in 1 shard" in p.stdout and "all as indexed" in p.stdout, p.stderr

@@ -20,7 +20,7 @@ import torch
 
 from maecore.checkpoint import load_file
 from maecore.engine import read_log
-from tests import ROOT
+from tests import ROOT, forkserver
 
 PY = sys.executable
 # a 2-block ViT-tiny/8 MAE on 32 px, fp32; 4 images per rank: 56 / (4 x 2) = 7 steps an epoch
@@ -34,7 +34,7 @@ FINETUNE = ["--model", "vit_tiny_patch16", "--patch_size", "8", "--depth", "2", 
 
 
 def env(**extra: str) -> dict[str, str]:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **forkserver.worker_env(), **extra}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # never inherit a launcher's
         if k not in extra:
             e.pop(k, None)
@@ -58,7 +58,7 @@ def torchrun_node(k: int, port: int, module: str, args: list[str]) -> list[str]:
 
 
 def check_run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    p = forkserver.run(cmd, cwd=ROOT, env=env(), timeout=timeout)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests import ROOT
+from tests import ROOT, forkserver
 
 # a 2-block ViT-tiny/8 on 32 px: 7 steps an epoch over the tiny world's 56 images
 TINY = ["--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--depth", "2", "--input_size", "32", "--decoder_depth", "1",
@@ -33,9 +33,11 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def run(args, check=True, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "pretrain", *map(str, args)], cwd=ROOT, env=env(), capture_output=True,
-                       text=True, timeout=300, **kw)
+def run(args, check=True, **popen) -> subprocess.CompletedProcess:
+    """``python -m pretrain ARGS``; from the warm fork server unless it needs ``subprocess.run``'s own options."""
+    cmd = [sys.executable, "-m", "pretrain", *map(str, args)]
+    p = (subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, **popen) if popen
+         else forkserver.run(cmd, cwd=ROOT, env=env(), timeout=300))
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
@@ -482,6 +484,6 @@ def test_exit_never_waits_on_a_worker(tmp_path):
         "                    worker_init_fn=ignore_stop_signals)\n"
         "it = iter(loader)\n"
         "print(int(next(it).sum()), flush=True)\n")
-    p = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+    p = forkserver.run([sys.executable, str(script)], cwd=ROOT, env=env(), timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "6"

@@ -21,7 +21,7 @@ from maecore.checkpoint import load_file
 from maecore.engine import EngineConfig, HookBase, Trainer, read_log
 from maecore.monitor import MonitorSubset, OnlineProbe, knn_scores, knn_top1, rankme
 from maecore.monitor.subset import balanced_order
-from tests import ROOT
+from tests import ROOT, forkserver
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--input_size", "32", "--depth", "2", "--decoder_depth", "1",
         "--decoder_embed_dim", "64", "--decoder_num_heads", "4", "--batch_size", "8", "--no_progress", "--vis_every", "0",
@@ -174,7 +174,7 @@ def test_sigkill_then_resume_logs_the_same_monitor_values(reference, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert load_file(out / "checkpoint-last.pth")["step"] == 9
-    p = subprocess.run([*cmd, "--resume", "auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = forkserver.run([*cmd, "--resume", "auto"], cwd=ROOT, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert monitored(out) == monitored(ref)
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests import ROOT
+from tests import ROOT, forkserver
 
 DEMO = [sys.executable, str(ROOT / "tools" / "demo.py")]  # the command `make demo` runs
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's packages, not whichever copy is installed
@@ -69,22 +68,21 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(smoke_demo, tmp_path
     bad = tmp_path / "bad.json"
     for parallel in (1, 2):
         bad.write_text(json.dumps({"segmentation": ["--recipe", "demo", "--crop_size", "-5"], "parallel": parallel}))
-        p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "segmentation", "--to-stage",
-                            "segmentation", "--config", str(bad)], capture_output=True, text=True, cwd=ROOT, env=ENV)
+        p = forkserver.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "segmentation", "--to-stage",
+                            "segmentation", "--config", str(bad)], cwd=ROOT, env=ENV)
         assert p.returncode == 2, p.stderr[-2000:]
         last = p.stderr.strip().splitlines()[-1]
         assert last.startswith("error: stage 'segmentation' failed") and "--from-stage segmentation" in last, last
         assert "crop_size" in (last if parallel == 2 else p.stderr)  # side by side: the run's own error line
         assert "Traceback" not in p.stderr
         assert (out / "pretrain" / "checkpoint-last.pth").read_bytes() == ckpt
-    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "report"], capture_output=True,
-                       text=True, cwd=ROOT, env=ENV)
+    p = forkserver.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "report"], cwd=ROOT, env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "| linear probe |" in (out / "report.md").read_text()
 
     # one stage alone (--from-stage X --to-stage X): the other stages' rows and commands are kept, in stage order
-    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "partial", "--to-stage", "partial"],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV)
+    p = forkserver.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "partial", "--to-stage", "partial"],
+                       cwd=ROOT, env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     stages = [c[0] for c in res["commands"]]
@@ -93,11 +91,10 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(smoke_demo, tmp_path
     assert stages == sorted(stages, key=[name for name, _ in STAGES].index)
     assert {"pretrain", "partial", "detection", "segmentation"} <= set(stages) and res["done"] is False
     assert set(res["results"]["rows"]) == set(rows)
-    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "partial", "--to-stage", "finetune"],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV)
+    p = forkserver.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "partial", "--to-stage", "finetune"],
+                       cwd=ROOT, env=ENV)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --to-stage finetune comes before")
-    p = subprocess.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "report"], capture_output=True,
-                       text=True, cwd=ROOT, env=ENV)
+    p = forkserver.run([*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "report"], cwd=ROOT, env=ENV)
     assert p.returncode == 0 and json.loads((out / "results.json").read_text())["done"] is True
 
     # the study preset: one pipeline per seed, a finished seed is kept (not re-run), then mean ± std + curves
@@ -114,8 +111,7 @@ def test_pipeline_smoke_end_to_end_then_resume_from_a_stage(smoke_demo, tmp_path
         saved.write_text(json.dumps(res))
     cfg = tmp_path / "study.json"
     cfg.write_text(json.dumps({"seeds": [0, 1]}))
-    p = subprocess.run([*DEMO, "--preset", "smoke", "--config", str(cfg), "--output", str(study)], capture_output=True,
-                       text=True, cwd=ROOT, env=ENV)
+    p = forkserver.run([*DEMO, "--preset", "smoke", "--config", str(cfg), "--output", str(study)], cwd=ROOT, env=ENV)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("finished earlier") == 2
     md = (study / "results.md").read_text()

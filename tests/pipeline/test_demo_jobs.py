@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import ROOT
+from tests import ROOT, forkserver
 
 DEMO = [sys.executable, str(ROOT / "tools" / "demo.py")]
 # unbuffered: the runs' lines reach the log as they are printed (the test waits for them); one thread: the resumed
@@ -105,7 +105,8 @@ def test_a_stop_signal_reaches_the_side_by_side_runs_then_the_demo_resumes(tmp_p
     # the transfer stages run longest first: finetune, (detection, segmentation: no jobs here), linprobe, partial
     cmd = [*DEMO, "--preset", "smoke", "--output", str(out), "--from-stage", "finetune", "--to-stage", "partial"]
     with log.open("w") as f:
-        proc = subprocess.Popen([*cmd, "--config", str(cfg)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
+        proc = subprocess.Popen([*cmd, "--config", str(cfg)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**ENV, **forkserver.worker_env()})  # its runs from the warm server
     try:
         # both runs are training (an epoch done) before the signal comes
         deadline = time.time() + 120
@@ -129,7 +130,7 @@ def test_a_stop_signal_reaches_the_side_by_side_runs_then_the_demo_resumes(tmp_p
     # resume: the stopped stages rerun (afresh, --overwrite, over the stopped runs' folders) and the rows arrive; in
     # the demo's process (parallel 1) to save two more runs' start-up
     cfg.write_text(json.dumps({**_config(world, epochs=1), "parallel": 1}))
-    p = subprocess.run([*cmd, "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    p = forkserver.run([*cmd, "--config", str(cfg)], cwd=ROOT, env=ENV, timeout=120)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert set(res["results"]["rows"]) == {"linear probe|random", "partial fine-tune, last MLP|random", "fine-tune|random"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import ROOT
+from tests import ROOT, forkserver
 
 CUDA = torch.cuda.is_available()
 CUDA_TESTS = {"test_bf16_autocast_step", "test_fp16_gradscaler_step", "test_fused_adamw", "test_sdpa_takes_the_flash_path",
@@ -63,7 +63,7 @@ def env() -> dict[str, str]:
 
 def torchrun1(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *map(str, args)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    p = forkserver.run(cmd, cwd=ROOT, env=env(), timeout=timeout)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
@@ -209,7 +209,7 @@ def test_gpu_check_selects_the_cuda_tests_and_they_skip_here_with_a_reason(tmp_p
 
     cmd = pytest_command(tmp_path, tests=str(ROOT / "tests" / "pipeline" / "test_gpu.py"))
     assert cmd[cmd.index("-m", 2) + 1] == "cuda"  # marker selection
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    p = forkserver.run(cmd, cwd=ROOT, env=env(), timeout=300)
     cases = parse_junit(tmp_path / "pytest.xml")
     names = {c["name"].split("[")[0] for c in cases}
     assert names == CUDA_TESTS, (names, p.stdout[-2000:])

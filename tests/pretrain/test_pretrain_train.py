@@ -17,16 +17,16 @@ import torch
 
 from maecore.checkpoint import load_file
 from maecore.engine import read_log
-from tests import ROOT
+from tests import ROOT, forkserver
 
 TINY = ["--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--input_size", "32", "--decoder_depth", "1",
         "--decoder_embed_dim", "64", "--decoder_num_heads", "4", "--batch_size", "8", "--no_progress",
         "--vis_every", "0", "--warmup_epochs", "1", "--blr", "1e-3", "--log_every", "1"]
 
 
-def run(args, check=True, **kw) -> subprocess.CompletedProcess:
+def run(args, check=True, timeout: float | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw)
+    p = forkserver.run([sys.executable, "-m", "pretrain", *args], cwd=ROOT, env=env, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
@@ -139,7 +139,7 @@ def test_ddp_two_processes_gloo(tiny_world, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(worker), *TINY, "--data_path", str(tiny_world["imagenet"]), "--output_dir", str(out), "--epochs", "1",
            "--num_workers", "0", "--batch_size", "4", "--save_every_steps", "3"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = forkserver.run(cmd, cwd=ROOT, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "ddp.json").read_text())
     assert res["world"] == 2 and res["backend"] == "gloo"
@@ -165,13 +165,13 @@ def test_visualize_tool(tiny_world, tmp_path, capsys):
     imgs = [str(p) for p in sorted((tiny_world["imagenet"] / "val").rglob("*.jpg"))[:3]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     tool = [sys.executable, str(ROOT / "tools" / "visualize.py")]
-    p = subprocess.run([*tool, str(full), *imgs, "-o", str(tmp_path / "v.png")], capture_output=True, text=True, env=env)
+    p = forkserver.run([*tool, str(full), *imgs, "-o", str(tmp_path / "v.png")], env=env)
     assert p.returncode == 0, p.stderr
     from PIL import Image
 
     w, h = Image.open(tmp_path / "v.png").size
     assert w > 4 * 32 and h > 3 * 32
-    p = subprocess.run([*tool, str(enc), *imgs, "-o", str(tmp_path / "x.png")], capture_output=True, text=True, env=env)
+    p = forkserver.run([*tool, str(enc), *imgs, "-o", str(tmp_path / "x.png")], env=env)
     assert p.returncode == 2 and "encoder-only" in p.stderr and "Traceback" not in p.stderr
 
     # bad values and unreadable images: one line, exit 2, no figure (in-process: the same main as the tool)

@@ -27,6 +27,7 @@ from synthetic import (
     render_scene,
 )
 from tests import ROOT as REPO
+from tests import forkserver
 
 CLI = REPO / "tools" / "make_synthetic.py"
 SIZE = 32
@@ -178,8 +179,7 @@ def test_refuses_non_empty(tmp_path: Path) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     # PYTHONPATH: the tool imports this checkout's maecore, not whichever copy is installed
-    return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60, check=False)
+    return forkserver.run([sys.executable, str(CLI), *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
 
 
 def test_cli(tmp_path: Path) -> None:
@@ -248,6 +248,6 @@ def test_the_package_stands_apart_from_the_toolkit() -> None:
     code = ("import sys, synthetic, synthetic.__main__; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'maecore', 'pretrain', 'classification', 'detection', 'segmentation', 'pipeline'})))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60, check=False)
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert p.returncode == 0, p.stderr
     assert set(p.stdout.split()) <= {"maecore", "maecore.cli", "maecore.errors"}, p.stdout

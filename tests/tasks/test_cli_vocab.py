@@ -9,7 +9,6 @@ import importlib
 import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from maecore.checkpoint import checkpoint_args, load_file, save_atomic
 from maecore.cli import given_flags, upgrade_saved_args
 from maecore.errors import UserError
-from tests import ROOT
+from tests import ROOT, forkserver
 
 CLIS = ("pretrain", "classification", "detection", "segmentation")
 READMES = ("README.md", "classification/README.md", "segmentation/README.md")
@@ -157,8 +156,8 @@ def test_bad_flag_is_one_line_up_front(module: str, argv: list[str], expect: str
 @pytest.mark.parametrize("module", CLIS)
 def test_no_traceback_reaches_stderr_of_the_real_command(module: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", module, "--data_path", str(tmp_path), "--batch_size", "0"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    p = forkserver.run([sys.executable, "-m", module, "--data_path", str(tmp_path), "--batch_size", "0"],
+                       cwd=ROOT, env=env, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [
         f"error: argument --batch_size: expected a positive integer, got '0' (see python -m {module} --help)"]
