@@ -21,6 +21,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _forkserver_env() -> None:
+    """The warm fork server's environment is the one the tests begin with (tests/forkserver.py)."""
+    forkserver.snapshot_env()
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """ImageNet / COCO / ADE20K layouts at 32 px: 8 train and 2 val images per class (7 classes)."""

@@ -39,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_VARS = ("MAE_", "WANDB_", "PYTEST_", "PYTHONUNBUFFERED", "PYTHON_EXEC", "TORCHELASTIC_", "TORCH_NCCL_ASYNC_",
                 "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                 "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# the environment as the session began: a server started while a test has changed os.environ (monkeypatch) does not
-# keep that change, which would send every later run to a fresh process
-_BASE_ENV = dict(os.environ)
+# the environment as the tests begin (:func:`snapshot_env`, after collection, whose imports may set variables): a
+# server started while a test has changed os.environ (monkeypatch) must not keep that change, which would send every
+# later run to a fresh process
+_BASE_ENV: dict[str, str] | None = None
 RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -212,7 +213,8 @@ class _Server:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mae-fork-"))
         self.path = str(self.dir / "s")
-        self.env = {**_BASE_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        self.env = {**(_BASE_ENV or os.environ), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        self.served = 0  # runs it took (tests/test_forkserver.py checks that they went through it)
         self.log = open(self.dir / "server.log", "w")  # noqa: SIM115  # lives as long as the server
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.forkserver", self.path], cwd=ROOT, env=self.env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -247,6 +249,7 @@ class _Server:
                       "unbuffered": bool(env.get("PYTHONUNBUFFERED"))}, [null.fileno(), out.fileno(), err.fileno()])
             f = s.makefile("r")
             pid = int(f.readline())
+            self.served += 1
             s.settimeout(timeout)
             try:
                 code = int(f.readline())
@@ -309,6 +312,13 @@ def worker_env() -> dict[str, str]:
     runs then come from the warm server (:func:`worker`).  Empty with ``MAE_TEST_FORKSERVER=0``."""
     server = _get_server()
     return {"PYTHON_EXEC": str(server.worker)} if server is not None else {}
+
+
+def snapshot_env() -> None:
+    """Keep the environment the tests begin with as the servers' (tests/conftest.py calls this before the first test)."""
+    global _BASE_ENV
+    if _BASE_ENV is None:
+        _BASE_ENV = dict(os.environ)
 
 
 def _get_server() -> _Server | None:

@@ -33,6 +33,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def served_now() -> int:
+    return forkserver._server.served if forkserver._server is not None else 0
+
+
 def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
@@ -43,8 +47,9 @@ def test_a_run_from_the_server_is_the_fresh_process_run(tmp_path: Path, how: str
     script.write_text(SCRIPT)
     cmd = [sys.executable, str(script), how]
     fresh = subprocess.run(cmd, cwd=tmp_path, env=env(MAE_X="1"), capture_output=True, text=True, timeout=60)
+    served = served_now()
     warm = forkserver.run(cmd, cwd=tmp_path, env=env(MAE_X="1"), timeout=60)
-    assert forkserver._server is not None and forkserver._server.proc.poll() is None  # it went through the server
+    assert served_now() == served + 1  # it went through the server
     assert (warm.returncode, warm.stdout) == (fresh.returncode, fresh.stdout)
     assert warm.stdout.splitlines()[-2:] == ["thread done", "atexit"]
     if how == "raise":  # the same traceback, after the server's own frames
@@ -57,7 +62,9 @@ def test_a_run_from_the_server_is_the_fresh_process_run(tmp_path: Path, how: str
 def test_python_m_runs_the_package_main_with_the_working_directory_first(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "pretrain", "--batch_size", "0", "--data_path", str(tmp_path)]
     fresh = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    served = served_now()
     warm = forkserver.run(cmd, cwd=ROOT, env=env(), timeout=120)
+    assert served_now() == served + 1
     assert (warm.returncode, warm.stdout, warm.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
     assert warm.returncode == 2 and warm.stderr.startswith("error: argument --batch_size")
 
