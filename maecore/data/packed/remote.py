@@ -213,12 +213,6 @@ class RemoteStore(Store):
         self._reset()
         self._forget_connections()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to tidy
-            pass
-
 
 def content_total(header: str | None) -> int | None:
     """The total length in a ``Content-Range: bytes a-b/total`` header (``None``: absent or ``*``)."""

@@ -85,6 +85,12 @@ class Store:
     def close(self) -> None:
         """Let go of open files and connections (a later read opens them again)."""
 
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to tidy
+            pass
+
 
 class LocalStore(Store):
     """A packed folder on a POSIX filesystem.  A file is opened on its first read and kept; reads are ``os.pread``
@@ -152,12 +158,6 @@ class LocalStore(Store):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": {}, "_pid": None}  # files do not pickle; the copy opens its own
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to tidy
-            pass
 
 
 def local_split(path: str | Path) -> LocalStore | None:
