@@ -152,7 +152,12 @@ def _exit(code: int) -> NoReturn:
             f.flush()
         except (OSError, ValueError):
             pass
-    if code < 0:  # ended by a signal (an uncaught ^C): so does the process
+    _end_as(code)
+
+
+def _end_as(code: int) -> NoReturn:
+    """End this process as ``code`` says: an exit status, or (negative, as Popen writes it) killed by that signal."""
+    if code < 0:
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code & 0xFF)
@@ -352,16 +357,7 @@ def worker(path: str, python: str) -> NoReturn:
     pid = int(f.readline())
     for sig in RELAYED:
         signal.signal(sig, lambda n, _frame: os.kill(pid, n))
-    while True:
-        try:
-            code = int(f.readline())
-            break
-        except InterruptedError:
-            continue
-    if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code & 0xFF)
+    _end_as(int(f.readline()))  # a relayed signal's handler runs and the read goes on (PEP 475)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ import pytest
 
 from tests import ROOT, forkserver
 
+# MAE_TEST_FORKSERVER=0 (README) turns the server off: every run is a fresh process and there is no server to test
+pytestmark = pytest.mark.skipif(os.environ.get("MAE_TEST_FORKSERVER") == "0", reason="the fork server is off")
+
 SCRIPT = textwrap.dedent("""
     import atexit, json, os, sys, threading, time
     atexit.register(lambda: print("atexit", flush=True))
@@ -92,7 +95,8 @@ def test_a_run_past_its_timeout_is_killed_with_what_it_started(tmp_path: Path) -
 
 
 def test_an_import_time_variable_or_another_command_goes_to_a_fresh_process(tmp_path: Path) -> None:
-    server = forkserver._server or forkserver._Server()
+    server = forkserver._get_server()
+    assert server is not None
     assert server.takes(env(MAE_ANYTHING="1", PYTHONUNBUFFERED="1"))
     assert not server.takes(env(OMP_NUM_THREADS="2")) and not server.takes(env(PYTHONPATH=""))
     # a fresh process: its own OMP_NUM_THREADS, which the server could not give it
